@@ -1,0 +1,268 @@
+"""A loaded constellation: the generalist, its specialists, the basis, and the per-query steps.
+
+Everything here works on token ids and tensors; reading config files and indexes is
+``index_store``'s job, HTTP is ``server``'s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import decompose
+from .kernels import MixedParams, materialize
+from .model import Context, DenseParams, KVCache, LayerParams, Transformer
+from .modes import CompositionParams, ModeInput, Plan, check_params, get_mode
+from .policies import get_policy
+from .weights import Difference, diff_params
+
+
+@dataclass(frozen=True)
+class Settings:
+    top_k: int = 3
+    layers: int = 4
+    policy: str = "residual"
+    signature: str = "trunk"  # or "full"
+    task_lambda: float = 0.5
+    default_mode: str = "constellation"
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens only, in fp32: ``x`` [B, T, d], ``mask`` [B, T] -> [B, d]."""
+    m = mask.to(torch.float32)[..., None]
+    return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@dataclass
+class GeneralistPass:
+    """What one generalist forward over a prompt batch yields (and what later steps reuse)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    ctx: Context  # positions/mask of the prompt; ctx.cache holds the trunk layers' keys/values
+    trunk: torch.Tensor  # hidden state entering layer n-L, [B, T, d]
+    final: torch.Tensor  # G's last hidden state after the final norm, [B, T, d]
+    fingerprint: torch.Tensor  # [B, d] fp32
+    alpha: torch.Tensor  # [B, N] float64
+    timings: dict[str, float] = field(default_factory=dict)
+    _signatures: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def share_with_generalist(g: Transformer, s_params: dict[str, torch.Tensor], domain: str
+                          ) -> tuple[dict[str, torch.Tensor], Difference]:
+    """Keep only the tensors that differ from G; the rest point at G's (lean memory)."""
+    diff = diff_params(g, s_params, domain)
+    differing = set(diff.tensors)
+    return {n: (t if n in differing else g.params[n]) for n, t in s_params.items()}, diff
+
+
+class Constellation:
+    def __init__(
+        self,
+        generalist: Transformer,
+        specialists: dict[str, Transformer],
+        basis: torch.Tensor,
+        settings: Settings,
+        differences: dict[str, Difference] | None = None,
+    ):
+        self.g = generalist
+        self.domains = list(specialists)
+        self.specialists = [specialists[d] for d in self.domains]
+        if basis.shape != (len(self.domains), generalist.mc.d):
+            raise ValueError(f"basis has shape {tuple(basis.shape)}, expected "
+                             f"({len(self.domains)}, {generalist.mc.d})")
+        self.basis = basis.to(torch.float64).cpu()
+        self.settings = settings
+        self.policy = get_policy(settings.policy)
+        n = generalist.mc.n_layers
+        if not 1 <= settings.layers <= n:
+            raise ValueError(f"composition.layers must be in 1..{n} for this model, got {settings.layers}")
+        self.n = n
+        self.first = n - settings.layers  # first composed block
+        self.differences = differences or {
+            d: diff_params(generalist, s.params, d) for d, s in zip(self.domains, self.specialists)
+        }
+        self.trunk_exact = {d: diff.only_last(n, settings.layers) for d, diff in self.differences.items()}
+        self.sources = {
+            i: [generalist.layer(i).t] + [s.layer(i).t for s in self.specialists] for i in range(self.first, n)
+        }
+
+    # ---- facts --------------------------------------------------------------------------------
+    @property
+    def d(self) -> int:
+        return self.g.mc.d
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held per part: the generalist, and per specialist only the tensors that differ."""
+        seen: set[int] = set()
+
+        def size(params):
+            total = 0
+            for t in params.values():
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+            return total
+
+        out = {"generalist": size(self.g.params)}
+        for dname, s in zip(self.domains, self.specialists):
+            out[dname] = size(s.params)
+        return out
+
+    # ---- the generalist pass ------------------------------------------------------------------
+    @torch.inference_mode()
+    def generalist_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        cache: KVCache | None = None) -> GeneralistPass:
+        """One G forward: fingerprint + alpha, and the trunk state (and trunk KV cache) for reuse.
+
+        Layers 0..n-L-1 are G's in every composition, so their keys/values (written to
+        ``cache``) and the hidden state entering layer n-L serve the composed model's prefill.
+        """
+        t0 = time.perf_counter()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ctx = self.g.context(attention_mask, cache)
+        x = self.g.run_blocks(self.g.embed(input_ids, ctx), ctx, 0, self.first)
+        trunk = x
+        tail = Context(ctx.positions, ctx.mask, ctx.cos, ctx.sin, None)
+        x = self.g.run_blocks(x, tail, self.first, self.n)
+        final = self.g.final_norm(x)
+        fp = masked_mean(final, attention_mask)
+        a = decompose.alpha(fp.cpu(), self.basis)
+        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a)
+        gp.timings["fingerprint"] = time.perf_counter() - t0
+        return gp
+
+    @torch.inference_mode()
+    def signature(self, gp: GeneralistPass, i: int) -> torch.Tensor:
+        """Activation signature ``mean_t |h_last(S_i)|`` of specialist i for every row, [B, d]."""
+        if i in gp._signatures:
+            return gp._signatures[i]
+        t0 = time.perf_counter()
+        s = self.specialists[i]
+        tail = Context(gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin, None)
+        if self.settings.signature == "trunk":
+            x = s.run_blocks(gp.trunk, tail, self.first, self.n)
+        else:
+            x = s.run_blocks(s.embed(gp.input_ids, tail), tail, 0, self.n)
+        sig = masked_mean(s.final_norm(x).abs(), gp.attention_mask).cpu()
+        gp._signatures[i] = sig
+        gp.timings["signature"] = gp.timings.get("signature", 0.0) + time.perf_counter() - t0
+        return sig
+
+    # ---- planning ------------------------------------------------------------------------------
+    def plan(self, gp: GeneralistPass, row: int = 0, params: CompositionParams | None = None,
+             joint: bool = False) -> Plan:
+        t0 = time.perf_counter()
+        params = params or CompositionParams()
+        mode = get_mode(params.mode or self.settings.default_mode)
+        check_params(mode, params)
+        if params.top_k is not None and params.top_k > len(self.domains):
+            from .modes import CompositionError
+            raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(self.domains)} "
+                                   "specialists of this constellation", "composition.top_k")
+        before = gp.timings.get("signature", 0.0)
+        mi = ModeInput(
+            alpha=gp.alpha[row], domains=self.domains, d=self.d, top_k=self.settings.top_k,
+            task_lambda=self.settings.task_lambda,
+            signatures=lambda idx: torch.stack([self.signature(gp, i)[row] for i in idx]),
+            params=params, joint=joint,
+        )
+        plan = mode.build(mi)
+        gp.timings["weights"] = time.perf_counter() - t0 - (gp.timings.get("signature", 0.0) - before)
+        return plan
+
+    # ---- running composed blocks ---------------------------------------------------------------
+    def materialized(self, plan: Plan) -> dict[int, LayerParams]:
+        w = plan.source_weights
+        return {
+            i: DenseParams(materialize(self.sources[i], w.to(self.g.device), self.policy, self.g.arch, self.d),
+                           self.g.arch)
+            for i in range(self.first, self.n)
+        }
+
+    def mixed(self, plans: list[Plan]) -> dict[int, LayerParams]:
+        w = torch.stack([p.source_weights for p in plans]).to(self.g.device)  # [B, S, d]
+        return {i: MixedParams(self.sources[i], w, self.policy, self.g.arch, self.d) for i in range(self.first, self.n)}
+
+    @torch.inference_mode()
+    def composed_logits(self, gp: GeneralistPass, plans: list[Plan], path: str = "materialize") -> torch.Tensor:
+        """Prompt logits [B, T, V] of each row's composed model, reusing the generalist pass's trunk.
+
+        ``path`` is ``materialize`` (each row's tensors built, rows run one by one) or ``mix`` (one
+        batched run, every row with its own composition). ``logit`` plans run the output mixture.
+        """
+        tail = Context(gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin, None)
+        B = gp.trunk.shape[0]
+        if any(p.kind == "logit" for p in plans):
+            return torch.cat([self._logit_mix(gp, tail, b, plans[b]) for b in range(B)])
+        if path == "mix":
+            x = self.g.run_blocks(gp.trunk, tail, self.first, self.n, self.mixed(plans))
+            return self.g.logits(self.g.final_norm(x))
+        rows = []
+        for b in range(B):
+            row = _row_context(tail, b)
+            x = self.g.run_blocks(gp.trunk[b:b + 1], row, self.first, self.n, self.materialized(plans[b]))
+            rows.append(self.g.logits(self.g.final_norm(x)))
+        return torch.cat(rows)
+
+    def _specialist_logits(self, gp: GeneralistPass, tail: Context, b: int, i: int) -> torch.Tensor:
+        s = self.specialists[i]
+        row = _row_context(tail, b)
+        if self.trunk_exact[self.domains[i]]:
+            x = s.run_blocks(gp.trunk[b:b + 1], row, self.first, self.n)
+        else:
+            x = s.run_blocks(s.embed(gp.input_ids[b:b + 1], row), row, 0, self.n)
+        return s.logits(s.final_norm(x))
+
+    def _logit_mix(self, gp: GeneralistPass, tail: Context, b: int, plan: Plan) -> torch.Tensor:
+        base = F.log_softmax(self.g.logits(gp.final[b:b + 1]).float(), dim=-1)
+        out = base.clone()
+        for i, beta in plan.betas.items():
+            out += beta * (F.log_softmax(self._specialist_logits(gp, tail, b, i).float(), dim=-1) - base)
+        return F.log_softmax(out, dim=-1)
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def explain(self, gp: GeneralistPass, plan: Plan, row: int = 0, node_weights: bool = False) -> dict:
+        """The ``/explain`` document: the weights reported are the plan's, i.e. what generation uses."""
+        sel = [self.domains[i] for i in plan.selected]
+        mean_w = {}
+        if plan.node_weights is not None:
+            mean_w = {self.domains[i]: float(plan.node_weights[r].mean()) for r, i in enumerate(plan.selected)}
+        elif plan.kind == "logit":
+            mean_w = {self.domains[i]: b for i, b in plan.betas.items()}
+        out = {
+            "mode": plan.mode,
+            "domains": self.domains,
+            "alpha": {d: float(a) for d, a in zip(self.domains, plan.alpha)},
+            "selected": sel,
+            "mean_node_weight": mean_w,
+            "entropy_bits": plan.mean_entropy_bits,
+            "gini": plan.gini,
+            "fallback": plan.fallback_fraction,
+            "top_k": len(plan.selected) if plan.mode in ("constellation", "logit") else self.settings.top_k,
+            "layers": self.settings.layers,
+            "composed_layers": [self.first, self.n - 1],
+            "policy": self.settings.policy,
+            "signature": self.settings.signature,
+            "prompt_tokens": int(gp.attention_mask[row].sum()),
+            "timings_ms": {k: round(v * 1000, 3) for k, v in gp.timings.items()},
+        }
+        out.update({k: v for k, v in plan.extra.items()})
+        if node_weights:
+            out["node_weights"] = (
+                {self.domains[i]: [float(v) for v in plan.node_weights[r]] for r, i in enumerate(plan.selected)}
+                if plan.node_weights is not None else {}
+            )
+        return out
+
+
+def _row_context(ctx: Context, b: int) -> Context:
+    return Context(
+        ctx.positions[b:b + 1], ctx.mask[b:b + 1],
+        None if ctx.cos is None else ctx.cos[b:b + 1],
+        None if ctx.sin is None else ctx.sin[b:b + 1], None,
+    )

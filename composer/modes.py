@@ -1,0 +1,221 @@
+"""Composition modes (DESIGN §5): one registry entry each, with its parameters and its source.
+
+A mode turns the query's decomposition into a ``Plan``: either weights over the sources
+(generalist + specialists) for the last L blocks, run by ``kernels``; or, for ``logit``, the
+coefficients of a decode-time mixture of next-token log-probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import decompose
+
+
+class CompositionError(ValueError):
+    """A composition request that cannot be honoured (unknown mode/domain, bad parameter)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class CompositionParams(BaseModel):
+    """The per-request ``composition`` object; every field optional (server defaults apply)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    mode: str | None = Field(default=None, description="one of the registered composition modes")
+    top_k: int | None = Field(default=None, ge=1, le=64, description="specialists mixed per query")
+    weights: dict[str, float] | None = Field(default=None, description="per-domain weights for mode 'weights'")
+    lambda_: float | None = Field(default=None, alias="lambda", ge=-10, le=10,
+                                  description="task-arithmetic lambda, or the logit mode's scale")
+
+
+@dataclass
+class ModeInput:
+    alpha: torch.Tensor  # [N] float64
+    domains: list[str]
+    d: int
+    top_k: int
+    task_lambda: float
+    signatures: Callable[[list[int]], torch.Tensor]  # indices -> [k, d] activation signatures
+    params: CompositionParams
+    joint: bool = False  # evaluation contrast: joint normalisation (DESIGN §3.5)
+
+
+@dataclass
+class Plan:
+    mode: str
+    kind: str  # "params" | "logit"
+    alpha: torch.Tensor  # [N]
+    selected: list[int] = field(default_factory=list)
+    coefficients: torch.Tensor | None = None  # [len(selected)] what multiplied the signatures / betas
+    node_weights: torch.Tensor | None = None  # [len(selected), d]
+    fallback: torch.Tensor | None = None  # bool [d]
+    source_weights: torch.Tensor | None = None  # [1 + N, d]; source 0 is the generalist
+    betas: dict[int, float] = field(default_factory=dict)  # logit mode: specialist index -> beta
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def entropy(self) -> torch.Tensor | None:
+        return None if self.node_weights is None else decompose.entropy_bits(self.node_weights)
+
+    @property
+    def mean_entropy_bits(self) -> float:
+        e = self.entropy
+        return 0.0 if e is None else float(e.mean())
+
+    @property
+    def fallback_fraction(self) -> float:
+        return 0.0 if self.fallback is None else float(self.fallback.float().mean())
+
+    @property
+    def gini(self) -> float:
+        return decompose.gini(self.alpha)
+
+    def key(self) -> tuple:
+        """Hashable identity of what runs: equal keys compose identical parameters."""
+        if self.kind == "logit":
+            return ("logit", tuple(sorted(self.betas.items())))
+        w = self.source_weights
+        return ("params", w.shape, hash(w.numpy().tobytes()) if w is not None else None)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    description: str
+    source: str
+    params: tuple[str, ...]  # CompositionParams fields it accepts besides `mode`
+    build: Callable[[ModeInput], Plan]
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register(mode: Mode) -> Mode:
+    MODES[mode.name] = mode
+    return mode
+
+
+def _sources(n: int, d: int) -> torch.Tensor:
+    return torch.zeros(1 + n, d, dtype=torch.float32)
+
+
+def _mix(mi: ModeInput, mode: str, selected: list[int], coef: torch.Tensor) -> Plan:
+    nw = decompose.node_weights(coef, mi.signatures(selected), joint=mi.joint)
+    w = _sources(len(mi.domains), mi.d)
+    for row, i in enumerate(selected):
+        w[1 + i] = nw.weights[row]
+    return Plan(mode, "params", mi.alpha, selected, coef, nw.weights, nw.fallback, w)
+
+
+def _k(mi: ModeInput) -> int:
+    return mi.params.top_k or mi.top_k
+
+
+def _constellation(mi: ModeInput) -> Plan:
+    sel = decompose.top_k(mi.alpha, _k(mi))
+    return _mix(mi, "constellation", sel, mi.alpha[sel])
+
+
+def _generalist(mi: ModeInput) -> Plan:
+    w = _sources(len(mi.domains), mi.d)
+    w[0] = 1.0
+    return Plan("generalist", "params", mi.alpha, [], source_weights=w)
+
+
+def _one_hot(mi: ModeInput, mode: str, selected: list[int]) -> Plan:
+    w = _sources(len(mi.domains), mi.d)
+    nw = torch.zeros(len(selected), mi.d)
+    for row, i in enumerate(selected):
+        w[1 + i] = 1.0 / len(selected)
+        nw[row] = 1.0 / len(selected)
+    return Plan(mode, "params", mi.alpha, selected, torch.ones(len(selected), dtype=torch.float64),
+                nw, torch.zeros(mi.d, dtype=torch.bool), w)
+
+
+def _routed(mi: ModeInput) -> Plan:
+    return _one_hot(mi, "routed", decompose.top_k(mi.alpha, 1))
+
+
+def _uniform(mi: ModeInput) -> Plan:
+    return _one_hot(mi, "uniform", list(range(len(mi.domains))))
+
+
+def _task_arithmetic(mi: ModeInput) -> Plan:
+    lam = mi.params.lambda_ if mi.params.lambda_ is not None else mi.task_lambda
+    n = len(mi.domains)
+    w = _sources(n, mi.d)
+    w[0] = 1.0 - lam * n
+    w[1:] = lam
+    p = Plan("task_arithmetic", "params", mi.alpha, list(range(n)), source_weights=w)
+    p.extra["lambda"] = lam
+    return p
+
+
+def _weights(mi: ModeInput) -> Plan:
+    given = mi.params.weights
+    if not given:
+        raise CompositionError("mode 'weights' needs composition.weights, e.g. {\"medical\": 0.7, \"legal\": 0.3}",
+                               "composition.weights")
+    unknown = [k for k in given if k not in mi.domains]
+    if unknown:
+        raise CompositionError(f"composition.weights names unknown domain(s) {unknown}; "
+                               f"this constellation has {mi.domains}", "composition.weights")
+    sel = [mi.domains.index(k) for k in given if given[k] > 0]
+    if not sel:
+        raise CompositionError("composition.weights needs at least one positive weight", "composition.weights")
+    coef = torch.tensor([given[mi.domains[i]] for i in sel], dtype=torch.float64)
+    return _mix(mi, "weights", sel, coef)
+
+
+def _logit(mi: ModeInput) -> Plan:
+    scale = mi.params.lambda_ if mi.params.lambda_ is not None else 1.0
+    sel = decompose.top_k(mi.alpha, _k(mi))
+    pos = mi.alpha[sel].clamp_min(0)
+    total = float(pos.sum())
+    betas = {i: (scale * float(p) / total if total > 0 else 0.0) for i, p in zip(sel, pos)}
+    p = Plan("logit", "logit", mi.alpha, sel, pos, betas={i: b for i, b in betas.items() if b != 0})
+    p.extra["lambda"] = scale
+    return p
+
+
+register(Mode("constellation", "per-query node-level composition of the top-K specialists",
+              "Constellation-Indexed Model Composition (seed 001), DESIGN §3-4", ("top_k",), _constellation))
+register(Mode("generalist", "the generalist unchanged", "baseline", (), _generalist))
+register(Mode("routed", "the top-1 domain's specialist for the last L layers (a router's choice)",
+              "baseline (router / MoE gate)", (), _routed))
+register(Mode("uniform", "mean of all specialists' last L layers", "baseline (model soup)", (), _uniform))
+register(Mode("task_arithmetic", "theta_G + lambda * sum_i (theta_S_i - theta_G) on the last L layers",
+              "Ilharco et al. 2023, Editing Models with Task Arithmetic", ("lambda_",), _task_arithmetic))
+register(Mode("weights", "caller-given per-domain weights, split per node by activation signatures",
+              "DESIGN §5 (like merged adapters)", ("weights",), _weights))
+register(Mode("logit", "decode-time composition: log p = log p_G + sum_i beta_i (log p_S_i - log p_G), "
+              "beta = lambda * normalised positive alpha of the top-K",
+              "Compositional Generalization via Logit Composition (seed 003)", ("top_k", "lambda_"), _logit))
+
+
+def get_mode(name: str) -> Mode:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise CompositionError(f"unknown composition mode '{name}' (choose from {', '.join(MODES)})",
+                               "composition.mode") from None
+
+
+def check_params(mode: Mode, params: CompositionParams) -> None:
+    """Refuse parameters the chosen mode does not use, so a typo'd intent is not silently ignored."""
+    for f in ("top_k", "weights", "lambda_"):
+        if getattr(params, f) is not None and f not in mode.params:
+            shown = "lambda" if f == "lambda_" else f
+            raise CompositionError(
+                f"composition.{shown} does not apply to mode '{mode.name}' "
+                f"(it takes: {', '.join('lambda' if p == 'lambda_' else p for p in mode.params) or 'nothing'})",
+                f"composition.{shown}",
+            )

@@ -1,0 +1,283 @@
+"""Loading a whole constellation from its config: models, tokenizer, index; building the index."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from composer import basis as basis_mod
+from composer.constellation import Constellation, GeneralistPass, Settings, share_with_generalist
+from composer.weights import WeightsError, check_same_config, load_model, load_state_dict, safetensor_files
+from .config import ConstellationConfig, load_config
+from .store import IndexStoreError, read_index, sha256_file, write_index
+
+
+class ProbeError(ValueError):
+    """The probe file is missing or malformed."""
+
+
+# ---- runtime placement --------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"runtime.device = '{name}' but no CUDA device is available (use 'auto' or 'cpu')")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---- identities ---------------------------------------------------------------------------------
+def model_identity(folder: Path) -> str:
+    """sha256 over config.json, every safetensors file and the tokenizer files of a model folder."""
+    h = hashlib.sha256()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    for f in safetensor_files(folder):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model"):
+        if (folder / name).is_file():
+            h.update(name.encode())
+            h.update(sha256_file(folder / name).encode())
+    return h.hexdigest()
+
+
+def load_probes(path: Path) -> dict[str, list[str]]:
+    if not path.is_file():
+        raise ProbeError(f"{path}: probe file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProbeError(f"{path}: not valid JSON ({e})") from None
+    doms = data.get("domains") if isinstance(data, dict) else None
+    if not isinstance(doms, dict) or not doms:
+        raise ProbeError(f'{path}: expected {{"domains": {{"<domain>": ["text", ...], ...}}}}')
+    for k, texts in doms.items():
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ProbeError(f"{path}: domains.{k} must be a non-empty list of non-empty strings")
+    return doms
+
+
+def probes_hash(probes: dict[str, list[str]]) -> str:
+    return hashlib.sha256(json.dumps(probes, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as e:
+        raise WeightsError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_same_tokenizer(g_tok, s_tok, domain: str, folder: Path) -> None:
+    if g_tok.get_vocab() != s_tok.get_vocab():
+        raise WeightsError(f"specialist '{domain}' ({folder}) has a different tokenizer vocabulary than the "
+                           "generalist; specialists must share the generalist's tokenizer")
+
+
+def tokenize(tok, texts: list[str], max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded batch of token ids and the real-token mask."""
+    enc = [tok(t, add_special_tokens=True)["input_ids"][:max_tokens] or [tok.eos_token_id] for t in texts]
+    T = max(len(e) for e in enc)
+    ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
+    am = torch.zeros((len(enc), T), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        am[i, : len(e)] = 1
+    return ids.to(device), am.to(device)
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="probe", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+
+# ---- loaded constellation -----------------------------------------------------------------------
+@dataclass
+class Loaded:
+    config: ConstellationConfig
+    constellation: Constellation
+    tokenizer: object
+    manifest: dict | None
+    generalist_identity: str
+    report: dict = field(default_factory=dict)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize prompts whole (no truncation: the server refuses over-long prompts instead)."""
+        return tokenize(self.tokenizer, texts, 1 << 30, self.constellation.g.device)
+
+    def analyze(self, texts: list[str]) -> GeneralistPass:
+        ids, am = self.encode(texts)
+        return self.constellation.generalist_pass(ids, am)
+
+
+def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dtype, quiet: bool = True):
+    """Load G and the specialists (lean: shared tensors), checking config and tokenizer match."""
+    t0 = time.perf_counter()
+    g = load_model(cfg.generalist.path, device, dtype)
+    tok = load_tokenizer(cfg.generalist.path)
+    specialists, diffs = {}, {}
+    for dom, folder in cfg.specialists.items():
+        check_same_config(cfg.generalist.path, folder, dom)
+        check_same_tokenizer(tok, load_tokenizer(folder), dom, folder)
+        sparams = load_state_dict(folder, device, dtype)
+        if g.mc.family == "gpt2" and g.arch.embed not in sparams and "wte.weight" in sparams:
+            sparams = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sparams.items()}
+        lean, diff = share_with_generalist(g, sparams, dom)
+        specialists[dom] = type(g)(g.mc, g.arch, lean)
+        diffs[dom] = diff
+    return g, tok, specialists, diffs, time.perf_counter() - t0
+
+
+def load_constellation(config: str | Path | ConstellationConfig, require_index: bool = True,
+                       quiet: bool = True) -> Loaded:
+    cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
+    device = pick_device(cfg.runtime.device)
+    dtype = pick_dtype(cfg.runtime.dtype, device)
+    g, tok, specialists, diffs, t_load = load_models(cfg, device, dtype, quiet)
+    identity = model_identity(cfg.generalist.path)
+    manifest, tensors = read_index(cfg.index.path)
+    verify_against(manifest, cfg, identity, g.mc.d)
+    settings = Settings(
+        top_k=cfg.composition.top_k, layers=cfg.composition.layers, policy=cfg.composition.policy,
+        signature=cfg.composition.signature, task_lambda=cfg.composition.task_arithmetic_lambda,
+        default_mode=cfg.composition.mode,
+    )
+    if settings.layers > g.mc.n_layers:
+        raise ValueError(f"{cfg.source}: [composition].layers = {settings.layers} exceeds the generalist's "
+                         f"{g.mc.n_layers} decoder layers")
+    c = Constellation(g, specialists, tensors["basis"], settings, diffs)
+    report = {
+        "load_seconds": round(t_load, 3),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "resident_bytes": c.resident_bytes(),
+        "differing_layers": {d: diff.layers for d, diff in diffs.items()},
+        "differing_globals": {d: diff.globals for d, diff in diffs.items()},
+        "trunk_exact": c.trunk_exact,
+    }
+    return Loaded(cfg, c, tok, manifest, identity, report)
+
+
+def verify_against(manifest: dict, cfg: ConstellationConfig, identity: str, d: int) -> None:
+    """Refuse an index built for other models, domains, probes or settings; say what differs."""
+    where = cfg.index.path
+    domains = list(cfg.specialists)
+    if manifest.get("domains") != domains:
+        raise IndexStoreError(f"{where}: index was built for domains {manifest.get('domains')} (in that order) "
+                              f"but the config has {domains}; rebuild with `constellation index build`")
+    if manifest.get("generalist_identity") != identity:
+        raise IndexStoreError(
+            f"{where}: index was built from a different generalist (identity "
+            f"{str(manifest.get('generalist_identity'))[:12]}…, config's generalist is {identity[:12]}…); "
+            "rebuild with `constellation index build`")
+    if manifest.get("d") != d:
+        raise IndexStoreError(f"{where}: index hidden size {manifest.get('d')} != generalist's {d}")
+    if cfg.index.probes.is_file():
+        now = probes_hash(load_probes(cfg.index.probes))
+        if manifest.get("probes_sha256") != now:
+            raise IndexStoreError(f"{where}: index was built from different probes than {cfg.index.probes} "
+                                  "(probe-set hash differs); rebuild with `constellation index build`")
+    built = manifest.get("settings", {})
+    for key in ("basis", "noise_fraction", "seed", "max_tokens"):
+        want = getattr(cfg.index, key)
+        if built.get(key) != want:
+            raise IndexStoreError(f"{where}: index was built with index.{key} = {built.get(key)!r} but the "
+                                  f"config says {want!r}; rebuild with `constellation index build`")
+
+
+# ---- building -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def fingerprints(g, tok, texts: list[str], max_tokens: int, batch_size: int, bar=None) -> torch.Tensor:
+    """G's fingerprints of ``texts`` (batched, padding ignored), ``[len(texts), d]`` fp32 on CPU."""
+    from composer.constellation import masked_mean
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i: i + batch_size]
+        ids, am = tokenize(tok, chunk, max_tokens, g.device)
+        ctx = g.context(am)
+        x = g.run_blocks(g.embed(ids, ctx), ctx, 0, g.mc.n_layers)
+        out.append(masked_mean(g.final_norm(x), am).cpu())
+        if bar is not None:
+            bar.update(len(chunk))
+    return torch.cat(out)
+
+
+def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -> dict:
+    """Fingerprint the probes with G, build centroids, basis and diagnostics; store atomically.
+
+    Returns the manifest written.
+    """
+    cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
+    t0 = time.perf_counter()
+    device = pick_device(cfg.runtime.device)
+    dtype = pick_dtype(cfg.runtime.dtype, device)
+    probes = load_probes(cfg.index.probes)
+    missing = [d for d in cfg.specialists if d not in probes]
+    if missing:
+        raise ProbeError(f"{cfg.index.probes}: no probes for specialist domain(s) {missing}")
+    g = load_model(cfg.generalist.path, device, dtype)
+    tok = load_tokenizer(cfg.generalist.path)
+    identity = model_identity(cfg.generalist.path)
+    order = list(cfg.specialists) + [d for d in probes if d not in cfg.specialists]
+    total = sum(len(probes[d]) for d in order)
+    cents = []
+    with _progress(total, "fingerprinting probes", quiet) as bar:
+        for dom in order:
+            fp = fingerprints(g, tok, probes[dom], cfg.index.max_tokens, cfg.index.batch_size, bar)
+            cents.append(fp.to(torch.float64).mean(0))
+    all_c = torch.stack(cents)
+    n = len(cfg.specialists)
+    raw = all_c[:n]
+    nf, kind = cfg.index.noise_fraction, cfg.index.basis
+    used = basis_mod.add_noise(raw, nf, cfg.index.seed)
+    E = basis_mod.make_basis(used, kind)
+    diag = basis_mod.diagnostics(used, E, list(cfg.specialists))
+    diag["raw_cosine_without_noise"] = [[float(v) for v in r] for r in basis_mod.cosine_matrix(raw)]
+    controls = [d for d in order if d not in cfg.specialists]
+    if controls:
+        cos = basis_mod.cosine_matrix(all_c)
+        diag["controls"] = {
+            c: {
+                "cosine": {d: float(cos[order.index(c), j]) for j, d in enumerate(cfg.specialists)},
+                "alpha": {d: float(a) for d, a in zip(cfg.specialists,
+                                                      (all_c[order.index(c)] / all_c[order.index(c)].norm()) @ E.T)},
+            }
+            for c in controls
+        }
+    manifest = {
+        "domains": list(cfg.specialists),
+        "probe_domains": order,
+        "probe_counts": {d: len(probes[d]) for d in order},
+        "probes_sha256": probes_hash(probes),
+        "generalist_identity": identity,
+        "generalist_architecture": g.mc.architecture,
+        "d": g.mc.d,
+        "settings": {"basis": kind, "noise_fraction": nf, "seed": cfg.index.seed, "max_tokens": cfg.index.max_tokens},
+        "diagnostics": diag,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    tensors = {"basis": E, "centroids": used, "raw_centroids": all_c}
+    write_index(cfg.index.path, tensors, manifest)
+    return manifest
