@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import decompose
 from .kernels import MixedParams, materialize
 from .model import Context, DenseParams, KVCache, LayerParams, Transformer
-from .modes import CompositionParams, ModeInput, Plan, check_params, get_mode
+from .modes import CompositionError, CompositionParams, ModeInput, Plan, check_params, get_mode
 from .policies import get_policy
 from .weights import Difference, diff_params
 
@@ -161,7 +161,6 @@ class Constellation:
         mode = get_mode(params.mode or self.settings.default_mode)
         check_params(mode, params)
         if params.top_k is not None and params.top_k > len(self.domains):
-            from .modes import CompositionError
             raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(self.domains)} "
                                    "specialists of this constellation", "composition.top_k")
         before = gp.timings.get("signature", 0.0)

@@ -78,13 +78,6 @@ class Plan:
     def gini(self) -> float:
         return decompose.gini(self.alpha)
 
-    def key(self) -> tuple:
-        """Hashable identity of what runs: equal keys compose identical parameters."""
-        if self.kind == "logit":
-            return ("logit", tuple(sorted(self.betas.items())))
-        w = self.source_weights
-        return ("params", w.shape, hash(w.numpy().tobytes()) if w is not None else None)
-
 
 @dataclass(frozen=True)
 class Mode:

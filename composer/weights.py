@@ -76,6 +76,13 @@ def load_state_dict(
     return out
 
 
+def normalize_names(params: dict[str, torch.Tensor], arch) -> dict[str, torch.Tensor]:
+    """Some GPT-2 checkpoints store names without the ``transformer.`` prefix; add it."""
+    if arch.family == "gpt2" and arch.embed not in params and "wte.weight" in params:
+        return {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in params.items()}
+    return params
+
+
 def load_model(
     folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Transformer:
@@ -83,10 +90,7 @@ def load_model(
     folder = Path(folder)
     cfg = read_config(folder)
     arch, mc = resolve(cfg, str(folder / "config.json"))
-    params = load_state_dict(folder, device, dtype)
-    # Some checkpoints prefix GPT-2 names without "transformer."; normalise.
-    if mc.family == "gpt2" and arch.embed not in params and "wte.weight" in params:
-        params = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in params.items()}
+    params = normalize_names(load_state_dict(folder, device, dtype), arch)
     missing = [n for n in [arch.embed, *arch.final_norm, *arch.extra_globals] if n not in params]
     for i in range(mc.n_layers):
         for suffix, role in arch.roles.items():

@@ -42,18 +42,12 @@ class CompositionConfig(_Strict):
     mode: str = "constellation"
     task_arithmetic_lambda: float = Field(0.5, ge=-10, le=10)
 
-    @field_validator("policy")
+    @field_validator("policy", "mode")
     @classmethod
-    def _policy(cls, v: str) -> str:
-        if v not in POLICIES:
-            raise ValueError(f"unknown policy '{v}' (choose from {', '.join(POLICIES)})")
-        return v
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        if v not in MODES:
-            raise ValueError(f"unknown mode '{v}' (choose from {', '.join(MODES)})")
+    def _registered(cls, v: str, info) -> str:
+        registry = POLICIES if info.field_name == "policy" else MODES
+        if v not in registry:
+            raise ValueError(f"unknown {info.field_name} '{v}' (choose from {', '.join(registry)})")
         return v
 
 

@@ -13,7 +13,8 @@ import torch
 
 from composer import basis as basis_mod
 from composer.constellation import Constellation, GeneralistPass, Settings, share_with_generalist
-from composer.weights import WeightsError, check_same_config, load_model, load_state_dict, safetensor_files
+from composer.weights import (WeightsError, check_same_config, load_model, load_state_dict, normalize_names,
+                              safetensor_files)
 from .config import ConstellationConfig, load_config
 from .store import IndexStoreError, read_index, sha256_file, write_index
 
@@ -131,7 +132,7 @@ class Loaded:
         return self.constellation.generalist_pass(ids, am)
 
 
-def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dtype, quiet: bool = True):
+def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dtype):
     """Load G and the specialists (lean: shared tensors), checking config and tokenizer match."""
     t0 = time.perf_counter()
     g = load_model(cfg.generalist.path, device, dtype)
@@ -140,21 +141,18 @@ def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dty
     for dom, folder in cfg.specialists.items():
         check_same_config(cfg.generalist.path, folder, dom)
         check_same_tokenizer(tok, load_tokenizer(folder), dom, folder)
-        sparams = load_state_dict(folder, device, dtype)
-        if g.mc.family == "gpt2" and g.arch.embed not in sparams and "wte.weight" in sparams:
-            sparams = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sparams.items()}
+        sparams = normalize_names(load_state_dict(folder, device, dtype), g.arch)
         lean, diff = share_with_generalist(g, sparams, dom)
         specialists[dom] = type(g)(g.mc, g.arch, lean)
         diffs[dom] = diff
     return g, tok, specialists, diffs, time.perf_counter() - t0
 
 
-def load_constellation(config: str | Path | ConstellationConfig, require_index: bool = True,
-                       quiet: bool = True) -> Loaded:
+def load_constellation(config: str | Path | ConstellationConfig) -> Loaded:
     cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
     device = pick_device(cfg.runtime.device)
     dtype = pick_dtype(cfg.runtime.dtype, device)
-    g, tok, specialists, diffs, t_load = load_models(cfg, device, dtype, quiet)
+    g, tok, specialists, diffs, t_load = load_models(cfg, device, dtype)
     identity = model_identity(cfg.generalist.path)
     manifest, tensors = read_index(cfg.index.path)
     verify_against(manifest, cfg, identity, g.mc.d)
