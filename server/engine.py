@@ -38,11 +38,11 @@ log = logging.getLogger("constellation.engine")
 # ---- limits and per-request parameters -----------------------------------------------------------
 @dataclass(frozen=True)
 class Limits:
-    max_running: int = 16  # sequences decoded together
+    max_running: int = 16  # batch rows decoded together (a logit-mode sequence takes 1 + K)
     max_waiting: int = 64  # queued requests; beyond that: 429
-    max_prompt_tokens: int = 2048
+    max_prompt_tokens: int = 1536
     max_new_tokens: int = 1024  # cap on max_tokens
-    max_seq_len: int = 2560  # prompt + generated, per sequence (the KV cache's length)
+    max_seq_len: int = 2048  # prompt + generated, per sequence (the KV cache's length)
     max_body_bytes: int = 1 << 20
     drain_timeout_s: float = 120.0
     keepalive_s: float = 10.0
@@ -86,6 +86,7 @@ class Request:
     params: SamplingParams
     composition: CompositionParams
     n: int = 1
+    fingerprint_mask: list[int] | None = None  # chat: the message-content tokens (None: all)
     emit: Callable[[Event], None] = lambda e: None  # thread-safe sink (set by the server)
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -123,8 +124,10 @@ class Sequence:
 class SlotCache:
     def __init__(self, n_layers: int, slots: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
         shape = (slots, n_kv, max_len, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # zeros, not empty: a decode step reads every row up to the longest row's length, and masked
+        # positions still meet the values (0 * NaN from uninitialised memory would be NaN)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slots = slots
         self.used = 0
 
@@ -182,8 +185,9 @@ class Engine:
         self.limits = limits
         self.metrics = metrics
         mc = self.g.mc
-        self.cache = SlotCache(mc.n_layers, limits.max_running * (1 + len(constellation.domains)),
-                               mc.n_kv_heads, limits.max_seq_len, mc.head_dim, self.g.dtype, self.g.device)
+        # one slot per batch row: a sequence is one row, a logit-mode sequence 1 + K rows
+        self.cache = SlotCache(mc.n_layers, limits.max_running, mc.n_kv_heads, limits.max_seq_len, mc.head_dim,
+                               self.g.dtype, self.g.device)
         self.eos = set(eos_ids or ()) | set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos.add(int(tokenizer.eos_token_id))
@@ -194,8 +198,8 @@ class Engine:
         self.draining = False
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
-        self._materialized: tuple[torch.Tensor, dict] | None = None
-        self.steps = 0
+        self.steps = 0  # decode steps run
+        self.mixed_steps = 0  # of which through the mix kernel (rows with different compositions)
 
     # ---- public API (any thread) -------------------------------------------------------------
     def start(self) -> None:
@@ -207,6 +211,9 @@ class Engine:
                 raise Draining()
             if len(self.waiting) >= self.limits.max_waiting:
                 raise QueueFull()
+            if self.rows_needed(req) > self.cache.slots:
+                raise ValueError(f"this request needs {self.rows_needed(req)} batch rows (n x components); "
+                                 f"the server runs at most {self.cache.slots}")
             self.waiting.append(req)
             self._gauges()
             self.lock.notify()
@@ -289,7 +296,8 @@ class Engine:
                 self._finish(seq, "cancelled", notify=False)
 
     # ---- admission and prefill -----------------------------------------------------------------
-    def _rows_needed(self, req: Request) -> int:
+    def rows_needed(self, req: Request) -> int:
+        """Batch rows (KV slots) a request occupies while it runs."""
         mode = req.composition.mode or self.c.settings.default_mode
         per = 1 + (req.composition.top_k or self.c.settings.top_k) if mode == "logit" else 1
         return per * req.n
@@ -303,8 +311,7 @@ class Engine:
                 if req.cancelled.is_set():
                     self.waiting.popleft()
                     continue
-                if self.running and (len(self.running) + req.n > self.limits.max_running
-                                     or self.cache.used + self._rows_needed(req) > self.cache.slots):
+                if self.cache.used + self.rows_needed(req) > self.cache.slots:
                     return
                 self.waiting.popleft()
             used_before = self.cache.used
@@ -335,7 +342,8 @@ class Engine:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=g.device)
         am = torch.ones_like(ids)
         slot = self.cache.alloc()
-        gp = c.generalist_pass(ids, am, cache=PrefillView(self.cache, slot))
+        fmask = None if req.fingerprint_mask is None else torch.tensor([req.fingerprint_mask], device=g.device)
+        gp = c.generalist_pass(ids, am, cache=PrefillView(self.cache, slot), fingerprint_mask=fmask)
         plan = self.plan_for(gp, req.composition)
         req.plan = plan
         req.explain = c.explain(gp, plan)
@@ -354,19 +362,22 @@ class Engine:
             s = slot if j == 0 else self.cache.alloc()
             if j:
                 self.cache.copy(slot, s, T, range(c.first))
-            x = g.run_blocks(gp.trunk, tail(PrefillView(self.cache, s)), c.first, c.n, c.materialized_for(w))
-            logits = g.logits(g.final_norm(x[:, -1:]))[0, -1].float()
+            x = g.run_blocks(gp.trunk, tail(PrefillView(self.cache, s)), c.first, c.n,
+                             c.materialized_for(w, cache=True))
+            logits = g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu()
             base_rows.append(Row(s, w, T, beta))
             logps.append(logits)
         if self.metrics:
             self.metrics.compose_time(time.perf_counter() - t1)
-        for i in range(req.n):
+        seqs = []
+        for i in range(req.n):  # fork every choice before any can finish and free its slots
             rows = base_rows if i == 0 else [self._fork(r, T) for r in base_rows]
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator().manual_seed(int(req.params.seed) + i)
-            seq = Sequence(req, i, rows, plan.kind == "logit", gen, self.eos)
-            self.running.append(seq)
+            seqs.append(Sequence(req, i, rows, plan.kind == "logit", gen, self.eos))
+        self.running.extend(seqs)
+        for seq in seqs:
             self._sample_and_emit(seq, [lp.clone() for lp in logps])
         if self.metrics:
             self.metrics.prompt_tokens.inc(T * req.n)
@@ -394,8 +405,9 @@ class Engine:
         weights = torch.stack([r.weights for r in rows])
         same = bool((weights == weights[:1]).all())
         override = c.materialized_for(weights[0], cache=True) if same else c.mixed_weights(weights)
+        self.mixed_steps += 0 if same else 1
         x = g.run_blocks(g.embed(tokens, ctx), ctx, 0, g.mc.n_layers, override)
-        logits = g.logits(g.final_norm(x))[:, 0].float()
+        logits = g.logits(g.final_norm(x))[:, 0].float().cpu()  # sampling runs on the CPU (seeded generators)
         if self.metrics:
             self.metrics.batch_size.observe(B)
         self.steps += 1

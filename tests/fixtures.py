@@ -62,17 +62,17 @@ def make_tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
-def hf_config(arch: str, vocab: int):
+def hf_config(arch: str, vocab: int, max_positions: int = 128):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_embd=D, n_layer=LAYERS, n_head=4, n_positions=128,
+            vocab_size=vocab, n_embd=D, n_layer=LAYERS, n_head=4, n_positions=max_positions,
             architectures=["GPT2LMHeadModel"], eos_token_id=0, bos_token_id=0,
         )
     common = dict(
         vocab_size=vocab, hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         eos_token_id=0, bos_token_id=0, rms_norm_eps=1e-6,
     )
     if arch == "llama":
@@ -100,6 +100,7 @@ def build_constellation(
     signature: str = "trunk",
     top_k: int = 3,
     seed: int = 0,
+    max_positions: int = 128,
 ) -> Path:
     """Write a fixture constellation under ``root`` and return its config path.
 
@@ -113,7 +114,7 @@ def build_constellation(
     gdir.mkdir(parents=True, exist_ok=True)
     vocab = make_tokenizer(gdir) + 4
     torch.manual_seed(seed)
-    cfg = hf_config(arch, vocab)
+    cfg = hf_config(arch, vocab, max_positions)
     model = AutoModelForCausalLM.from_config(cfg)
     model.eval()
     # Random init has tiny norms/biases = 1/0; jitter them so every tensor carries signal.

@@ -16,7 +16,7 @@ from server.app import create_app
 from server.engine import Limits
 
 KEY = "test-key-123"
-LIMITS = Limits(max_running=4, max_waiting=3, max_prompt_tokens=64, max_new_tokens=48, max_seq_len=128,
+LIMITS = Limits(max_running=4, max_waiting=8, max_prompt_tokens=64, max_new_tokens=48, max_seq_len=128,
                 max_body_bytes=20000, keepalive_s=0.5)
 
 
@@ -220,7 +220,7 @@ def test_concurrent_different_compositions_match_each_alone(srv):
     comps = [{"mode": "constellation"}, {"mode": "generalist"}, {"mode": "weights", "weights": {"code": 1.0}},
              {"mode": "uniform"}]
     alone = [_greedy(srv, p, 12, extra={"composition": c}).choices[0].text for p, c in zip(prompts, comps)]
-    steps_before = srv.engine.steps
+    steps_before, mixed_before = srv.engine.steps, srv.engine.mixed_steps
 
     async def all_at_once():
         from openai import AsyncOpenAI
@@ -233,7 +233,8 @@ def test_concurrent_different_compositions_match_each_alone(srv):
 
     together = asyncio.run(all_at_once())
     assert together == alone
-    assert srv.engine.steps - steps_before < 4 * 11  # they really shared decode steps
+    assert srv.engine.steps - steps_before < 4 * 11  # they really shared decode steps ...
+    assert srv.engine.mixed_steps > mixed_before  # ... with different compositions in one batch
 
 
 def test_explain_matches_the_library(srv, loaded):
@@ -256,6 +257,12 @@ def test_explain_matches_the_library(srv, loaded):
     chat = httpx.post(srv.url + "/explain", headers=H(), json={"messages": [{"role": "user", "content": "hi"}],
                                                                "composition": {"mode": "routed"}}).json()
     assert chat["mode"] == "routed" and len(chat["selected"]) == 1
+    # a chat's fingerprint covers its messages' contents, the same in /explain and in generation
+    msgs = [{"role": "system", "content": "The court statute"}, {"role": "user", "content": PROMPT}]
+    ex = httpx.post(srv.url + "/explain", headers=H(), json={"messages": msgs}).json()
+    gen = srv.client().chat.completions.create(model="constellation", messages=msgs, max_tokens=1)
+    assert gen.model_extra["composition"]["alpha"] == pytest.approx({d: round(v, 6) for d, v in ex["alpha"].items()})
+    assert ex["alpha"] != doc["alpha"]
 
 
 def test_metrics_parse_and_move(srv):
@@ -378,11 +385,12 @@ def test_serve_command_drains_on_sigterm(built, tmp_path):
     import sys
     from pathlib import Path
 
-    conf = built("llama", domains=("medical", "legal", "code", "science"), everywhere=("science",))
+    conf = built("llama", domains=("medical", "legal", "code"), max_positions=4096)
     port = _free_port()
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(conf), "--port", str(port),
-                             "--max-seq-len", "256", "--max-prompt-tokens", "64", "--log-level", "warning"],
+                             "--max-seq-len", "4000", "--max-new-tokens", "3900", "--max-prompt-tokens", "64",
+                             "--log-level", "warning"],
                             cwd=root, env=dict(os.environ, PYTHONPATH=str(root), CONSTELLATION_API_KEY=KEY),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -397,7 +405,7 @@ def test_serve_command_drains_on_sigterm(built, tmp_path):
                 pass
             assert time.time() < deadline
             time.sleep(0.1)
-        body = {"model": "constellation", "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}
+        body = {"model": "constellation", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
         got = {}
 
         def inflight():
@@ -419,7 +427,8 @@ def test_serve_command_drains_on_sigterm(built, tmp_path):
             assert t.is_alive() and time.time() < deadline, "the in-flight request did not start"
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.2)
+        assert got.get("finish") is None  # still generating: the drain waits for it
         r = httpx.post(url + "/v1/completions", headers=H(), json={"model": "constellation", "prompt": "x"})
         assert r.status_code == 503
         t.join(timeout=60)
@@ -429,3 +438,36 @@ def test_serve_command_drains_on_sigterm(built, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_mid_stream_failure_is_an_error_event(loaded):
+    s = Server(loaded)
+    try:
+        def broken():
+            raise RuntimeError("injected decode failure")
+
+        s.engine._decode = broken
+        body = {"model": "constellation", "prompt": PROMPT, "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=H()) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        errors = [json.loads(e[6:]) for e in events if e.startswith("data: {\"error\"")]
+        assert errors and "injected decode failure" in errors[0]["error"]["message"]
+        assert errors[0]["error"]["type"] == "server_error"
+        assert events[-1] == "data: [DONE]"
+        assert s.engine.num_running == 0 and s.engine.cache.used == 0
+        assert httpx.get(s.url + "/health").status_code == 200  # the engine keeps serving
+    finally:
+        s.stop()
+
+
+def test_n_choices_that_finish_at_once_and_slot_reuse(srv):
+    for _ in range(2):
+        r = srv.client().completions.create(model="constellation", prompt=PROMPT, max_tokens=1, n=3, temperature=0)
+        assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 3
+        assert len({c.text for c in r.choices}) == 1
+    assert srv.engine.cache.used == 0
+    a = _greedy(srv, PROMPT, 10).choices[0].text
+    r = srv.client().completions.create(model="constellation", prompt=PROMPT, max_tokens=10, n=2, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert [c.text for c in r.choices] == [a, a]
