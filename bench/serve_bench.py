@@ -49,11 +49,12 @@ async def _one(client, model, prompt, mode, tokens):
     t0 = time.perf_counter()
     first = last = None
     n = 0
+    # logprobs=0: every token arrives as its own chunk, even one whose text is still pending
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True,
-                                                                      "composition": {"mode": mode}})
+                                             stream=True, logprobs=0,
+                                             extra_body={"ignore_eos": True, "composition": {"mode": mode}})
     async for ch in stream:
-        if ch.choices and ch.choices[0].text:
+        if ch.choices and ch.choices[0].logprobs and ch.choices[0].logprobs.tokens:
             now = time.perf_counter()
             first = first or now
             last = now
@@ -67,6 +68,7 @@ async def _run(url, mode, prompts, tokens):
     client = AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0)
     t0 = time.perf_counter()
     res = await asyncio.gather(*[_one(client, "constellation", p, mode, tokens) for p in prompts])
+    await client.close()
     ttft = statistics.mean(r[0] for r in res)
     if len(prompts) == 1:
         decode = (tokens - 1) / (res[0][2] - res[0][1])

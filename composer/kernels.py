@@ -64,8 +64,11 @@ def materialize(
         axis = policy.axis(arch.role(name), tuple(t0.shape), d)
         acc = None
         for t, w in _groups(sources, name, weights):
-            term = _factor(w.to(t.dtype), axis, t.ndim) * t
-            acc = term if acc is None else acc + term
+            f = _factor(w.to(t.dtype), axis, t.ndim)
+            if acc is None:
+                acc = t * f
+            else:
+                acc.addcmul_(t, f)  # in place: one pass, no temporary per source
         out[name] = acc if acc is not None else torch.zeros_like(t0)
     return out
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from composer.modes import CompositionParams
-from eval.core import evaluate, retrieval, win_rate
+from eval.run import mean, measure, rate_ci, retrieval, wins
 
 HERE = Path(__file__).parent
 
@@ -23,22 +22,19 @@ def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bo
     idx = loaded.config.index.probes
     if idx.is_file():
         index_probes = {t for ts in load_probes(idx).values() for t in ts}
-    rows, all_results, truth = [], [], []
+    which = {"generalist": CompositionParams(mode="generalist"),
+             "constellation": CompositionParams(mode="constellation")}
+    for d in c.domains:
+        which[f"spec:{d}"] = CompositionParams(mode="weights", weights={d: 1.0})
+    items = [(t, [d]) for d in c.domains for t in doms.get(d, [])]
+    res = measure(loaded, c, items, which, "evaluation probes", quiet)
+    rows = []
     for dom in c.domains:
-        texts = doms.get(dom, [])
-        if not texts:
-            continue
-        k = c.domains.index(dom)
-        res = evaluate(loaded, texts, {
-            "generalist": lambda i: CompositionParams(mode="generalist"),
-            "specialist": lambda i, d=dom: CompositionParams(mode="weights", weights={d: 1.0}),
-            "constellation": lambda i: CompositionParams(mode="constellation"),
-        }, desc=f"{dom} probes", quiet=quiet)
-        all_results += res
-        truth += [k] * len(res)
-        mean = lambda key: sum(r.losses[key] for r in res) / len(res)  # noqa: E731
-        rows.append((dom, len(res), mean("generalist"), mean("specialist"), mean("constellation"),
-                     retrieval(res, [k] * len(res)), win_rate(res, "constellation", "generalist")))
+        rs = [r for r in res if r.domains == [dom]]
+        if rs:
+            rows.append((dom, len(rs), mean(r.losses["generalist"] for r in rs),
+                         mean(r.losses[f"spec:{dom}"] for r in rs), mean(r.losses["constellation"] for r in rs),
+                         retrieval(rs, c.domains)["top1"], rate_ci(wins(rs, "constellation", "generalist"))["rate"]))
     diag = loaded.manifest["diagnostics"]
     overlap = sum(t in index_probes for ts in doms.values() for t in ts)
     lines = [
@@ -51,11 +47,10 @@ def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bo
     ]
     for dom, n, lg, ls, lc, top1, wr in rows:
         lines.append(f"| {dom} | {n} | {lg:.3f} | {ls:.3f} | {lc:.3f} | {top1:.2f} | {wr:.2f} |")
-    lines.append(f"| **all** | {len(all_results)} | "
-                 f"{sum(r.losses['generalist'] for r in all_results) / len(all_results):.3f} | "
-                 f"{sum(r.losses['specialist'] for r in all_results) / len(all_results):.3f} | "
-                 f"{sum(r.losses['constellation'] for r in all_results) / len(all_results):.3f} | "
-                 f"{retrieval(all_results, truth):.2f} | {win_rate(all_results, 'constellation', 'generalist'):.2f} |")
+    lines.append(f"| **all** | {len(res)} | {mean(r.losses['generalist'] for r in res):.3f} | "
+                 f"{mean(r.losses[f'spec:{r.domains[0]}'] for r in res):.3f} | "
+                 f"{mean(r.losses['constellation'] for r in res):.3f} | {retrieval(res, c.domains)['top1']:.2f} | "
+                 f"{rate_ci(wins(res, 'constellation', 'generalist'))['rate']:.2f} |")
     lines += ["", "Index diagnostics (raw centroid cosine, paper Table 1 layout):", "",
               "| | " + " | ".join(diag["domains"]) + " |", "| --- |" + " ---: |" * len(diag["domains"])]
     for d, row in zip(diag["domains"], diag["raw_cosine"]):
@@ -72,5 +67,3 @@ def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bo
     return "\n".join(lines) + "\n"
 
 
-def as_json(text: str) -> str:
-    return json.dumps({"markdown": text})

@@ -18,6 +18,11 @@ def _wr(d: dict) -> str:
     return f"{100 * d['rate']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}] (n={d['n']})"
 
 
+def _win_table(part: dict) -> list[str]:
+    rows = ["| constellation vs | win rate [95% CI] | mean loss of the alternative |", "| --- | --- | ---: |"]
+    return rows + [f"| {k} | {_wr(v)} | {_fmt(part['mean_loss'][k], pct=False)} |" for k, v in part["win_rate"].items()]
+
+
 def plots(results: dict, domains: list[str], out: Path) -> None:
     import matplotlib
 
@@ -159,10 +164,7 @@ def write_report(r: dict, out: Path) -> None:
 
     sd = r["single_domain"]
     add("## Pass 4 — single-domain probes\n")
-    add("| constellation vs | win rate [95% CI] | mean loss of the alternative |")
-    add("| --- | --- | ---: |")
-    for k, v in sd["win_rate"].items():
-        add(f"| {k} | {_wr(v)} | {_fmt(sd['mean_loss'][k], pct=False)} |")
+    L.extend(_win_table(sd))
     add(f"\nConstellation mean loss {_fmt(sd['mean_loss']['constellation'], pct=False)}; Gini of |alpha| "
         f"{_fmt(sd['gini'], pct=False)}; mean node entropy {_fmt(sd['mean_entropy_bits'], pct=False)} bits. "
         f"'oracle' is the probe's own domain specialist.\n")
@@ -186,10 +188,7 @@ def write_report(r: dict, out: Path) -> None:
     if "cross_domain" in r:
         cd = r["cross_domain"]
         add("## Pass 5 — cross-domain probes\n")
-        add("| constellation vs | win rate [95% CI] | mean loss of the alternative |")
-        add("| --- | --- | ---: |")
-        for k, v in cd["win_rate"].items():
-            add(f"| {k} | {_wr(v)} | {_fmt(cd['mean_loss'][k], pct=False)} |")
+        L.extend(_win_table(cd))
         t = cd["task_arithmetic"]
         add(f"\nConstellation mean loss {_fmt(cd['mean_loss']['constellation'], pct=False)}; mean node entropy "
             f"{_fmt(cd['mean_entropy_bits'], pct=False)} bits. 'best_single' is, per probe, the best of all "
@@ -217,7 +216,7 @@ def write_report(r: dict, out: Path) -> None:
                 add(f"| {name} | skipped: {v['skipped']} | | | | |")
                 continue
             add(f"| {name} | {_fmt(v['retrieval_top1'])} | {_wr(v['single_win_vs_generalist'])} | "
-                f"{_fmt(v['single_mean_loss'], pct=False)} | {_wr(v.get('cross_win_vs_task_arithmetic'))} | "
+                f"{v['single_mean_loss']:.4f} | {_wr(v.get('cross_win_vs_task_arithmetic'))} | "
                 f"{_fmt(v['mean_entropy_bits'], pct=False)} |")
         add("")
     (out / "report.md").write_text("\n".join(L) + "\n")

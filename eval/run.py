@@ -6,6 +6,7 @@ One generalist pass per probe batch serves every variant (fingerprint, alpha, tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import sys
@@ -305,7 +306,10 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
 
 
 def _row_doc(r: Row) -> dict:
-    return {"text": r.text[:200], "domains": r.domains, "alpha": r.alpha, "losses": r.losses, "plan": r.plan}
+    # No probe text in the results: evaluation probes may be held-out sets that must not be copied
+    # anywhere. Rows are in the probe file's order; the hash identifies the text.
+    return {"sha256": hashlib.sha256(r.text.encode()).hexdigest()[:16], "domains": r.domains, "alpha": r.alpha,
+            "losses": r.losses, "plan": r.plan}
 
 
 def sweep_noise(loaded, c, raw_c, cross, crows, quiet, seed: int) -> dict:

@@ -104,14 +104,15 @@ def test_explain_puts_the_prompts_domain_first(demo_cache, domain):
 
 
 def test_each_specialist_beats_the_generalist_on_its_domain(demo):
-    from eval.core import evaluate
+    from eval.run import measure
 
     probes = json.loads((PROBES / "eval.json").read_text())["domains"]
-    for dom in demo.constellation.domains:
-        res = evaluate(demo, probes[dom][:8], {
-            "generalist": lambda i: CompositionParams(mode="generalist"),
-            "specialist": lambda i, d=dom: CompositionParams(mode="weights", weights={d: 1.0}),
-        }, quiet=True)
+    c = demo.constellation
+    for dom in c.domains:
+        res = measure(demo, c, [(t, [dom]) for t in probes[dom][:8]], {
+            "generalist": CompositionParams(mode="generalist"),
+            "specialist": CompositionParams(mode="weights", weights={dom: 1.0}),
+        }, dom, quiet=True)
         g = sum(r.losses["generalist"] for r in res) / len(res)
         s = sum(r.losses["specialist"] for r in res) / len(res)
         assert s < g, (dom, g, s)
