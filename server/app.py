@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -14,13 +15,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from composer.modes import CompositionError, CompositionParams
+from composer.modes import MODES, CompositionError, CompositionParams
 from index_store.store import diagnostics_doc
 from .engine import Draining, Engine, Event, Limits, QueueFull, Request, SamplingParams
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ExplainRequest, new_id, now
 
-OPEN_PATHS = {"/health", "/ready"}
+OPEN_PATHS = {"/health", "/ready", "/"}  # the probes, and the playground page's own files:
+OPEN_PREFIX = "/ui/"  # every call the page makes needs the key
+STATIC = Path(__file__).parent / "static"
+UI_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
 class APIError(Exception):
@@ -48,7 +52,8 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.key is not None and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        if self.key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX):
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
@@ -424,6 +429,21 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
         doc["index"] = index_doc
         return doc
 
+    @app.get("/index")
+    async def index_diagnostics():
+        """The index diagnostics (as `constellation index inspect --json`), for the playground's second tab."""
+        return index_doc
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return Response((STATIC / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def ui_file(name: str):
+        if name not in UI_FILES:
+            raise APIError(404, f"no such file: /ui/{name}", "not_found_error")
+        return Response((STATIC / name).read_bytes(), media_type=UI_FILES[name])
+
     @app.get("/metrics")
     async def prom():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -440,7 +460,7 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
             return _error_response(503, "draining", "service_unavailable", code="draining")
         if not engine.thread.is_alive():
             return _error_response(503, "engine not started", "service_unavailable")
-        return {"status": "ready", "model": model_name, "domains": c.domains,
+        return {"status": "ready", "model": model_name, "domains": c.domains, "modes": list(MODES),
                 "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting}
 
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
