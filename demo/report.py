@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from composer.modes import CompositionParams
-from eval.run import mean, measure, rate_ci, retrieval, wins
+from eval.run import index_probe_texts, mean, measure, rate_ci, retrieval, wins
 
 HERE = Path(__file__).parent
 
@@ -18,10 +18,7 @@ def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bo
     loaded = load_constellation(config)
     c = loaded.constellation
     doms = load_probes(probes)
-    index_probes = set()
-    idx = loaded.config.index.probes
-    if idx.is_file():
-        index_probes = {t for ts in load_probes(idx).values() for t in ts}
+    index_probes = index_probe_texts(loaded)
     which = {"generalist": CompositionParams(mode="generalist"),
              "constellation": CompositionParams(mode="constellation")}
     for d in c.domains:

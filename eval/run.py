@@ -248,6 +248,14 @@ def gs_in_order(raw: torch.Tensor, order: list[int]) -> torch.Tensor:
     return out
 
 
+def index_probe_texts(loaded) -> set[str]:
+    """The probes the index was built from (to tell in-sample evaluation probes apart)."""
+    from index_store.loader import load_probes
+
+    path = loaded.config.index.probes
+    return {t for ts in load_probes(path).values() for t in ts} if path.is_file() else set()
+
+
 def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noise_sweep: bool = False,
         ablations: bool = False, quiet: bool = False, probe_paths: dict | None = None) -> dict:
     t0 = time.perf_counter()
@@ -255,11 +263,7 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
     domains = c.domains
     out.mkdir(parents=True, exist_ok=True)
     manifest = loaded.manifest
-    index_probes = set()
-    if loaded.config.index.probes.is_file():
-        from index_store.loader import load_probes
-
-        index_probes = {t for ts in load_probes(loaded.config.index.probes).values() for t in ts}
+    index_probes = index_probe_texts(loaded)
     items = [(t, [d]) for d, ts in single.items() for t in ts]
     overlap_single = sum(t in index_probes for t, _ in items)
     overlap_cross = sum(t in index_probes for t, _ in (cross or []))
