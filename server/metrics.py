@@ -25,6 +25,8 @@ class Metrics:
         self.success = Counter(P + "request_success", "Finished sequences", ["finished_reason"], registry=r)
         self.stage = Histogram(P + "composition_seconds", "Per-request composition work by stage", ["stage"],
                                buckets=LATENCY, registry=r)
+        # alpha can be negative, so its buckets start below 0 and Prometheus exposes no _sum for it
+        # (dashboards use quantiles of the buckets)
         self.alpha = Histogram(P + "domain_alpha", "Per-request alpha by domain", ["domain"],
                                buckets=(-0.5, -0.25, 0) + UNIT, registry=r)
         self.weight = Histogram(P + "domain_weight", "Per-request mean node weight by domain", ["domain"],
