@@ -25,7 +25,7 @@ def loaded(built):
     return load_constellation(built("llama", domains=("medical", "legal", "code")))
 
 
-def test_schemathesis_finds_no_server_error_and_only_openai_errors(loaded):
+def test_schemathesis_finds_no_server_error_and_only_openai_errors(loaded, tmp_path):
     s = Server(loaded, Limits(max_running=4, max_waiting=8, max_prompt_tokens=64, max_new_tokens=16, max_seq_len=128))
     try:
         env = dict(os.environ, SCHEMATHESIS_HOOKS="st_hooks", PYTHONPATH=str(HERE))
@@ -33,7 +33,7 @@ def test_schemathesis_finds_no_server_error_and_only_openai_errors(loaded):
                             "-H", f"Authorization: Bearer {KEY}", "-c", "not_a_server_error,openai_error_format",
                             "-n", "10", "--generation-deterministic", "--request-timeout", "30",
                             "--phases", "examples,coverage,fuzzing"],
-                           capture_output=True, text=True, env=env, timeout=600)
+                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)  # its cache stays out
         assert p.returncode == 0, p.stdout[-4000:]
         assert " passed" in p.stdout and "generated" in p.stdout
         assert httpx.get(s.url + "/health").status_code == 200
