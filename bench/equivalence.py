@@ -18,7 +18,6 @@ import torch
 from composer.constellation import Constellation
 from composer.modes import CompositionParams
 from composer.policies import POLICIES
-from composer.weights import load_model
 from index_store.loader import build_index, load_constellation
 from tests import fixtures
 
@@ -57,8 +56,7 @@ def main() -> None:
                     got = c.composed_logits(gp, [p] * len(PROMPTS), "mix")
                     s = c.specialists[k]
                     with torch.inference_mode():
-                        want = c.g.logits(c.g.final_norm(s.run_blocks(gp.trunk, gp.ctx.__class__(
-                            gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin), c.first, c.n)))
+                        want = c.g.logits(c.g.final_norm(s.run_blocks(gp.trunk, gp.ctx.with_cache(None), c.first, c.n)))
                     onehot = max(onehot, ((got - want).abs() * am[..., None]).max().item())
                 rows.append((arch, policy, mm, onehot, hf_diff))
     print(f"{'arch':6} {'policy':8} {'materialize vs mix':>19} {'one-hot vs specialist':>22} {'ours vs HF':>11}")

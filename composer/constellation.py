@@ -134,8 +134,7 @@ class Constellation:
         ctx = self.g.context(attention_mask, cache)
         x = self.g.run_blocks(self.g.embed(input_ids, ctx), ctx, 0, self.first)
         trunk = x
-        tail = Context(ctx.positions, ctx.mask, ctx.cos, ctx.sin, None)
-        x = self.g.run_blocks(x, tail, self.first, self.n)
+        x = self.g.run_blocks(x, ctx.with_cache(None), self.first, self.n)
         final = self.g.final_norm(x)
         fmask = attention_mask if fingerprint_mask is None else fingerprint_mask * attention_mask
         fp = masked_mean(final, fmask)
@@ -151,7 +150,7 @@ class Constellation:
             return gp._signatures[i]
         t0 = time.perf_counter()
         s = self.specialists[i]
-        tail = Context(gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin, None)
+        tail = gp.ctx.with_cache(None)
         if self.settings.signature == "trunk":
             x = s.run_blocks(gp.trunk, tail, self.first, self.n)
         else:
@@ -221,7 +220,7 @@ class Constellation:
         ``path`` is ``materialize`` (each row's tensors built, rows run one by one) or ``mix`` (one
         batched run, every row with its own composition). ``logit`` plans run the output mixture.
         """
-        tail = Context(gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin, None)
+        tail = gp.ctx.with_cache(None)
         B = gp.trunk.shape[0]
         kinds = {p.kind for p in plans}
         if kinds == {"logit"}:  # log-probabilities of the decode-time mixture

@@ -10,7 +10,7 @@ run time. The tests check this code against transformers' own forward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -78,6 +78,10 @@ class Context:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     cache: KVCache | None = None
+
+    def with_cache(self, cache=None) -> "Context":
+        """The same positions, mask and rotary tables with another (or no) key/value cache."""
+        return replace(self, cache=cache)
 
 
 class Transformer:

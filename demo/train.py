@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from composer.model import Context, Transformer
+from composer.model import Transformer
 from . import corpus
 from .generalist import TAIL
 from .lora import LoraParams, save_adapter
@@ -87,7 +87,6 @@ def trunk_states(g: Transformer, chunks: torch.Tensor, first: int, batch: int, d
 
 def tail_loss(g: Transformer, trunk: torch.Tensor, ids: torch.Tensor, first: int, override) -> torch.Tensor:
     ctx = g.context(torch.ones_like(ids))
-    ctx = Context(ctx.positions, ctx.mask, ctx.cos, ctx.sin)
     x = g.run_blocks(trunk, ctx, first, g.mc.n_layers, override)
     logits = g.logits(g.final_norm(x))
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))

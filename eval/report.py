@@ -120,7 +120,7 @@ def write_report(r: dict, out: Path) -> None:
     doms = c["domains"]
     L = []
     add = L.append
-    add(f"# Constellation evaluation\n")
+    add("# Constellation evaluation\n")
     add(f"- constellation: `{c['config']}` — {c['generalist']}, d={c['d']}, domains {', '.join(doms)}")
     s = c["settings"]
     add(f"- settings: basis {s['basis']}, top_k {s['top_k']}, L {s['layers']}, policy {s['policy']}, "

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from composer.constellation import Constellation, GeneralistPass
-from composer.model import Context, DenseParams
 from composer.modes import CompositionParams, Plan
 
 log = logging.getLogger("constellation.engine")
@@ -92,7 +91,6 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled by the engine
     plan: Plan | None = None
-    explain: dict | None = None
     started: float | None = None
 
 
@@ -346,9 +344,7 @@ class Engine:
         gp = c.generalist_pass(ids, am, cache=PrefillView(self.cache, slot), fingerprint_mask=fmask)
         plan = self.plan_for(gp, req.composition)
         req.plan = plan
-        req.explain = c.explain(gp, plan)
         T = ids.shape[1]
-        tail = lambda view: Context(gp.ctx.positions, gp.ctx.mask, gp.ctx.cos, gp.ctx.sin, view)  # noqa: E731
         if plan.kind == "logit":
             n_dom = len(c.domains)
             comps = [(None, _one_hot(n_dom, c.d, None))] + [
@@ -362,7 +358,7 @@ class Engine:
             s = slot if j == 0 else self.cache.alloc()
             if j:
                 self.cache.copy(slot, s, T, range(c.first))
-            x = g.run_blocks(gp.trunk, tail(PrefillView(self.cache, s)), c.first, c.n,
+            x = g.run_blocks(gp.trunk, gp.ctx.with_cache(PrefillView(self.cache, s)), c.first, c.n,
                              c.materialized_for(w, cache=True))
             logits = g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu()
             base_rows.append(Row(s, w, T, beta))
