@@ -15,21 +15,34 @@ import torch
 import torch.nn.functional as F
 
 from . import decompose
-from .kernels import MixedParams, materialize
-from .model import Context, DenseParams, KVCache, LayerParams, Transformer
+from .kernels import ComposedParams, MixedParams, active_sources, stack_rows
+from .lowrank import Stack
+from .model import Context, KVCache, LayerParams, Transformer
 from .modes import CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
-from .weights import Difference, diff_params
+from .signatures import SIGNATURES, in_pass_signatures
+from .weights import Difference, specialist_difference
 
 
 @dataclass(frozen=True)
 class Settings:
     top_k: int = 3
-    layers: int = 4
+    layers: int | str = "auto"  # "auto": every layer a specialist changes; L: the last L layers
     policy: str = "residual"
-    signature: str = "trunk"  # or "full"
+    signature: str = "generalist"  # see composer.signatures.SIGNATURES
     task_lambda: float = 0.5
     default_mode: str = "constellation"
+
+
+def composed_layers(layers: int | str, n: int, differences: dict[str, Difference]) -> list[int]:
+    """The decoder layers composed: ``auto`` = the union of layers any specialist changes (the
+    last layer if none does); an integer L = the last L layers."""
+    if layers == "auto":
+        union = sorted({i for diff in differences.values() for i in diff.layers})
+        return union or [n - 1]
+    if not isinstance(layers, int) or not 1 <= layers <= n:
+        raise ValueError(f"composition.layers must be 'auto' or in 1..{n} for this model, got {layers!r}")
+    return list(range(n - layers, n))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,11 +65,14 @@ class GeneralistPass:
     fingerprint_mask: torch.Tensor  # [B, T]: tokens the fingerprint and signatures average over
     timings: dict[str, float] = field(default_factory=dict)
     _signatures: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_signatures: torch.Tensor | None = None  # [B, N, Lc, d] from the in-pass signature
 
 
 def share_with_generalist(g: Transformer, s_params: dict[str, torch.Tensor], domain: str
                           ) -> tuple[dict[str, torch.Tensor], Difference]:
     """Keep only the tensors that differ from G; the rest point at G's (lean memory)."""
+    from .weights import diff_params
+
     diff = diff_params(g, s_params, domain)
     differing = set(diff.tensors)
     return {n: (t if n in differing else g.params[n]) for n, t in s_params.items()}, diff
@@ -80,19 +96,42 @@ class Constellation:
         self.basis = basis.to(torch.float64).cpu()
         self.settings = settings
         self.policy = get_policy(settings.policy)
+        if settings.signature not in SIGNATURES:
+            raise ValueError(f"unknown signature '{settings.signature}' (choose from {', '.join(SIGNATURES)})")
         n = generalist.mc.n_layers
-        if not 1 <= settings.layers <= n:
-            raise ValueError(f"composition.layers must be in 1..{n} for this model, got {settings.layers}")
         self.n = n
-        self.first = n - settings.layers  # first composed block
-        self.differences = differences or {
-            d: diff_params(generalist, s.params, d) for d, s in zip(self.domains, self.specialists)
-        }
-        self.trunk_exact = {d: diff.only_last(n, settings.layers) for d, diff in self.differences.items()}
-        self.sources = {
-            i: [generalist.layer(i).t] + [s.layer(i).t for s in self.specialists] for i in range(self.first, n)
-        }
+        given = differences or {}
+        self.differences = {d: given.get(d) or specialist_difference(generalist, s, d)
+                            for d, s in zip(self.domains, self.specialists)}
+        self.layers = composed_layers(settings.layers, n, self.differences)
+        self.first = self.layers[0]  # first composed block: blocks below it are G's in every composition
+        self.trunk_exact = {d: not diff.globals and all(i >= self.first for i in diff.layers)
+                            for d, diff in self.differences.items()}
+        span = range(self.first, n)
+        self.sources = {i: [generalist.layer(i).t] + [s.layer(i).t for s in self.specialists] for i in span}
+        self.lowrank = {i: [{}] + [s.layer(i).lr for s in self.specialists] for i in span}
+        # blocks inside the span that no source changes run as G's (every mode's weights sum to 1)
+        self.varied = [i for i in span if any(
+            src[name] is not self.sources[i][0][name] for src in self.sources[i][1:] for name in src)
+            or any(self.lowrank[i][1:])]
+        self.stacks = self._stack_adapters()
         self._materialized: OrderedDict[str, dict[int, LayerParams]] = OrderedDict()
+
+    def _stack_adapters(self) -> dict[int, dict[str, Stack]]:
+        """Stack every adapter's factors per (block, weight) for batching; the specialists' own
+        factors become views into the stacks, so the adapters are held once."""
+        stacks: dict[int, dict[str, Stack]] = {}
+        for i in self.varied:
+            names = sorted({name for lr in self.lowrank[i][1:] for name in lr})
+            stacks[i] = {}
+            for name in names:
+                entries = [(s, lr[name]) for s, lr in enumerate(self.lowrank[i]) if name in lr]
+                st = Stack.build(entries)
+                stacks[i][name] = st
+                for k, (s, lr) in enumerate(entries):
+                    spec = self.specialists[s - 1]
+                    spec.set_lowrank(self.g.arch.layer_name(i, name), st.view(k, lr.rank))
+        return stacks
 
     # ---- facts --------------------------------------------------------------------------------
     @property
@@ -103,17 +142,22 @@ class Constellation:
         """Bytes held per part: the generalist, and per specialist only the tensors that differ."""
         seen: set[int] = set()
 
-        def size(params):
+        def size(tensors):
             total = 0
-            for t in params.values():
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
+            for t in tensors:
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
             return total
 
-        out = {"generalist": size(self.g.params)}
-        for dname, s in zip(self.domains, self.specialists):
-            out[dname] = size(s.params)
+        out = {"generalist": size(self.g.params.values())}
+        for dname, s in zip(self.domains, self.specialists):  # adapter factors: their share of the stacks
+            out[dname] = size(s.params.values()) + sum(lr.nbytes for lr in s.lowrank.values())
+        padding = size(t for st in self.stacks.values() for x in st.values() for t in (x.A, x.Bt)) - sum(
+            lr.nbytes for s in self.specialists for lr in s.lowrank.values())
+        if padding > 0:  # zero rows of adapters of unequal rank stacked for one weight
+            out["adapter_padding"] = padding
         return out
 
     # ---- the generalist pass ------------------------------------------------------------------
@@ -131,21 +175,28 @@ class Constellation:
         t0 = time.perf_counter()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        fmask = attention_mask if fingerprint_mask is None else fingerprint_mask * attention_mask
         ctx = self.g.context(attention_mask, cache)
         x = self.g.run_blocks(self.g.embed(input_ids, ctx), ctx, 0, self.first)
         trunk = x
-        x = self.g.run_blocks(x, ctx.with_cache(None), self.first, self.n)
+        sigs = None
+        if self.settings.signature == "generalist":
+            x, sigs = in_pass_signatures(self, x, ctx.with_cache(None), fmask)
+        else:
+            x = self.g.run_blocks(x, ctx.with_cache(None), self.first, self.n)
         final = self.g.final_norm(x)
-        fmask = attention_mask if fingerprint_mask is None else fingerprint_mask * attention_mask
         fp = masked_mean(final, fmask)
         a = decompose.alpha(fp.cpu(), self.basis)
-        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a, fmask)
+        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a, fmask, layer_signatures=sigs)
         gp.timings["fingerprint"] = time.perf_counter() - t0
         return gp
 
     @torch.inference_mode()
     def signature(self, gp: GeneralistPass, i: int) -> torch.Tensor:
-        """Activation signature ``mean_t |h_last(S_i)|`` of specialist i for every row, [B, d]."""
+        """Activation signature of specialist i for every row: ``[B, d]`` (``trunk``/``full``:
+        ``mean_t |h_last(S_i)|``) or ``[B, Lc, d]`` per composed block (``generalist``)."""
+        if gp.layer_signatures is not None:
+            return gp.layer_signatures[:, i]
         if i in gp._signatures:
             return gp._signatures[i]
         t0 = time.perf_counter()
@@ -173,7 +224,7 @@ class Constellation:
         mi = ModeInput(
             alpha=gp.alpha[row], domains=self.domains, d=self.d, top_k=self.settings.top_k,
             task_lambda=self.settings.task_lambda,
-            signatures=lambda idx: torch.stack([self.signature(gp, i)[row] for i in idx]),
+            signatures=lambda idx: torch.stack([self.signature(gp, i)[row] for i in idx], dim=-2),
             params=params, joint=joint,
         )
         plan = mode.build(mi)
@@ -185,10 +236,10 @@ class Constellation:
         return self.materialized_for(plan.source_weights)
 
     def materialized_for(self, weights: torch.Tensor, cache: bool = False) -> dict[int, LayerParams]:
-        """Composed dense blocks for source weights ``[1 + N, d]``.
+        """Composed blocks for one composition's source weights ``[1 + N, d]`` (or ``[Lc, 1 + N, d]``).
 
         With ``cache``, the last few results are kept (keyed by the weights' bytes), so a request
-        decoding alone builds its tensors once, not every step.
+        decoding alone builds its blocks once, not every step.
         """
         key = hashlib.sha1(weights.detach().cpu().numpy().tobytes()).hexdigest() if cache else None
         if key is not None and key in self._materialized:
@@ -196,8 +247,9 @@ class Constellation:
             return self._materialized[key]
         w = weights.to(self.g.device)
         out = {
-            i: DenseParams(materialize(self.sources[i], w, self.policy, self.g.arch, self.d), self.g.arch)
-            for i in range(self.first, self.n)
+            i: ComposedParams(self.sources[i], w if w.dim() == 2 else w[i - self.first], self.policy,
+                              self.g.arch, self.d, self.lowrank[i])
+            for i in self.varied
         }
         if key is not None:
             self._materialized[key] = out
@@ -206,12 +258,14 @@ class Constellation:
         return out
 
     def mixed(self, plans: list[Plan]) -> dict[int, LayerParams]:
-        return self.mixed_weights(torch.stack([p.source_weights for p in plans]))
+        return self.mixed_weights(stack_rows([p.source_weights for p in plans]))
 
     def mixed_weights(self, weights: torch.Tensor) -> dict[int, LayerParams]:
-        """Blocks that mix per batch row: ``weights`` is ``[B, 1 + N, d]``."""
+        """Blocks that mix per batch row: ``weights`` is ``[B, 1 + N, d]`` or ``[B, Lc, 1 + N, d]``."""
         w = weights.to(self.g.device)
-        return {i: MixedParams(self.sources[i], w, self.policy, self.g.arch, self.d) for i in range(self.first, self.n)}
+        active = active_sources(w)
+        return {i: MixedParams(self.sources[i], w if w.dim() == 3 else w[:, i - self.first], self.policy,
+                               self.g.arch, self.d, self.stacks.get(i), active) for i in self.varied}
 
     @torch.inference_mode()
     def composed_logits(self, gp: GeneralistPass, plans: list[Plan], path: str = "materialize") -> torch.Tensor:
@@ -259,7 +313,7 @@ class Constellation:
         sel = [self.domains[i] for i in plan.selected]
         mean_w = {}
         if plan.node_weights is not None:
-            mean_w = {self.domains[i]: float(plan.node_weights[r].mean()) for r, i in enumerate(plan.selected)}
+            mean_w = {self.domains[i]: float(plan.node_weights[..., r, :].mean()) for r, i in enumerate(plan.selected)}
         elif plan.kind == "logit":
             mean_w = {self.domains[i]: b for i, b in plan.betas.items()}
         out = {
@@ -273,7 +327,7 @@ class Constellation:
             "fallback": plan.fallback_fraction,
             "top_k": len(plan.selected) if plan.mode in ("constellation", "logit") else self.settings.top_k,
             "layers": self.settings.layers,
-            "composed_layers": [self.first, self.n - 1],
+            "composed_layers": self.layers,
             "policy": self.settings.policy,
             "signature": self.settings.signature,
             "prompt_tokens": int(gp.attention_mask[row].sum()),
@@ -282,10 +336,16 @@ class Constellation:
         out.update({k: v for k, v in plan.extra.items()})
         if node_weights:
             out["node_weights"] = (
-                {self.domains[i]: [float(v) for v in plan.node_weights[r]] for r, i in enumerate(plan.selected)}
+                {self.domains[i]: [float(v) for v in _per_node(plan.node_weights[..., r, :])]
+                 for r, i in enumerate(plan.selected)}
                 if plan.node_weights is not None else {}
             )
         return out
+
+
+def _per_node(w: torch.Tensor) -> torch.Tensor:
+    """A node-weight row ``[d]``, or per block ``[Lc, d]`` averaged over the blocks."""
+    return w if w.dim() == 1 else w.mean(0)
 
 
 def _row_context(ctx: Context, b: int) -> Context:

@@ -1,4 +1,4 @@
-"""The two exact ways to run a composed decoder block (DESIGN §4).
+"""The exact ways to run a composed decoder block (DESIGN §4, §4.1).
 
 A composition of one block is a weight tensor over *sources* (the generalist and the
 specialists): ``weights[s]`` is a d-vector, and every tensor is ``sum_s f(weights[s]) ⊙ theta_s``
@@ -6,13 +6,17 @@ where the broadcast policy decides ``f``. Constellation, routed, uniform, caller
 arithmetic are all such combinations (task arithmetic: ``1 - lambda*N`` on G, ``lambda`` on each
 specialist, constant over nodes).
 
-- ``materialize`` builds the composed tensors once (one request, or many sharing a composition).
-- ``MixedParams`` keeps the sources apart and mixes at run time, so each row of a batch may carry
-  its own composition: row weighting ``y = sum_s w_s ⊙ (W_s x)``, column weighting
-  ``y = sum_s W_s (w_s ⊙ x)``; biases and norm vectors are composed per row (cheap) and applied once.
+A source tensor is dense (a full fine-tune's tensor, or G's own) or low-rank (``W_G + B A``, a LoRA
+adapter: its dense entry *is* G's tensor object and its factors sit in a ``LowRank``). Sources that
+share one dense tensor object are merged before any arithmetic (``f`` is linear, their weights add),
+so a constellation of adapters runs G's matmul once, scaled on the activations by ``f(sum_s w_s)``,
+plus each adapter's ``B (A x)`` at the cost of its rank.
 
-Sources that share one tensor object (a specialist equal to G there) are merged before any
-arithmetic: ``f`` is linear, so their weights simply add.
+- ``materialize``: the dense composed tensors (the reference; low-rank updates merged in).
+- ``ComposedParams``: one composition shared by a batch: the dense part kept or built once, the
+  adapters folded into one plain adapter of rank ``sum r_s`` (never A and B mixed apart).
+- ``MixedParams``: every batch row with its own composition: dense sources mixed per row, adapters
+  through one shrink and one expand per linear over the active adapters' stacked factors.
 """
 
 from __future__ import annotations
@@ -21,106 +25,206 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Arch
+from .lowrank import LowRank, Stack, fold, mixed_delta
 from .policies import BroadcastPolicy
 
-Source = dict[str, torch.Tensor]  # one decoder block's tensors (names relative to the block)
+Source = dict[str, torch.Tensor]  # one decoder block's dense tensors (names relative to the block)
+LowRankSource = dict[str, LowRank]  # one decoder block's low-rank updates
 
 
-def _factor(w: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
-    """Shape a weight d-vector (or a batch ``[B, d]``) to broadcast over a tensor of ``ndim``."""
+def active_sources(weights: torch.Tensor) -> list[int]:
+    """Sources with any non-zero weight; ``weights`` is ``[..., S, d]``."""
+    flat = weights.reshape(-1, weights.shape[-2], weights.shape[-1])
+    return [int(s) for s in torch.nonzero((flat != 0).any(-1).any(0)).flatten()]
+
+
+def stack_rows(ws: list[torch.Tensor]) -> torch.Tensor:
+    """Rows' source weights ``[S, d]`` or per block ``[Lc, S, d]`` as one batch tensor ``[B, (Lc,) S, d]``."""
+    per_block = next((w.shape[0] for w in ws if w.dim() == 3), None)
+    if per_block is not None:
+        ws = [w if w.dim() == 3 else w.expand(per_block, *w.shape) for w in ws]
+    return torch.stack(ws)
+
+
+def side(policy: BroadcastPolicy, arch: Arch, name: str, shape: tuple[int, ...], d: int) -> str:
+    """How the d-vector weights apply to a tensor: ``in`` (input columns), ``out`` (output rows),
+    ``vec`` (a vector elementwise) or ``mean`` (the whole tensor by the mean weight)."""
+    role = arch.role(name)
+    axis = policy.axis(role, shape, d)
     if axis is None:
-        return w.mean(-1).reshape(*w.shape[:-1], *([1] * ndim))
-    if ndim == 1:
-        return w
-    return w.unsqueeze(-1) if axis == 0 else w.unsqueeze(-2)
+        return "mean"
+    if len(shape) == 1:
+        return "vec"
+    in_axis = 0 if role.layout == "conv1d" else 1
+    return "in" if axis == in_axis else "out"
 
 
-def _groups(sources: list[Source], name: str, weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(tensor, summed weight)]`` over distinct tensor objects with any non-zero weight.
+def _factor(w: torch.Tensor, how: str, ndim: int) -> torch.Tensor:
+    """Shape a weight d-vector ``[d]`` to broadcast over a stored tensor of ``ndim`` dimensions."""
+    if how == "mean":
+        return w.mean(-1).reshape(*([1] * ndim))
+    return w if ndim == 1 else w.unsqueeze(-1 if how == "row" else -2)
+
+
+def _storage_how(how: str, layout: str) -> str:
+    """``in``/``out`` in storage terms: which stored axis the vector runs along (row or column)."""
+    if how in ("mean", "vec"):
+        return "mean" if how == "mean" else "row"
+    conv = layout == "conv1d"
+    return ("row" if conv else "col") if how == "in" else ("col" if conv else "row")
+
+
+def _groups(sources: list[Source], name: str, weights: torch.Tensor, active: list[int]
+            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(tensor, summed weight)]`` over the distinct tensor objects of the active sources.
 
     ``weights`` is ``[S, d]`` or ``[B, S, d]``.
     """
     out: dict[int, list] = {}
-    for s, src in enumerate(sources):
+    for s in active:
+        t = sources[s][name]
         w = weights[..., s, :]
-        if not bool(torch.any(w != 0)):
-            continue
-        t = src[name]
-        key = id(t)
-        if key in out:
-            out[key][1] = out[key][1] + w
+        if id(t) in out:
+            out[id(t)][1] = out[id(t)][1] + w
         else:
-            out[key] = [t, w]
+            out[id(t)] = [t, w]
     return [(t, w) for t, w in out.values()]
 
 
-def materialize(
-    sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int
-) -> dict[str, torch.Tensor]:
-    """Composed tensors of one block for one composition ``weights`` [S, d]."""
+def _dense_sum(groups, how: str, t0: torch.Tensor) -> torch.Tensor:
+    acc = None
+    for t, w in groups:
+        f = _factor(w.to(t.dtype), how, t.ndim)
+        if acc is None:
+            acc = t * f
+        else:
+            acc.addcmul_(t, f)  # in place: one pass, no temporary per source
+    return acc if acc is not None else torch.zeros_like(t0)
+
+
+def materialize(sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int,
+                lowrank: list[LowRankSource] | None = None) -> dict[str, torch.Tensor]:
+    """Composed dense tensors of one block for one composition ``weights`` [S, d] (low-rank merged)."""
+    active = active_sources(weights)
     out = {}
-    for name in sources[0]:
-        t0 = sources[0][name]
-        axis = policy.axis(arch.role(name), tuple(t0.shape), d)
-        acc = None
-        for t, w in _groups(sources, name, weights):
-            f = _factor(w.to(t.dtype), axis, t.ndim)
-            if acc is None:
-                acc = t * f
-            else:
-                acc.addcmul_(t, f)  # in place: one pass, no temporary per source
-        out[name] = acc if acc is not None else torch.zeros_like(t0)
+    for name, t0 in sources[0].items():
+        how_sem = side(policy, arch, name, tuple(t0.shape), d)
+        layout = arch.role(name).layout
+        how = _storage_how(how_sem, layout)
+        acc = _dense_sum(_groups(sources, name, weights, active), how, t0)
+        for s in active if lowrank else ():
+            lr = lowrank[s].get(name)
+            if lr is not None:
+                delta = lr.delta(layout).to(acc.dtype)
+                acc = acc + delta * _factor(weights[s].to(acc.dtype), how, delta.ndim)
+        out[name] = acc
     return out
+
+
+def _apply(x: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
+    return x @ w if conv else F.linear(x, w)
+
+
+class ComposedParams:
+    """One block under one composition ``weights`` [S, d], shared by every row of a batch.
+
+    A weight whose active sources all share one dense tensor (G's, for adapters) is kept as that
+    tensor with the summed weight applied to the activations (``f(Σw) ⊙ (W x)`` or ``W (f(Σw) ⊙ x)``);
+    several distinct dense tensors are summed once. Adapters fold into one low-rank update.
+    """
+
+    def __init__(self, sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch,
+                 d: int, lowrank: list[LowRankSource] | None = None):
+        self.arch = arch
+        self.t: dict[str, torch.Tensor] = {}
+        self.scale: dict[str, tuple[str, torch.Tensor]] = {}  # name -> (in|out|mean, factor)
+        self.lr: dict[str, LowRank] = {}
+        active = active_sources(weights)
+        for name, t0 in sources[0].items():
+            how = side(policy, arch, name, tuple(t0.shape), d)
+            layout = arch.role(name).layout
+            groups = _groups(sources, name, weights, active)
+            if t0.ndim == 2 and len(groups) == 1:
+                t, w = groups[0]
+                self.t[name] = t
+                f = w.mean() if how == "mean" else w
+                if not bool(torch.all(f == 1)):
+                    self.scale[name] = (how, f.to(t.dtype))
+            else:
+                self.t[name] = _dense_sum(groups, _storage_how(how, layout), t0)
+            if lowrank and t0.ndim == 2:
+                folded = fold([(lowrank[s][name], weights[s]) for s in active if name in lowrank[s]], how)
+                if folded is not None:
+                    self.lr[name] = folded
+
+    def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
+        conv = self.arch.roles[weight].layout == "conv1d"
+        how, f = self.scale.get(weight, (None, None))
+        y = _apply(x * f if how == "in" else x, self.t[weight], conv)
+        if how in ("out", "mean"):
+            y = y * f
+        lr = self.lr.get(weight)
+        if lr is not None:
+            y = y + lr.apply(x)
+        b = self.t.get(bias) if bias else None
+        return y if b is None else y + b
+
+    def vector(self, name: str) -> torch.Tensor | None:
+        return self.t.get(name)
 
 
 class MixedParams:
     """One block whose tensors are mixed per batch row at run time (``weights`` [B, S, d])."""
 
-    def __init__(self, sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int):
+    def __init__(self, sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int,
+                 stacks: dict[str, Stack] | None = None, active: list[int] | None = None):
         self.sources = sources
         self.weights = weights
         self.policy = policy
         self.arch = arch
         self.d = d
+        self.stacks = stacks or {}
+        self.active = active_sources(weights) if active is None else active
+        self.active_mask = torch.zeros(weights.shape[-2], dtype=torch.bool, device=weights.device)
+        self.active_mask[self.active] = True
 
-    def _axis(self, name: str) -> int | None:
-        t = self.sources[0][name]
-        return self.policy.axis(self.arch.role(name), tuple(t.shape), self.d)
+    def _side(self, name: str) -> str:
+        return side(self.policy, self.arch, name, tuple(self.sources[0][name].shape), self.d)
 
     def vector(self, name: str) -> torch.Tensor | None:
         if name not in self.sources[0]:
             return None
-        axis = self._axis(name)
+        t0 = self.sources[0][name]
+        how = _storage_how(self._side(name), "vector")
         acc = None
-        for t, w in _groups(self.sources, name, self.weights):
-            term = _factor(w.to(t.dtype), axis, 1) * t  # [B, n]
+        for t, w in _groups(self.sources, name, self.weights, self.active):
+            w = w.to(t.dtype)
+            term = (w.mean(-1, keepdim=True) if how == "mean" else w) * t
             acc = term if acc is None else acc + term
         if acc is None:
-            acc = torch.zeros(self.weights.shape[0], self.sources[0][name].shape[0],
-                              dtype=self.sources[0][name].dtype, device=self.sources[0][name].device)
+            acc = t0.new_zeros(self.weights.shape[0], t0.shape[0])
         return acc[:, None, :]  # [B, 1, n] broadcasts over tokens
 
     def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
-        role = self.arch.role(weight)
-        axis = self._axis(weight)
-        conv = role.layout == "conv1d"
-        in_axis = 0 if conv else 1
+        conv = self.arch.role(weight).layout == "conv1d"
+        how = self._side(weight)
         y = None
-        for t, w in _groups(self.sources, weight, self.weights):
+        for t, w in _groups(self.sources, weight, self.weights, self.active):
             w = w.to(x.dtype)  # [B, d]
-            if axis == in_axis:
+            if how == "in":
                 z = _apply(x * w[:, None, :], t, conv)
             else:
                 z = _apply(x, t, conv)
-                z = z * (w.mean(-1)[:, None, None] if axis is None else w[:, None, :])
+                z = z * (w.mean(-1)[:, None, None] if how == "mean" else w[:, None, :])
             y = z if y is None else y + z
         if y is None:
             out_dim = self.sources[0][weight].shape[1 if conv else 0]
             y = x.new_zeros(*x.shape[:-1], out_dim)
+        st = self.stacks.get(weight)
+        if st is not None:
+            delta = mixed_delta(x, st, self.weights, self.active_mask, how)
+            if delta is not None:
+                y = y + delta
         if bias and bias in self.sources[0]:
             y = y + self.vector(bias)
         return y
-
-
-def _apply(x: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
-    return x @ w if conv else F.linear(x, w)

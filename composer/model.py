@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Arch, ModelConfig, rope_inv_freq
+from .lowrank import LowRank
 
 
 class LayerParams(Protocol):
@@ -26,19 +27,27 @@ class LayerParams(Protocol):
 
 
 class DenseParams:
-    """One decoder block's tensors as stored (HF names relative to the block)."""
+    """One decoder block's tensors as stored (HF names relative to the block).
 
-    def __init__(self, tensors: dict[str, torch.Tensor], arch: Arch):
+    ``lr`` holds low-rank updates (a LoRA adapter's ``B @ A``) applied on top of ``t``'s dense
+    weight of the same name: ``y = W x + B (A x)``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], arch: Arch, lowrank: dict[str, LowRank] | None = None):
         self.t = tensors
         self.arch = arch
+        self.lr = lowrank or {}
 
     def linear(self, x, weight, bias):
         w = self.t[weight]
         b = self.t.get(bias) if bias else None
         if self.arch.roles[weight].layout == "conv1d":
             y = x @ w
-            return y + b if b is not None else y
-        return F.linear(x, w, b)
+            y = y + b if b is not None else y
+        else:
+            y = F.linear(x, w, b)
+        lr = self.lr.get(weight)
+        return y if lr is None else y + lr.apply(x)
 
     def vector(self, name):
         return self.t.get(name)
@@ -85,22 +94,38 @@ class Context:
 
 
 class Transformer:
-    """A causal LM as plain code over ``params`` (HF tensor names)."""
+    """A causal LM as plain code over ``params`` (HF tensor names).
 
-    def __init__(self, mc: ModelConfig, arch: Arch, params: dict[str, torch.Tensor]):
+    ``lowrank`` (full tensor name -> ``LowRank``) adds adapter updates to decoder-layer weights, so a
+    LoRA specialist runs as the generalist's tensors plus its factors, never merged.
+    """
+
+    def __init__(self, mc: ModelConfig, arch: Arch, params: dict[str, torch.Tensor],
+                 lowrank: dict[str, LowRank] | None = None):
         self.mc = mc
         self.arch = arch
         self.params = params
+        self.lowrank = dict(lowrank or {})
         self._layers = [
             DenseParams(
                 {s: params[arch.layer_name(i, s)] for s in arch.roles if arch.layer_name(i, s) in params},
                 arch,
+                {s: self.lowrank[arch.layer_name(i, s)] for s in arch.roles
+                 if arch.layer_name(i, s) in self.lowrank},
             )
             for i in range(mc.n_layers)
         ]
         self.inv_freq = rope_inv_freq(mc) if mc.family == "llama" else None
 
     # ---- parameters -------------------------------------------------------------------------
+    def set_lowrank(self, name: str, lr: LowRank) -> None:
+        """Replace the low-rank update of decoder-layer weight ``name`` (e.g. by a view into a stack)."""
+        split = self.arch.split_layer_name(name, self.mc.n_layers)
+        if split is None or name not in self.lowrank:
+            raise KeyError(f"{name} has no low-rank update to replace")
+        self.lowrank[name] = lr
+        self._layers[split[0]].lr[split[1]] = lr
+
     @property
     def device(self) -> torch.device:
         return self.params[self.arch.embed].device

@@ -55,9 +55,9 @@ class Plan:
     alpha: torch.Tensor  # [N]
     selected: list[int] = field(default_factory=list)
     coefficients: torch.Tensor | None = None  # [len(selected)] what multiplied the signatures / betas
-    node_weights: torch.Tensor | None = None  # [len(selected), d]
-    fallback: torch.Tensor | None = None  # bool [d]
-    source_weights: torch.Tensor | None = None  # [1 + N, d]; source 0 is the generalist
+    node_weights: torch.Tensor | None = None  # [len(selected), d], or [Lc, len(selected), d] per block
+    fallback: torch.Tensor | None = None  # bool [d] or [Lc, d]
+    source_weights: torch.Tensor | None = None  # [1 + N, d] or [Lc, 1 + N, d]; source 0 is the generalist
     betas: dict[int, float] = field(default_factory=dict)  # logit mode: specialist index -> beta
     extra: dict = field(default_factory=dict)
 
@@ -96,15 +96,15 @@ def register(mode: Mode) -> Mode:
     return mode
 
 
-def _sources(n: int, d: int) -> torch.Tensor:
-    return torch.zeros(1 + n, d, dtype=torch.float32)
+def _sources(n: int, d: int, lead: tuple[int, ...] = ()) -> torch.Tensor:
+    return torch.zeros(*lead, 1 + n, d, dtype=torch.float32)
 
 
 def _mix(mi: ModeInput, mode: str, selected: list[int], coef: torch.Tensor) -> Plan:
     nw = decompose.node_weights(coef, mi.signatures(selected), joint=mi.joint)
-    w = _sources(len(mi.domains), mi.d)
+    w = _sources(len(mi.domains), mi.d, tuple(nw.weights.shape[:-2]))
     for row, i in enumerate(selected):
-        w[1 + i] = nw.weights[row]
+        w[..., 1 + i, :] = nw.weights[..., row, :]
     return Plan(mode, "params", mi.alpha, selected, coef, nw.weights, nw.fallback, w)
 
 

@@ -139,6 +139,22 @@ class Difference:
         return not self.globals and all(i >= n_layers - L for i in self.layers)
 
 
+def specialist_difference(g: Transformer, s: Transformer, domain: str) -> Difference:
+    """What a specialist changes: its dense tensors that differ from G's, and its low-rank updates."""
+    diff = diff_params(g, s.params, domain)
+    layers, nbytes = set(diff.layers), diff.bytes
+    names, glob = list(diff.tensors), list(diff.globals)
+    for name, lr in s.lowrank.items():
+        names.append(name)
+        nbytes += lr.nbytes
+        split = g.arch.split_layer_name(name, g.mc.n_layers)
+        if split is None:
+            glob.append(name)
+        else:
+            layers.add(split[0])
+    return Difference(names, sorted(layers), glob, nbytes)
+
+
 def diff_params(g: Transformer, s_params: dict[str, torch.Tensor], domain: str) -> Difference:
     if set(s_params) != set(g.params):
         extra = sorted(set(s_params) ^ set(g.params))[:3]
@@ -146,6 +162,8 @@ def diff_params(g: Transformer, s_params: dict[str, torch.Tensor], domain: str) 
     names, layers, glob, nbytes = [], set(), [], 0
     for name, t in s_params.items():
         gt = g.params[name]
+        if t is gt:  # shared with the generalist (an adapter specialist's untouched tensors)
+            continue
         if t.shape != gt.shape:
             raise WeightsError(
                 f"specialist '{domain}': tensor {name} has shape {tuple(t.shape)}, "

@@ -81,7 +81,7 @@ def measure(loaded, c: Constellation, items: list[tuple[str, list[str]]], which:
             chunk = items[s:s + batch_size]
             ids, am = tokenize(loaded.tokenizer, [t for t, _ in chunk], 1 << 30, c.g.device)
             gp = c.generalist_pass(ids, am)
-            norms = torch.stack([c.signature(gp, i).norm(dim=-1) for i in range(len(c.domains))], 1)
+            norms = torch.stack([c.signature(gp, i).flatten(1).norm(dim=-1) for i in range(len(c.domains))], 1)
             out = [Row(t, doms, [float(a) for a in gp.alpha[b]], [float(x) for x in norms[b]], {})
                    for b, (t, doms) in enumerate(chunk)]
             for name, params in which.items():
@@ -92,7 +92,7 @@ def measure(loaded, c: Constellation, items: list[tuple[str, list[str]]], which:
                 if name == "constellation":
                     for b, p in enumerate(plans):
                         out[b].plan = {"selected": [c.domains[i] for i in p.selected],
-                                       "weights": {c.domains[i]: float(p.node_weights[r].mean())
+                                       "weights": {c.domains[i]: float(p.node_weights[..., r, :].mean())
                                                    for r, i in enumerate(p.selected)},
                                        "entropy": p.mean_entropy_bits, "gini": p.gini, "fallback": p.fallback_fraction}
             rows.extend(out)
@@ -345,7 +345,7 @@ def run_ablations(loaded, c, raw_c, items, cross, srows, crows, quiet) -> dict:
         cases["basis=gram_schmidt order=" + ",".join(c.domains[i] for i in o)] = ("basis", with_basis(c, gs_in_order(raw_c, o)), False)
     for p in ("residual", "shape"):
         cases[f"policy={p}"] = ("policy", with_settings(c, policy=p), False)
-    for sgn in ("trunk", "full"):
+    for sgn in ("generalist", "trunk", "full"):
         cases[f"signature={sgn}"] = ("signature", with_settings(c, signature=sgn), False)
     for k in range(1, n + 1):
         cases[f"K={k}"] = ("K", with_settings(c, top_k=k), False)

@@ -36,11 +36,19 @@ class IndexConfig(_Strict):
 
 class CompositionConfig(_Strict):
     top_k: int = Field(3, ge=1)
-    layers: int = Field(4, ge=1)
+    layers: Literal["auto"] | int = Field(
+        "auto", description='"auto": every decoder layer a specialist changes; an integer L: the last L layers')
     policy: str = "residual"
-    signature: Literal["trunk", "full"] = "trunk"
+    signature: Literal["generalist", "trunk", "full"] = "generalist"
     mode: str = "constellation"
     task_arithmetic_lambda: float = Field(0.5, ge=-10, le=10)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError('must be "auto" or an integer >= 1')
+        return v
 
     @field_validator("policy", "mode")
     @classmethod
@@ -58,7 +66,8 @@ class RuntimeConfig(_Strict):
 
 class ConstellationConfig(_Strict):
     generalist: GeneralistConfig
-    specialists: dict[str, Path] = Field(min_length=1)
+    specialists: dict[str, Path] = Field(min_length=1, description="domain = a full model folder or a PEFT "
+                                         "LoRA adapter folder (adapter_config.json)")
     index: IndexConfig
     composition: CompositionConfig = CompositionConfig()
     runtime: RuntimeConfig = RuntimeConfig()

@@ -13,6 +13,7 @@ import torch
 
 from composer import basis as basis_mod
 from composer.constellation import Constellation, GeneralistPass, Settings, share_with_generalist
+from composer.model import Transformer
 from composer.weights import (WeightsError, check_same_config, load_model, load_state_dict, normalize_names,
                               safetensor_files)
 from .config import ConstellationConfig, load_config
@@ -132,27 +133,44 @@ class Loaded:
         return self.constellation.generalist_pass(ids, am)
 
 
+def adapter_specialist(g: Transformer, adapter) -> Transformer:
+    """A LoRA specialist: G's tensors (shared, never copied), its whole tensors, its factors."""
+    params = dict(g.params)
+    params.update(adapter.dense)
+    return Transformer(g.mc, g.arch, params, adapter.lowrank)
+
+
 def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dtype):
-    """Load G and the specialists (lean: shared tensors), checking config and tokenizer match."""
+    """Load G and the specialists (lean: shared tensors), checking config and tokenizer match.
+
+    A specialist folder holding ``adapter_config.json`` is a PEFT LoRA adapter: it is checked
+    against G and kept as factors; any other folder is a full model, kept as the tensors that differ.
+    """
+    from .peft import is_adapter_folder, load_adapter
+
     t0 = time.perf_counter()
     g = load_model(cfg.generalist.path, device, dtype)
     tok = load_tokenizer(cfg.generalist.path)
-    specialists, diffs = {}, {}
+    specialists, diffs, adapters = {}, {}, {}
     for dom, folder in cfg.specialists.items():
+        if is_adapter_folder(folder):
+            adapters[dom] = load_adapter(folder, g, device, dtype)
+            specialists[dom] = adapter_specialist(g, adapters[dom])
+            continue
         check_same_config(cfg.generalist.path, folder, dom)
         check_same_tokenizer(tok, load_tokenizer(folder), dom, folder)
         sparams = normalize_names(load_state_dict(folder, device, dtype), g.arch)
         lean, diff = share_with_generalist(g, sparams, dom)
         specialists[dom] = type(g)(g.mc, g.arch, lean)
         diffs[dom] = diff
-    return g, tok, specialists, diffs, time.perf_counter() - t0
+    return g, tok, specialists, diffs, adapters, time.perf_counter() - t0
 
 
 def load_constellation(config: str | Path | ConstellationConfig) -> Loaded:
     cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
     device = pick_device(cfg.runtime.device)
     dtype = pick_dtype(cfg.runtime.dtype, device)
-    g, tok, specialists, diffs, t_load = load_models(cfg, device, dtype)
+    g, tok, specialists, diffs, adapters, t_load = load_models(cfg, device, dtype)
     identity = model_identity(cfg.generalist.path)
     manifest, tensors = read_index(cfg.index.path)
     verify_against(manifest, cfg, identity, g.mc.d)
@@ -161,17 +179,20 @@ def load_constellation(config: str | Path | ConstellationConfig) -> Loaded:
         signature=cfg.composition.signature, task_lambda=cfg.composition.task_arithmetic_lambda,
         default_mode=cfg.composition.mode,
     )
-    if settings.layers > g.mc.n_layers:
+    if isinstance(settings.layers, int) and settings.layers > g.mc.n_layers:
         raise ValueError(f"{cfg.source}: [composition].layers = {settings.layers} exceeds the generalist's "
                          f"{g.mc.n_layers} decoder layers")
-    c = Constellation(g, specialists, tensors["basis"], settings, diffs)
+    c = Constellation(g, specialists, tensors["basis"], settings, diffs or None)
     report = {
         "load_seconds": round(t_load, 3),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "resident_bytes": c.resident_bytes(),
-        "differing_layers": {d: diff.layers for d, diff in diffs.items()},
-        "differing_globals": {d: diff.globals for d, diff in diffs.items()},
+        "specialist_kinds": {d: ("adapter" if d in adapters else "full") for d in c.domains},
+        "adapter_ranks": {d: a.config.get("r") for d, a in adapters.items()},
+        "composed_layers": c.layers,
+        "differing_layers": {d: diff.layers for d, diff in c.differences.items()},
+        "differing_globals": {d: diff.globals for d, diff in c.differences.items()},
         "trunk_exact": c.trunk_exact,
     }
     return Loaded(cfg, c, tok, manifest, identity, report)

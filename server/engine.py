@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.constellation import Constellation, GeneralistPass
+from composer.kernels import stack_rows
 from composer.modes import CompositionParams, Plan
 
 log = logging.getLogger("constellation.engine")
@@ -99,7 +100,7 @@ class Row:
     """One KV-cache slot and the source weights its last L blocks compose."""
 
     slot: int
-    weights: torch.Tensor  # [1 + N, d]
+    weights: torch.Tensor  # [1 + N, d], or per composed block [Lc, 1 + N, d]
     length: int  # tokens in the cache
     beta: float | None = None  # logit mode: component weight (None: the generalist term)
 
@@ -196,6 +197,7 @@ class Engine:
         self.draining = False
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
+        self._batch: tuple | None = None  # (row weight ids, weights, composed blocks, shared?)
         self.steps = 0  # decode steps run
         self.mixed_steps = 0  # of which through the mix kernel (rows with different compositions)
 
@@ -398,9 +400,7 @@ class Engine:
         positions = lengths[:, None]
         mask = (torch.arange(span, device=g.device)[None, :] <= lengths[:, None])[:, None, None, :]
         ctx = g.positional_context(positions, mask, DecodeView(self.cache, lengths, span))
-        weights = torch.stack([r.weights for r in rows])
-        same = bool((weights == weights[:1]).all())
-        override = c.materialized_for(weights[0], cache=True) if same else c.mixed_weights(weights)
+        override, same = self._override(rows)
         self.mixed_steps += 0 if same else 1
         x = g.run_blocks(g.embed(tokens, ctx), ctx, 0, g.mc.n_layers, override)
         logits = g.logits(g.final_norm(x))[:, 0].float().cpu()  # sampling runs on the CPU (seeded generators)
@@ -414,6 +414,18 @@ class Engine:
             if seq.finished:
                 continue
             self._sample_and_emit(seq, [by_row[id(r)] for r in seq.rows])
+
+    def _override(self, rows: list[Row]) -> tuple[dict, bool]:
+        """The composed blocks for this batch: materialized when every row shares one composition,
+        mixed per row otherwise. Kept while the batch's rows (their weight tensors) stay the same."""
+        key = tuple(id(r.weights) for r in rows)
+        if self._batch is not None and self._batch[0] == key:
+            return self._batch[2], self._batch[3]
+        ws = [r.weights for r in rows]
+        same = all(torch.equal(w, ws[0]) for w in ws[1:])
+        override = self.c.materialized_for(ws[0], cache=True) if same else self.c.mixed_weights(stack_rows(ws))
+        self._batch = (key, ws, override, same)  # ws keeps the tensors (and so their ids) alive
+        return override, same
 
     def _sample_and_emit(self, seq: Sequence, logits: list[torch.Tensor]) -> None:
         p = seq.request.params

@@ -46,7 +46,7 @@ class Metrics:
             self.alpha.labels(d).observe(float(a))
         if plan.node_weights is not None:
             for r, i in enumerate(plan.selected):
-                self.weight.labels(domains[i]).observe(float(plan.node_weights[r].mean()))
+                self.weight.labels(domains[i]).observe(float(plan.node_weights[..., r, :].mean()))
             self.entropy.observe(plan.mean_entropy_bits)
         if plan.fallback is not None and bool(plan.fallback.any()):
             self.fallback.inc()

@@ -146,7 +146,18 @@ def test_config_relative_paths_resolve_against_the_file(tmp_path):
     cfg = load_config(_write(tmp_path, GOOD))
     assert cfg.generalist.path == (tmp_path / "g").resolve()
     assert cfg.index.probes == (tmp_path / "probes.json").resolve()
-    assert cfg.composition.top_k == 3 and cfg.composition.layers == 4 and cfg.index.basis == "symmetric"
+    assert cfg.composition.top_k == 3 and cfg.index.basis == "symmetric"
+    assert cfg.composition.layers == "auto" and cfg.composition.signature == "generalist"  # the defaults
+
+
+@pytest.mark.parametrize("value, ok", [('"auto"', True), ("4", True), ("0", False), ('"all"', False), ("2.5", False)])
+def test_config_layers_is_auto_or_a_positive_count(tmp_path, value, ok):
+    text = GOOD + f"\n[composition]\nlayers = {value}\n"
+    if ok:
+        assert load_config(_write(tmp_path, text)).composition.layers == json.loads(value)
+    else:
+        with pytest.raises(ConfigError, match=r"\[composition\]\.layers"):
+            load_config(_write(tmp_path, text))
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -176,7 +176,7 @@ function renderComposition(doc) {
   }
   $("comp-summary").textContent =
     `mode ${doc.mode} · selected ${doc.selected.join(", ") || "none"} · mean node entropy ${doc.entropy_bits.toFixed(3)} bits` +
-    ` · fallback ${(doc.fallback * 100).toFixed(1)}% of nodes · layers ${doc.composed_layers[0]}–${doc.composed_layers[1]}`;
+    ` · fallback ${(doc.fallback * 100).toFixed(1)}% of nodes · layers ${layerRanges(doc.composed_layers)}`;
   const heat = $("heat");
   heat.innerHTML = "";
   for (const [d, ws] of Object.entries(doc.node_weights || {})) {
@@ -260,3 +260,15 @@ async function loadIndex() {
 }
 
 init().catch((e) => showError(0, String(e)));
+
+// [0, 1, 2, 5] -> "0–2, 5": the composed decoder layers, compactly
+function layerRanges(layers) {
+  const out = [];
+  for (let k = 0; k < layers.length; k++) {
+    let j = k;
+    while (j + 1 < layers.length && layers[j + 1] === layers[j] + 1) j++;
+    out.push(j === k ? `${layers[k]}` : `${layers[k]}–${layers[j]}`);
+    k = j;
+  }
+  return out.join(", ");
+}

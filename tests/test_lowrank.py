@@ -1,0 +1,214 @@
+"""The low-rank run path: adapter specialists composed exactly, batched, over every layer they touch.
+
+Each test builds adapter specialists (``W_G + B A``, seeded random factors) on a fixture generalist
+and the same specialists merged into dense weights, and checks that every mode gives the same
+logits through both (the dense path is the reference, DESIGN §4.1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composer.constellation import Constellation, Settings
+from composer.kernels import materialize
+from composer.lowrank import LowRank
+from composer.model import Transformer
+from composer.modes import CompositionParams
+from composer.weights import load_model
+
+ARCHS = ("llama", "qwen2", "gpt2")
+PROMPTS = [
+    "The patient fever biopsy dose tumor renal.",
+    "The contract clause licensee warranty court.",
+    "The def return import class lambda.",
+    "The protein enzyme photon.",
+    "The weather family garden music.",
+]
+TOL = 1e-5
+
+
+def _linears(g: Transformer) -> list[str]:
+    return [s for s, r in g.arch.roles.items() if r.role in ("read", "write")]
+
+
+def make_adapter(g: Transformer, seed: int, rank: int, layers, names=None, norms: bool = False, scale: float = 0.5):
+    """``(lowrank, dense)`` for a synthetic adapter: factors on ``names`` (default: every linear) of
+    ``layers``; with ``norms``, replaced norm vectors (PEFT's modules_to_save)."""
+    gen = torch.Generator().manual_seed(seed)
+    lowrank, dense = {}, {}
+    for i in layers:
+        for s in names or _linears(g):
+            w = g.params[g.arch.layer_name(i, s)]
+            out_f, in_f = (w.shape[1], w.shape[0]) if g.arch.roles[s].layout == "conv1d" else w.shape
+            A = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
+            B = torch.randn(out_f, rank, generator=gen) * scale * float(w.std()) / rank ** 0.5
+            lowrank[g.arch.layer_name(i, s)] = LowRank(A, B)
+        if norms:
+            for s, r in g.arch.roles.items():
+                name = g.arch.layer_name(i, s)
+                if r.role == "dvec" and "norm" in s or s.startswith("ln_"):
+                    dense[name] = g.params[name] * (1 + 0.1 * torch.randn(g.params[name].shape, generator=gen))
+    return lowrank, dense
+
+
+def adapter_model(g: Transformer, lowrank, dense) -> Transformer:
+    params = dict(g.params)
+    params.update(dense)
+    return Transformer(g.mc, g.arch, params, lowrank)
+
+
+def merged_model(g: Transformer, lowrank, dense) -> Transformer:
+    params = dict(g.params)
+    params.update(dense)
+    for name, lr in lowrank.items():
+        split = g.arch.split_layer_name(name, g.mc.n_layers)
+        params[name] = g.params[name] + lr.delta(g.arch.roles[split[1]].layout)
+    return Transformer(g.mc, g.arch, params)
+
+
+def _adapters(g: Transformer):
+    n = g.mc.n_layers
+    every = range(n)
+    qv = [s for s in _linears(g) if any(k in s for k in ("q_proj", "v_proj", "c_attn"))]
+    return {
+        "medical": make_adapter(g, 1, 4, every),
+        "legal": make_adapter(g, 2, 8, every, norms=True),
+        "code": make_adapter(g, 3, 4, [1, 3, n - 1], names=qv),
+        "science": make_adapter(g, 4, 2, range(n // 2, n), norms=True),
+    }
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, built):
+    """(adapter constellation, the same specialists merged dense, encoded prompts) per architecture."""
+    from index_store.loader import load_tokenizer, tokenize
+
+    conf = built(request.param, domains=("medical", "legal", "code"))
+    gdir = conf.parent / "models" / "generalist"
+    g = load_model(gdir)
+    tok = load_tokenizer(gdir)
+    ads = _adapters(g)
+    basis = torch.linalg.qr(torch.randn(g.mc.d, len(ads), generator=torch.Generator().manual_seed(0),
+                                        dtype=torch.float64))[0].T
+    settings = Settings(top_k=3, layers="auto", signature="generalist")
+    lr = Constellation(g, {d: adapter_model(g, *a) for d, a in ads.items()}, basis, settings)
+    dense = Constellation(g, {d: merged_model(g, *a) for d, a in ads.items()}, basis, settings)
+    ids, am = tokenize(tok, PROMPTS, 64, "cpu")
+    return lr, dense, ids, am, ads
+
+
+def _err(a, b, am) -> float:
+    return float(((a - b).abs() * am[..., None]).max())
+
+
+PARAM_MODES = [
+    CompositionParams(mode="constellation"),
+    CompositionParams(mode="routed"),
+    CompositionParams(mode="uniform"),
+    CompositionParams(mode="weights", weights={"legal": 0.7, "science": 0.3}),
+    CompositionParams(mode="task_arithmetic", **{"lambda": 0.4}),
+]
+
+
+def test_auto_composes_every_layer_an_adapter_touches(pair):
+    lr, dense, *_ = pair
+    assert lr.layers == list(range(lr.n)) == dense.layers
+    assert lr.first == 0 and set(lr.varied) == set(range(lr.n))
+    assert lr.differences["code"].layers == [1, 3, lr.n - 1]
+
+
+def test_every_mode_equals_the_dense_path_in_one_mixed_batch(pair):
+    lr, dense, ids, am, _ = pair
+    gl, gd = lr.generalist_pass(ids, am), dense.generalist_pass(ids, am)
+    plans_l = [lr.plan(gl, b, PARAM_MODES[b]) for b in range(len(PROMPTS))]
+    plans_d = [dense.plan(gd, b, PARAM_MODES[b]) for b in range(len(PROMPTS))]
+    for pl, pd in zip(plans_l, plans_d):  # the same composition on both sides
+        assert pl.selected == pd.selected
+        assert float((pl.source_weights - pd.source_weights).abs().max()) <= 1e-5
+    ref = dense.composed_logits(gd, plans_d, "materialize")
+    for path in ("mix", "materialize"):
+        got = lr.composed_logits(gl, plans_l, path)
+        assert _err(got, ref, am) <= TOL, (path, _err(got, ref, am))
+    # the composition really changes the output (the check above can fail)
+    base = lr.composed_logits(gl, [lr.plan(gl, b, CompositionParams(mode="generalist"))
+                                   for b in range(len(PROMPTS))], "mix")
+    assert _err(base, ref, am) > 100 * TOL
+
+
+def test_logit_mode_equals_the_dense_path(pair):
+    lr, dense, ids, am, _ = pair
+    gl, gd = lr.generalist_pass(ids, am), dense.generalist_pass(ids, am)
+    p = CompositionParams(mode="logit")
+    got = lr.composed_logits(gl, [lr.plan(gl, b, p) for b in range(len(PROMPTS))])
+    ref = dense.composed_logits(gd, [dense.plan(gd, b, p) for b in range(len(PROMPTS))])
+    assert _err(got, ref, am) <= TOL
+
+
+def test_one_hot_reproduces_the_adapter_specialist(pair):
+    lr, _, ids, am, ads = pair
+    gp = lr.generalist_pass(ids, am)
+    for k, dom in enumerate(lr.domains):
+        plan = lr.plan(gp, 0, CompositionParams(mode="weights", weights={dom: 1.0}))
+        s = lr.specialists[k]
+        want = s.forward(ids, am)
+        for path in ("mix", "materialize"):
+            got = lr.composed_logits(gp, [plan] * len(PROMPTS), path)
+            assert _err(got, want, am) <= TOL, (dom, path)
+        # the dense reference tensors equal the merged specialist's
+        merged = merged_model(lr.g, *ads[dom])
+        for i in lr.varied:
+            comp = materialize(lr.sources[i], plan.source_weights[i - lr.first] if plan.source_weights.dim() == 3
+                               else plan.source_weights, lr.policy, lr.g.arch, lr.d, lr.lowrank[i])
+            for name, t in comp.items():
+                assert torch.allclose(t, merged.layer(i).t[name], atol=1e-6), (dom, i, name)
+
+
+def test_adapters_are_held_once(pair):
+    lr, *_ = pair
+    rb = lr.resident_bytes()
+    g_bytes = sum(t.numel() * t.element_size() for t in lr.g.params.values())
+    assert rb["generalist"] == g_bytes
+    adapters = sum(lr.differences[d].bytes for d in lr.domains)
+    assert all(rb[d] == lr.differences[d].bytes for d in lr.domains)
+    # the stacks pad unequal ranks per weight (here 2, 4 and 8 share weights); the specialists'
+    # factors are views into the stacks, so nothing else is held
+    stacks = sum(x.A.untyped_storage().nbytes() + x.Bt.untyped_storage().nbytes()
+                 for st in lr.stacks.values() for x in st.values())
+    factors = sum(f.nbytes for s in lr.specialists for f in s.lowrank.values())
+    assert rb["adapter_padding"] == stacks - factors > 0
+    assert adapters < sum(rb.values()) - rb["generalist"] <= 2.5 * adapters
+    spec = lr.specialists[0]
+    name, f = next(iter(spec.lowrank.items()))
+    split = lr.g.arch.split_layer_name(name, lr.n)
+    st = lr.stacks[split[0]][split[1]]
+    assert f.A.untyped_storage().data_ptr() == st.A.untyped_storage().data_ptr()
+
+
+def test_generalist_signature_is_exact_where_only_the_last_writer_differs(built):
+    """With adapters only on the MLP's residual writer of one block, the in-pass signature of that
+    block equals the specialist's own block run on the generalist's input, and differs between them."""
+    from index_store.loader import load_tokenizer, tokenize
+
+    conf = built("llama", domains=("medical", "legal", "code"))
+    gdir = conf.parent / "models" / "generalist"
+    g = load_model(gdir)
+    ids, am = tokenize(load_tokenizer(gdir), PROMPTS, 64, "cpu")
+    writers = ["mlp.down_proj.weight"]
+    layer = g.mc.n_layers - 2
+    ads = {d: make_adapter(g, 10 + k, 4, [layer], names=writers, scale=2.0) for k, d in enumerate(("a", "b"))}
+    basis = torch.eye(2, g.mc.d, dtype=torch.float64)
+    c = Constellation(g, {d: adapter_model(g, *a) for d, a in ads.items()}, basis,
+                      Settings(top_k=2, layers="auto", signature="generalist"))
+    assert c.layers == [layer]
+    gp = c.generalist_pass(ids, am)
+    ctx = g.context(am)
+    with torch.inference_mode():
+        x = g.run_blocks(g.embed(ids, ctx), ctx, 0, layer)
+        for k, s in enumerate(c.specialists):
+            h = s.block(layer, x, ctx, s.layer(layer))
+            m = am.float()[..., None]
+            want = (h.abs() * m).sum(1) / m.sum(1)
+            got = c.signature(gp, k)[:, 0]
+            assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(c.signature(gp, 0), c.signature(gp, 1))
