@@ -163,14 +163,16 @@ class Constellation:
     # ---- the generalist pass ------------------------------------------------------------------
     @torch.inference_mode()
     def generalist_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        cache: KVCache | None = None, fingerprint_mask: torch.Tensor | None = None
-                        ) -> GeneralistPass:
+                        cache: KVCache | None = None, fingerprint_mask: torch.Tensor | None = None,
+                        signatures: bool = True, cache_all: bool = False) -> GeneralistPass:
         """One G forward: fingerprint + alpha, and the trunk state (and trunk KV cache) for reuse.
 
         Layers 0..n-L-1 are G's in every composition, so their keys/values (written to
         ``cache``) and the hidden state entering layer n-L serve the composed model's prefill.
         ``fingerprint_mask`` (default: the attention mask) selects the tokens the fingerprint and the
         activation signatures average over, e.g. a chat's message contents without template markup.
+        ``signatures=False`` skips the in-pass signatures (a mode that needs none); ``cache_all``
+        writes every layer's keys/values to ``cache`` (the generalist itself is what will run).
         """
         t0 = time.perf_counter()
         if attention_mask is None:
@@ -180,10 +182,11 @@ class Constellation:
         x = self.g.run_blocks(self.g.embed(input_ids, ctx), ctx, 0, self.first)
         trunk = x
         sigs = None
-        if self.settings.signature == "generalist":
-            x, sigs = in_pass_signatures(self, x, ctx.with_cache(None), fmask)
+        tail = ctx if cache_all else ctx.with_cache(None)
+        if signatures and self.settings.signature == "generalist":
+            x, sigs = in_pass_signatures(self, x, tail, fmask)
         else:
-            x = self.g.run_blocks(x, ctx.with_cache(None), self.first, self.n)
+            x = self.g.run_blocks(x, tail, self.first, self.n)
         final = self.g.final_norm(x)
         fp = masked_mean(final, fmask)
         a = decompose.alpha(fp.cpu(), self.basis)

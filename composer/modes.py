@@ -86,6 +86,8 @@ class Mode:
     source: str
     params: tuple[str, ...]  # CompositionParams fields it accepts besides `mode`
     build: Callable[[ModeInput], Plan]
+    uses_signatures: bool = False  # its node weights need activation signatures
+    generalist_only: bool = False  # its first (or only) row is the generalist itself
 
 
 MODES: dict[str, Mode] = {}
@@ -176,18 +178,20 @@ def _logit(mi: ModeInput) -> Plan:
 
 
 register(Mode("constellation", "per-query node-level composition of the top-K specialists",
-              "Constellation-Indexed Model Composition (seed 001), DESIGN §3-4", ("top_k",), _constellation))
-register(Mode("generalist", "the generalist unchanged", "baseline", (), _generalist))
+              "Constellation-Indexed Model Composition (seed 001), DESIGN §3-4", ("top_k",), _constellation,
+              uses_signatures=True))
+register(Mode("generalist", "the generalist unchanged", "baseline", (), _generalist, generalist_only=True))
 register(Mode("routed", "the top-1 domain's specialist for the last L layers (a router's choice)",
               "baseline (router / MoE gate)", (), _routed))
 register(Mode("uniform", "mean of all specialists' last L layers", "baseline (model soup)", (), _uniform))
 register(Mode("task_arithmetic", "theta_G + lambda * sum_i (theta_S_i - theta_G) on the last L layers",
               "Ilharco et al. 2023, Editing Models with Task Arithmetic", ("lambda_",), _task_arithmetic))
 register(Mode("weights", "caller-given per-domain weights, split per node by activation signatures",
-              "DESIGN §5 (like merged adapters)", ("weights",), _weights))
+              "DESIGN §5 (like merged adapters)", ("weights",), _weights, uses_signatures=True))
 register(Mode("logit", "decode-time composition: log p = log p_G + sum_i beta_i (log p_S_i - log p_G), "
               "beta = lambda * normalised positive alpha of the top-K",
-              "Compositional Generalization via Logit Composition (seed 003)", ("top_k", "lambda_"), _logit))
+              "Compositional Generalization via Logit Composition (seed 003)", ("top_k", "lambda_"), _logit,
+              generalist_only=True))
 
 
 def get_mode(name: str) -> Mode:

@@ -343,7 +343,10 @@ class Engine:
         am = torch.ones_like(ids)
         slot = self.cache.alloc()
         fmask = None if req.fingerprint_mask is None else torch.tensor([req.fingerprint_mask], device=g.device)
-        gp = c.generalist_pass(ids, am, cache=PrefillView(self.cache, slot), fingerprint_mask=fmask)
+        mode = c.validate(req.composition)
+        # a mode whose first row is G itself keeps every layer's keys/values from this one pass
+        gp = c.generalist_pass(ids, am, cache=PrefillView(self.cache, slot), fingerprint_mask=fmask,
+                               signatures=mode.uses_signatures, cache_all=mode.generalist_only)
         plan = self.plan_for(gp, req.composition)
         req.plan = plan
         T = ids.shape[1]
@@ -360,9 +363,12 @@ class Engine:
             s = slot if j == 0 else self.cache.alloc()
             if j:
                 self.cache.copy(slot, s, T, range(c.first))
-            x = g.run_blocks(gp.trunk, gp.ctx.with_cache(PrefillView(self.cache, s)), c.first, c.n,
-                             c.materialized_for(w, cache=True))
-            logits = g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu()
+            if j == 0 and mode.generalist_only:  # G's own row: the generalist pass already ran it
+                logits = g.logits(gp.final[:, -1:])[0, -1].float().cpu()
+            else:
+                x = g.run_blocks(gp.trunk, gp.ctx.with_cache(PrefillView(self.cache, s)), c.first, c.n,
+                                 c.materialized_for(w, cache=True))
+                logits = g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu()
             base_rows.append(Row(s, w, T, beta))
             logps.append(logits)
         if self.metrics:
