@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from . import decompose
-from .kernels import ComposedParams, MixedParams, active_sources, stack_rows
+from .kernels import ComposedParams, MixedParams, stack_rows
 from .lowrank import Stack
 from .model import Context, KVCache, LayerParams, Transformer
 from .modes import CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
-from .signatures import SIGNATURES, in_pass_signatures
+from .signatures import SIGNATURES, PassRecord, in_pass_signatures
 from .weights import Difference, specialist_difference
 
 
@@ -65,7 +65,7 @@ class GeneralistPass:
     fingerprint_mask: torch.Tensor  # [B, T]: tokens the fingerprint and signatures average over
     timings: dict[str, float] = field(default_factory=dict)
     _signatures: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_signatures: torch.Tensor | None = None  # [B, N, Lc, d] from the in-pass signature
+    record: PassRecord | None = None  # what the in-pass ("generalist") signature is computed from
 
 
 def share_with_generalist(g: Transformer, s_params: dict[str, torch.Tensor], domain: str
@@ -190,7 +190,7 @@ class Constellation:
         final = self.g.final_norm(x)
         fp = masked_mean(final, fmask)
         a = decompose.alpha(fp.cpu(), self.basis)
-        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a, fmask, layer_signatures=sigs)
+        gp = GeneralistPass(input_ids, attention_mask, ctx, trunk, final, fp, a, fmask, record=sigs)
         gp.timings["fingerprint"] = time.perf_counter() - t0
         return gp
 
@@ -198,11 +198,13 @@ class Constellation:
     def signature(self, gp: GeneralistPass, i: int) -> torch.Tensor:
         """Activation signature of specialist i for every row: ``[B, d]`` (``trunk``/``full``:
         ``mean_t |h_last(S_i)|``) or ``[B, Lc, d]`` per composed block (``generalist``)."""
-        if gp.layer_signatures is not None:
-            return gp.layer_signatures[:, i]
         if i in gp._signatures:
             return gp._signatures[i]
         t0 = time.perf_counter()
+        if gp.record is not None:
+            gp._signatures[i] = gp.record.specialist(i)
+            gp.timings["signature"] = gp.timings.get("signature", 0.0) + time.perf_counter() - t0
+            return gp._signatures[i]
         s = self.specialists[i]
         tail = gp.ctx.with_cache(None)
         if self.settings.signature == "trunk":
@@ -266,9 +268,11 @@ class Constellation:
     def mixed_weights(self, weights: torch.Tensor) -> dict[int, LayerParams]:
         """Blocks that mix per batch row: ``weights`` is ``[B, 1 + N, d]`` or ``[B, Lc, 1 + N, d]``."""
         w = weights.to(self.g.device)
-        active = active_sources(w)
+        nz = w != 0
+        row_use = nz.any(-1) if w.dim() == 3 else nz.any(-1).any(1)  # [B, 1 + N]: sources each row composes
+        segments: dict = {}  # shared by blocks whose adapters are stacked alike
         return {i: MixedParams(self.sources[i], w if w.dim() == 3 else w[:, i - self.first], self.policy,
-                               self.g.arch, self.d, self.stacks.get(i), active) for i in self.varied}
+                               self.g.arch, self.d, self.stacks.get(i), row_use, segments) for i in self.varied}
 
     @torch.inference_mode()
     def composed_logits(self, gp: GeneralistPass, plans: list[Plan], path: str = "materialize") -> torch.Tensor:

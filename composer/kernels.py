@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Arch
-from .lowrank import LowRank, Stack, fold, mixed_delta
+from .lowrank import LowRank, Segments, Stack, fold, segment_weights, segmented_delta
 from .policies import BroadcastPolicy
 
 Source = dict[str, torch.Tensor]  # one decoder block's dense tensors (names relative to the block)
@@ -148,7 +148,7 @@ class ComposedParams:
                 t, w = groups[0]
                 self.t[name] = t
                 f = w.mean() if how == "mean" else w
-                if not bool(torch.all(f == 1)):
+                if not bool(torch.all((f - 1).abs() < 1e-6)):  # sums of weights are 1 up to rounding
                     self.scale[name] = (how, f.to(t.dtype))
             else:
                 self.t[name] = _dense_sum(groups, _storage_how(how, layout), t0)
@@ -174,57 +174,62 @@ class ComposedParams:
 
 
 class MixedParams:
-    """One block whose tensors are mixed per batch row at run time (``weights`` [B, S, d])."""
+    """One block whose tensors are mixed per batch row at run time (``weights`` [B, S, d]).
+
+    Built once per batch (the engine keeps it while the batch's rows stay the same): the summed
+    weight of every distinct dense tensor, the composed vectors, and for every weight with stacked
+    adapters the rows that use each adapter (``Segments``) with their weights.
+    """
 
     def __init__(self, sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int,
-                 stacks: dict[str, Stack] | None = None, active: list[int] | None = None):
-        self.sources = sources
-        self.weights = weights
-        self.policy = policy
+                 stacks: dict[str, Stack] | None = None, row_use: torch.Tensor | None = None,
+                 segments: dict | None = None):
         self.arch = arch
-        self.d = d
-        self.stacks = stacks or {}
-        self.active = active_sources(weights) if active is None else active
-        self.active_mask = torch.zeros(weights.shape[-2], dtype=torch.bool, device=weights.device)
-        self.active_mask[self.active] = True
-
-    def _side(self, name: str) -> str:
-        return side(self.policy, self.arch, name, tuple(self.sources[0][name].shape), self.d)
+        B = weights.shape[0]
+        row_use = (weights != 0).any(-1) if row_use is None else row_use  # [B, S]
+        active = [int(s) for s in torch.nonzero(row_use.any(0)).flatten()]
+        self.dense: dict[str, list[tuple[torch.Tensor, str, torch.Tensor | None]]] = {}
+        self.vec: dict[str, torch.Tensor] = {}
+        self.lr: dict[str, tuple] = {}
+        for name, t0 in sources[0].items():
+            how = side(policy, arch, name, tuple(t0.shape), d)
+            groups = _groups(sources, name, weights, active)
+            if t0.ndim == 1:
+                acc = t0.new_zeros(B, t0.shape[0])
+                for t, w in groups:
+                    w = w.to(t.dtype)
+                    acc = acc + (w.mean(-1, keepdim=True) if how == "mean" else w) * t
+                self.vec[name] = acc[:, None, :]  # [B, 1, n] broadcasts over tokens
+                continue
+            terms = []
+            for t, w in groups:
+                f = (w.mean(-1, keepdim=True) if how == "mean" else w).to(t.dtype)[:, None, :]  # [B, 1, d|1]
+                terms.append((t, how, None if bool(torch.all((f - 1).abs() < 1e-6)) else f))
+            self.dense[name] = terms or [(t0, "mean", t0.new_zeros(B, 1, 1))]  # no active source: zeros
+        segments = {} if segments is None else segments
+        for name, st in (stacks or {}).items():
+            key = tuple(st.sources.tolist())
+            if key not in segments:
+                segments[key] = Segments.build(row_use.index_select(1, st.sources))
+            seg = segments[key]
+            if seg is not None:
+                how = side(policy, arch, name, tuple(sources[0][name].shape), d)
+                self.lr[name] = (st, seg, segment_weights(weights, st, seg, how), how)
 
     def vector(self, name: str) -> torch.Tensor | None:
-        if name not in self.sources[0]:
-            return None
-        t0 = self.sources[0][name]
-        how = _storage_how(self._side(name), "vector")
-        acc = None
-        for t, w in _groups(self.sources, name, self.weights, self.active):
-            w = w.to(t.dtype)
-            term = (w.mean(-1, keepdim=True) if how == "mean" else w) * t
-            acc = term if acc is None else acc + term
-        if acc is None:
-            acc = t0.new_zeros(self.weights.shape[0], t0.shape[0])
-        return acc[:, None, :]  # [B, 1, n] broadcasts over tokens
+        return self.vec.get(name)
 
     def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
         conv = self.arch.role(weight).layout == "conv1d"
-        how = self._side(weight)
         y = None
-        for t, w in _groups(self.sources, weight, self.weights, self.active):
-            w = w.to(x.dtype)  # [B, d]
-            if how == "in":
-                z = _apply(x * w[:, None, :], t, conv)
-            else:
-                z = _apply(x, t, conv)
-                z = z * (w.mean(-1)[:, None, None] if how == "mean" else w[:, None, :])
+        for t, how, f in self.dense[weight]:
+            z = _apply(x * f if how == "in" and f is not None else x, t, conv)
+            if how != "in" and f is not None:
+                z = z * f
             y = z if y is None else y + z
-        if y is None:
-            out_dim = self.sources[0][weight].shape[1 if conv else 0]
-            y = x.new_zeros(*x.shape[:-1], out_dim)
-        st = self.stacks.get(weight)
-        if st is not None:
-            delta = mixed_delta(x, st, self.weights, self.active_mask, how)
-            if delta is not None:
-                y = y + delta
-        if bias and bias in self.sources[0]:
-            y = y + self.vector(bias)
+        lr = self.lr.get(weight)
+        if lr is not None:
+            y = y + segmented_delta(x, *lr)
+        if bias and bias in self.vec:
+            y = y + self.vec[bias]
         return y

@@ -105,37 +105,64 @@ def fold(terms: list[tuple[LowRank, torch.Tensor]], how: str) -> LowRank | None:
     return LowRank(torch.cat(As, 0), torch.cat(Bs, 1))
 
 
-def mixed_delta(x: torch.Tensor, st: Stack, weights: torch.Tensor, active: torch.Tensor, how: str
-                ) -> torch.Tensor | None:
-    """``sum_s f(w_bs) ⊙ B_s A_s`` applied to each row ``b`` of ``x [B, T, in]`` with its own weights.
+@dataclass(frozen=True)
+class Segments:
+    """Which batch rows use which stacked adapters of one weight: ``rows[u]`` are the rows using
+    stack entry ``ks[u]``, padded with the out-of-range row ``B`` (a zero input whose output is dropped)."""
 
-    ``weights`` ``[B, S, d]`` are the rows' source weights, ``active`` a bool ``[S]`` of the sources any
-    row uses. One shrink and one expand over the active adapters: when fewer than half of the
-    stacked adapters are active their factors are gathered by index, otherwise the whole stack runs
-    (inactive ones have weight 0 in every row).
+    ks: torch.Tensor  # long [U]: the stack entries some row uses
+    rows: torch.Tensor  # long [U, m]
+    batch: int
+
+    @staticmethod
+    def build(use: torch.Tensor) -> "Segments | None":
+        """From ``use`` bool ``[B, Na]`` (row b composes stack entry k)."""
+        B = use.shape[0]
+        ks = torch.nonzero(use.any(0)).flatten()
+        if ks.numel() == 0:
+            return None
+        sub = use[:, ks].T  # [U, B]
+        counts = sub.sum(1)
+        u_idx, b_idx = torch.nonzero(sub, as_tuple=True)  # sorted by entry, then row
+        pos = torch.arange(u_idx.numel(), device=use.device) - (counts.cumsum(0) - counts)[u_idx]
+        rows = torch.full((ks.numel(), int(counts.max())), B, dtype=torch.long, device=use.device)
+        rows[u_idx, pos] = b_idx
+        return Segments(ks, rows, B)
+
+
+def segment_weights(weights: torch.Tensor, st: Stack, seg: Segments, how: str) -> torch.Tensor:
+    """Each (adapter, row) pair's weight ``[U, m, 1, d]`` (``mean``: ``[U, m, 1, 1]``), zero on padding."""
+    B = weights.shape[0]
+    src = st.sources.index_select(0, seg.ks)  # [U]
+    padded = torch.cat([weights, weights.new_zeros(1, *weights.shape[1:])])  # row B: zeros
+    wp = padded[seg.rows, src[:, None]]  # [U, m, d]
+    if how == "mean":
+        wp = wp.mean(-1, keepdim=True)
+    assert padded.shape[0] == B + 1
+    return wp[:, :, None, :]
+
+
+def segmented_delta(x: torch.Tensor, st: Stack, seg: Segments, wp: torch.Tensor, how: str) -> torch.Tensor:
+    """``sum_s f(w_bs) ⊙ B_s A_s x_b`` for every row ``b`` of ``x [B, T, in]``, each with its own adapters.
+
+    Per adapter some row uses: gather those rows, one batched shrink and one batched expand over
+    the used adapters (their factors gathered by index; the whole stack when all are used), then
+    add each row's result back (SGMV-style, as vLLM's punica kernels; here with per-node weights).
     """
-    use = active[st.sources]
-    n_use = int(use.sum())
-    if n_use == 0:
-        return None
-    A, Bt, src = st.A, st.Bt, st.sources
-    if 2 * n_use < src.shape[0]:
-        sel = torch.nonzero(use).flatten()
-        A, Bt, src = A.index_select(0, sel), Bt.index_select(0, sel), src.index_select(0, sel)
-    U, r, n_in = A.shape
+    B, T, n_in = x.shape
+    U, m = seg.rows.shape
+    if U == st.A.shape[0]:
+        A, Bt = st.A, st.Bt
+    else:
+        A, Bt = st.A.index_select(0, seg.ks), st.Bt.index_select(0, seg.ks)
     n_out = Bt.shape[2]
-    Bsz, T, _ = x.shape
-    wu = weights.index_select(1, src).to(x.dtype)  # [B, U, d]
-    x2 = x.reshape(Bsz * T, n_in)
+    xg = torch.cat([x, x.new_zeros(1, T, n_in)])[seg.rows]  # [U, m, T, in]
+    wp = wp.to(x.dtype)
     if how == "in":
-        xw = (x.unsqueeze(1) * wu[:, :, None, :]).transpose(0, 1).reshape(U, Bsz * T, n_in)
-        z = torch.bmm(xw, A.transpose(1, 2))  # [U, BT, r]
-        y = z.transpose(0, 1).reshape(Bsz * T, U * r) @ Bt.reshape(U * r, n_out)
-    elif how == "out":
-        z = (x2 @ A.reshape(U * r, n_in).T).view(Bsz * T, U, r).transpose(0, 1)  # [U, BT, r]
-        y = torch.bmm(z, Bt).view(U, Bsz, T, n_out)
-        y = (y * wu.transpose(0, 1)[:, :, None, :]).sum(0).reshape(Bsz * T, n_out)
-    else:  # one scalar per row and adapter
-        z = (x2 @ A.reshape(U * r, n_in).T).view(Bsz, T, U, r) * wu.mean(-1)[:, None, :, None]
-        y = z.reshape(Bsz * T, U * r) @ Bt.reshape(U * r, n_out)
-    return y.view(Bsz, T, n_out)
+        xg = xg * wp
+    yp = torch.bmm(torch.bmm(xg.reshape(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, n_out)
+    if how != "in":
+        yp = yp * wp
+    out = x.new_zeros(B + 1, T, n_out)
+    out.index_add_(0, seg.rows.flatten(), yp.reshape(U * m, T, n_out))
+    return out[:B]

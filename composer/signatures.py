@@ -69,44 +69,57 @@ class _Recorder:
 
 
 def _masked_abs_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``h`` [..., B, T, d], ``mask`` [B, T] -> mean over real tokens of |h|, [..., B, d] fp32."""
+    """``h`` [B, T, d], ``mask`` [B, T] -> mean over real tokens of |h|, [B, d] fp32 on the CPU."""
     m = mask.to(torch.float32)[..., None]
-    return (h.float().abs() * m).sum(-2) / m.sum(-2).clamp_min(1.0)
+    return ((h.float().abs() * m).sum(-2) / m.sum(-2).clamp_min(1.0)).cpu()
+
+
+class PassRecord:
+    """What the generalist pass keeps for the ``generalist`` signature: per composed block, G's
+    output and the inputs of its residual writers. A specialist's signature is computed from it
+    only when asked (the selected K, or the domains a caller names), at the cost of its rank."""
+
+    def __init__(self, c: "Constellation", fmask: torch.Tensor):
+        self.c, self.fmask = c, fmask
+        self.blocks: list[tuple[torch.Tensor, list]] = []
+
+    def specialist(self, k: int) -> torch.Tensor:
+        """Specialist k's signature ``[B, Lc, d]``: ``mean_t |h_G,l + Δ_kl|`` for every composed block l."""
+        c, s = self.c, k + 1
+        out = []
+        for li, (h, seen) in enumerate(self.blocks):
+            i = c.first + li
+            src, gsrc, lr = c.sources[i][s], c.sources[i][0], c.lowrank[i][s]
+            delta = None
+            for name, bias, xin in seen:
+                conv = c.g.arch.roles[name].layout == "conv1d"
+                terms = []
+                if src[name] is not gsrc[name]:  # a dense writer that differs from G's
+                    terms.append((xin @ src[name] if conv else xin @ src[name].T)
+                                 - (xin @ gsrc[name] if conv else xin @ gsrc[name].T))
+                if name in lr:
+                    terms.append(lr[name].apply(xin))
+                if bias and bias in src and src[bias] is not gsrc[bias]:
+                    terms.append(src[bias] - gsrc[bias])
+                for t in terms:
+                    delta = t if delta is None else delta + t
+            out.append(_masked_abs_mean(h if delta is None else h + delta, self.fmask))
+        return torch.stack(out, dim=1)
 
 
 @torch.inference_mode()
 def in_pass_signatures(c: "Constellation", x: torch.Tensor, ctx: "Context", fmask: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run G's blocks ``first..n-1`` on ``x`` and compute every specialist's per-block signature.
+                       ) -> tuple[torch.Tensor, PassRecord]:
+    """Run G's blocks ``first..n-1`` on ``x``, recording what the ``generalist`` signature needs.
 
-    Returns G's hidden state after the last block and signatures ``[B, N, Lc, d]`` (fp32, on the CPU).
+    Returns G's hidden state after the last block and the record.
     """
-    g, N = c.g, len(c.specialists)
-    B, T, d = x.shape
+    g = c.g
     writers = {name for name, role in g.arch.roles.items() if role.role == "write"}
-    out = torch.empty(B, N, c.n - c.first, d)
-    for li, i in enumerate(range(c.first, c.n)):
-        rec = _Recorder(g.layer(i), writers)
-        h = g.block(i, x, ctx, rec)
-        if i not in c.varied:
-            out[:, :, li] = _masked_abs_mean(h, fmask).cpu()[:, None]
-            x = h
-            continue
-        delta = h.new_zeros(N, B, T, d)
-        conv = {name: g.arch.roles[name].layout == "conv1d" for name in writers}
-        for name, bias, xin in rec.seen:
-            g_t = c.sources[i][0][name]
-            for s in range(1, N + 1):  # dense sources whose writer differs from G's
-                t = c.sources[i][s][name]
-                if t is not g_t:
-                    delta[s - 1] += (xin @ t if conv[name] else xin @ t.T) - (xin @ g_t if conv[name] else xin @ g_t.T)
-                if bias and bias in c.sources[i][s] and c.sources[i][s][bias] is not c.sources[i][0][bias]:
-                    delta[s - 1] += c.sources[i][s][bias] - c.sources[i][0][bias]
-            st = c.stacks.get(i, {}).get(name)
-            if st is not None:  # every adapter's B (A x) at once
-                Na, r, n_in = st.A.shape
-                z = (xin.reshape(B * T, n_in) @ st.A.reshape(Na * r, n_in).T).view(B * T, Na, r).transpose(0, 1)
-                delta.index_add_(0, st.sources - 1, torch.bmm(z, st.Bt).view(Na, B, T, d))
-        out[:, :, li] = _masked_abs_mean(h[None] + delta, fmask).transpose(0, 1).cpu()
+    rec = PassRecord(c, fmask)
+    for i in range(c.first, c.n):
+        r = _Recorder(g.layer(i), writers)
+        h = g.block(i, x, ctx, r)
+        rec.blocks.append((h, r.seen if i in c.varied else []))
         x = h
-    return x, out
+    return x, rec
