@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -37,12 +35,6 @@ PROMPTS = [
     "A membrane-bounded organelle that contains the chromosomes of a eukaryotic cell.",
     "The process in which a photon is absorbed by a chlorophyll molecule.",
 ]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _one(client, model, prompt, mode, tokens):
@@ -85,8 +77,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="single-stream runs per mode (median)")
     args = ap.parse_args()
 
-    import uvicorn
-
+    from bench.loopback import LoopbackServer
     from demo.build import demo_config
     from index_store.loader import load_constellation
     from server.app import create_app
@@ -96,26 +87,18 @@ def main() -> None:
     c = loaded.constellation
     app = create_app(loaded, Limits(max_running=max(16, args.streams), max_waiting=64, max_seq_len=512,
                                     max_prompt_tokens=256, max_new_tokens=256))
-    port = _port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
     prompts = (PROMPTS * ((args.streams + len(PROMPTS) - 1) // len(PROMPTS)))[: args.streams]
-    asyncio.run(_run(url, "generalist", prompts[:2], 8))  # warm-up
-    asyncio.run(_run(url, "constellation", prompts[:2], 8))
     rows = {}
-    for mode in ("generalist", "constellation"):
-        singles = [asyncio.run(_run(url, mode, [PROMPTS[i * 5 % len(PROMPTS)]], args.tokens))
-                   for i in range(args.repeats)]
-        ttft1 = statistics.median(s[0] for s in singles)
-        dec1 = statistics.median(s[1] for s in singles)
-        ttftn, decn, _ = asyncio.run(_run(url, mode, prompts, args.tokens))
-        rows[mode] = (ttft1, dec1, ttftn, decn)
-    server.should_exit = True
-    th.join(timeout=30)
+    with LoopbackServer(app) as url:
+        asyncio.run(_run(url, "generalist", prompts[:2], 8))  # warm-up
+        asyncio.run(_run(url, "constellation", prompts[:2], 8))
+        for mode in ("generalist", "constellation"):
+            singles = [asyncio.run(_run(url, mode, [PROMPTS[i * 5 % len(PROMPTS)]], args.tokens))
+                       for i in range(args.repeats)]
+            ttft1 = statistics.median(s[0] for s in singles)
+            dec1 = statistics.median(s[1] for s in singles)
+            ttftn, decn, _ = asyncio.run(_run(url, mode, prompts, args.tokens))
+            rows[mode] = (ttft1, dec1, ttftn, decn)
 
     g, k = rows["generalist"], rows["constellation"]
     res = c.resident_bytes()

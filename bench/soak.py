@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import httpx
-    import uvicorn
+
+    from bench.loopback import LoopbackServer
 
     from demo.build import demo_config
     from index_store.loader import load_constellation
@@ -39,14 +38,8 @@ def main() -> None:
     loaded = load_constellation(Path(args.config) if args.config else demo_config())
     app = create_app(loaded, Limits(max_running=8, max_waiting=8, max_seq_len=512, max_prompt_tokens=256,
                                     max_new_tokens=64))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    srv = LoopbackServer(app)
+    url = srv.__enter__()
     rng = random.Random(0)
     counts: dict[str, int] = {}
     latencies: list[float] = []
@@ -82,7 +75,7 @@ def main() -> None:
     asyncio.run(run())
     time.sleep(1)
     eng = app.state.engine
-    server.should_exit = True
+    srv.__exit__(None, None, None)
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [float("nan")] * 99
     print(f"{sum(counts.values())} requests in {args.minutes} min: {counts}")
     print(f"latency p50 {q[49]:.2f} s, p95 {q[94]:.2f} s, p99 {q[98]:.2f} s; "

@@ -147,12 +147,17 @@ def specialist_difference(g: Transformer, s: Transformer, domain: str) -> Differ
     for name, lr in s.lowrank.items():
         names.append(name)
         nbytes += lr.nbytes
-        split = g.arch.split_layer_name(name, g.mc.n_layers)
-        if split is None:
-            glob.append(name)
-        else:
-            layers.add(split[0])
+        _place(g, name, layers, glob)
     return Difference(names, sorted(layers), glob, nbytes)
+
+
+def _place(g: Transformer, name: str, layers: set[int], glob: list[str]) -> None:
+    """Record a changed tensor: its decoder layer, or (outside the layers) its name."""
+    split = g.arch.split_layer_name(name, g.mc.n_layers)
+    if split is None:
+        glob.append(name)
+    else:
+        layers.add(split[0])
 
 
 def diff_params(g: Transformer, s_params: dict[str, torch.Tensor], domain: str) -> Difference:
@@ -172,9 +177,5 @@ def diff_params(g: Transformer, s_params: dict[str, torch.Tensor], domain: str) 
         if not torch.equal(t, gt):
             names.append(name)
             nbytes += t.numel() * t.element_size()
-            split = g.arch.split_layer_name(name, g.mc.n_layers)
-            if split is None:
-                glob.append(name)
-            else:
-                layers.add(split[0])
+            _place(g, name, layers, glob)
     return Difference(names, sorted(layers), glob, nbytes)

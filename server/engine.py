@@ -395,7 +395,7 @@ class Engine:
     # ---- decoding ------------------------------------------------------------------------------
     @torch.inference_mode()
     def _decode(self) -> None:
-        g, c = self.g, self.c
+        g = self.g
         rows = sorted((r for s in self.running for r in s.rows), key=lambda r: r.slot)
         B = len(rows)
         assert [r.slot for r in rows] == list(range(B)), "slot cache not compact"

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fixtures
 from composer.modes import CompositionParams
 from peft_fixtures import make_peft_adapter
 from test_server import KEY, Server
