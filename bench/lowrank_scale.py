@@ -56,17 +56,17 @@ import gc
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from index_store.loader import release_freed_memory
 
 # ~20-40 tokens each with SmolLM2's tokenizer
 PROMPTS = [
@@ -193,14 +193,6 @@ def rss() -> int:
     return 0
 
 
-def malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
 
 def rss_peak() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -223,12 +215,6 @@ def compositions(domains: list[str], count: int, rng: random.Random) -> list[dic
 
 
 # ---- the HTTP side (as bench.serve_bench) ------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _one(client, prompt, composition, tokens):
     t0 = time.perf_counter()
     stamps = []
@@ -277,7 +263,7 @@ def run_one(n: int, args) -> dict:
     with torch.inference_mode():  # touch every page of G first: the build's RSS delta is the adapters'
         g.forward(torch.tensor([tok(PROMPTS[0])["input_ids"]]))
     gc.collect()
-    malloc_trim()
+    release_freed_memory()
     rss0 = rss()
     reset_peak()
     t0 = time.perf_counter()
@@ -293,7 +279,7 @@ def run_one(n: int, args) -> dict:
     gc.collect()
     build_s = time.perf_counter() - t0
     rss1, peak = rss(), rss_peak()
-    malloc_trim()  # glibc keeps freed small chunks (the adapters' factors before stacking) in its heap
+    release_freed_memory()  # glibc keeps freed small chunks (the adapters' factors before stacking) in its heap
     rss2 = rss()
     res = c.resident_bytes()
     A = a_bytes[0]
@@ -343,30 +329,23 @@ def _sanity(c, tok, comp: dict) -> dict:
 
 
 def _serve(c, tok, domains, single, many, args) -> dict:
-    import uvicorn
-
+    from bench.loopback import LoopbackServer
     from server.app import create_app
     from server.engine import Limits
 
     manifest = synthetic_manifest(c.basis, domains, c.d, c.g.mc.architecture)
     loaded = BenchLoaded(c, tok, manifest)
-    max_len = 64 + args.tokens + 8
-    app = create_app(loaded, Limits(max_running=max(16, args.streams), max_waiting=64, max_seq_len=max_len,
-                                    max_prompt_tokens=64, max_new_tokens=args.tokens))
+    longest = max(len(tok(p)["input_ids"]) for p in PROMPTS)  # ~40 on the demo's tokenizer
+    app = create_app(loaded, Limits(max_running=max(16, args.streams), max_waiting=64,
+                                    max_seq_len=longest + max(args.tokens, 8) + 8, max_prompt_tokens=longest,
+                                    max_new_tokens=max(args.tokens, 8)))  # the warm-up asks for 4
     engine = app.state.engine
-    port = _port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
     gen = {"mode": "generalist"}
     one = {"mode": "weights", "weights": single}
     mix = [{"mode": "weights", "weights": w} for w in many]
     S = args.streams
     prompts = (PROMPTS * ((S + len(PROMPTS) - 1) // len(PROMPTS)))[:S]
-    try:
+    with LoopbackServer(app) as url:
         # warm-up: both single paths and the mix path
         asyncio.run(_run(url, prompts[:1], [gen], 4))
         asyncio.run(_run(url, prompts[:1], [one], 4))
@@ -386,9 +365,6 @@ def _serve(c, tok, domains, single, many, args) -> dict:
                 multi[key].append(asyncio.run(_run(url, prompts, comps, args.tokens)))
                 if key == "c":
                     mixed_share.append((engine.mixed_steps - m0) / max(1, engine.steps - s0))
-    finally:
-        server.should_exit = True
-        th.join(timeout=30)
     med = statistics.median
     return {
         "ttft1": {k: med(r[0] for r in v) for k, v in singles.items()},

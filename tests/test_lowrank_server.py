@@ -182,3 +182,22 @@ def test_a_bad_adapter_in_the_config_is_refused_in_one_line(peft_conf, tmp_path)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "adapter_config.json" in lines[0] and "use_dora" in lines[0], p.stderr
+
+
+def test_scale_benchmark_smoke(built, tmp_path):
+    """`bench.lowrank_scale` end to end on a tiny generalist: it serves N adapters on every layer over
+    HTTP and reports resident memory equal to G + N adapters."""
+    gdir = built("llama", domains=("medical", "legal", "code")).parent / "models" / "generalist"
+    out = tmp_path / "scale.json"
+    p = subprocess.run([sys.executable, "-m", "bench.lowrank_scale", "--generalist", str(gdir), "--n", "2,5",
+                        "--rank", "2", "--tokens", "3", "--streams", "3", "--repeats", "1", "--multi-repeats", "1",
+                        "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resident / (G + N*A)" in p.stdout
+    rows = json.loads(out.read_text())
+    assert [r["n"] for r in rows] == [2, 5]
+    for r in rows:
+        assert r["resident_total"] == r["G_bytes"] + r["n"] * r["A_bytes"]
+        assert r["U"] >= 2 and r["decodeS"]["c"] > 0 and r["sanity"]["finite"]
