@@ -134,6 +134,8 @@ def build_constellation(
         else:
             names = [n for n in sd if n.startswith(prefix) and int(n[len(prefix):].split(".")[0]) >= LAYERS - L]
         spec = _perturb(sd, names, g, 0.3)
+        if cfg.tie_word_embeddings:  # lm_head is the embedding: loading G's copy after it would undo it
+            spec.pop("lm_head.weight", None)
         model.load_state_dict(spec, strict=False)
         model.save_pretrained(str(sdir))
         for f in gdir.iterdir():
