@@ -17,7 +17,7 @@ The adapted weight is ``W + scaling * B @ A`` (``transpose``d for Conv1D) with
 ``rank_pattern`` / ``alpha_pattern`` (``peft.tuners.lora.layer.LoraLayer.update_layer``,
 ``Linear.get_delta_weight``). Which modules carry LoRA follows
 ``peft.tuners.tuners_utils.check_target_module_exists``; the pattern rule is
-``peft.utils.other.get_pattern_key``. Both are reproduced below and cross-checked against the
+``peft.utils.other.get_pattern_key``. Both are reproduced in ``peft_rules`` and cross-checked against the
 tensors actually present, so an adapter whose config and weights disagree is refused.
 
 Only safetensors are read (``safe_open``); ``base_model_name_or_path`` is informational only.
@@ -25,71 +25,27 @@ Only safetensors are read (``safe_open``); ``base_model_name_or_path`` is inform
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from composer.lowrank import LowRank
-from composer.weights import PICKLE_SUFFIXES, WeightsError
+from composer.weights import PICKLE_SUFFIXES
 
+from .peft_rules import (check_target_module_exists, get_pattern_key,  # noqa: F401 (re-exported)
+                         matches_modules_to_save, pattern_value)
+from .peft_config import CONFIG_FILE, AdapterError, _check_config, _one_line, read_adapter_config  # noqa: F401
 from .store import sha256_file
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 
-# LoraConfig (PEFT 0.21) and PeftConfig fields that do not change the inference computation, or
-# that we implement (r, lora_alpha, use_rslora, rank/alpha_pattern, target/exclude_modules,
-# layers_to_transform/pattern, fan_in_fan_out, bias, modules_to_save).
-_KNOWN_FIELDS = {
-    # PeftConfig
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode",
-    # LoraConfig: implemented
-    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
-    "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "modules_to_save",
-    # LoraConfig: training-time only (initialisation, dropout, VeLoRA's backward, MonteCLoRA's
-    # training-time sampling; the others only matter when the refused option that uses them is on)
-    "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "velora_config", "monteclora_config", "qalora_group_size", "megatron_core", "runtime_config",
-    "ensure_weight_tying",
-    # early PEFT releases
-    "merge_weights",
-}
-
-# Options that change the forward computation and are not implemented: refused when set.
-_REFUSED_OPTIONS = {
-    "use_dora": "DoRA (weight-decomposed LoRA) is not supported: its magnitude vector rescales every "
-                "output row of W + BA, which is not a low-rank update",
-    "use_qalora": "QALoRA (pooled lora_A input) is not supported",
-    "lora_bias": "a trained bias on lora_B (lora_bias=true) is not supported",
-    "layer_replication": "layer replication builds a different layer stack; not supported",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
-    "megatron_config": "Megatron parallel LoRA layers are not supported",
-    "alora_invocation_tokens": "Activated LoRA (applied only after invocation tokens) is not supported",
-    "kasa_config": "KaSA (learned singular values between A and B, truncated base) is not supported",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA) is not supported",
-    "arrow_config": "Arrow routing between LoRA experts is not supported",
-    "enable_lora": "merged-linear LoRA (enable_lora, early PEFT) is not supported",
-}
-
-# init_lora_weights values whose adapters expect *modified* base weights (W - B0 A0, quantised W):
-# such an adapter only reproduces its fine-tuned model on that modified base.
-_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
-
 # LoRA-variant state that only matters during training (VeLoRA, MonteCLoRA): ignored.
 _TRAINING_ONLY_PARTS = ("lora_velora_embed", "lora_monteclora_sampler")
-
-
-class AdapterError(WeightsError):
-    """A PEFT adapter folder cannot be used as a low-rank source over the generalist."""
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -108,175 +64,7 @@ class Adapter:
     nbytes: int  # resident bytes of factors + dense tensors
 
 
-# ---- PEFT's matching rules, reproduced ----------------------------------------------------------
-def get_pattern_key(pattern_keys, key_to_match: str) -> str:
-    """``peft.utils.other.get_pattern_key``: the FIRST pattern (dict order) ``p`` such that
-    ``re.match(rf"(.*\\.)?({p})$", key)``; else the key itself."""
-    for p in pattern_keys:
-        if re.match(rf"(.*\.)?({p})$", key_to_match):
-            return p
-    return key_to_match
-
-
-def pattern_value(patterns: dict, key: str, default):
-    """``lora_config.rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), r)`` (LoraModel)."""
-    return patterns.get(get_pattern_key(patterns.keys(), key), default)
-
-
-def _layer_index(key: str, layers_pattern) -> int | None:
-    if layers_pattern is None or len(layers_pattern) == 0:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
-
-
-def check_target_module_exists(cfg: dict, key: str) -> bool:
-    """``peft.tuners.tuners_utils.check_target_module_exists`` over a config dict (excluded -> False).
-
-    ``target_modules`` is a regex (``re.fullmatch``) when a string, else names matched exactly or as
-    a ``.``-suffix; ``layers_to_transform`` only filters suffix matches. ``exclude_modules`` and
-    ``modules_to_save`` win over targets.
-    """
-    exclude = cfg.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
-                return False
-        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
-            return False
-    modules_to_save = cfg.get("modules_to_save")
-    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
-        return False
-    targets = cfg.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    found = any(key.endswith(f".{t}") for t in targets)
-    indexes = cfg.get("layers_to_transform")
-    using = indexes is not None and (len(indexes) != 0 if isinstance(indexes, list) else True)
-    if using and found:
-        idx = _layer_index(key, cfg.get("layers_pattern"))
-        if idx is None:
-            return False
-        return idx == indexes if isinstance(indexes, int) else idx in indexes
-    return found
-
-
-def matches_modules_to_save(modules_to_save, module: str) -> bool:
-    """``peft.utils.other._set_trainable``: ``key.endswith(name)`` (no dot boundary) over the
-    wrapped model's module names."""
-    return bool(modules_to_save) and any(module.endswith(m) for m in modules_to_save)
-
-
 # ---- reading --------------------------------------------------------------------------------------
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
-def read_adapter_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise AdapterError(f"{folder}: adapter folder does not exist")
-    if not path.is_file():
-        raise AdapterError(f"{path}: (file): missing (a PEFT adapter folder needs {CONFIG_FILE})")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: (file): not valid JSON ({_one_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: (file): not a JSON object")
-    return cfg
-
-
-def _check_config(cfg: dict, path: Path) -> dict:
-    """Refuse what we do not implement; return the normalised fields we use."""
-
-    def bad(fieldname: str, problem: str):
-        return AdapterError(f"{path}: {fieldname}: {problem}")
-
-    ptype = cfg.get("peft_type")
-    if ptype != "LORA":
-        raise bad("peft_type", f"{ptype!r} is not supported (only LORA adapters)"
-                  if ptype is not None else "missing (only LORA adapters are supported)")
-    for name, why in _REFUSED_OPTIONS.items():
-        if cfg.get(name):
-            raise bad(name, why)
-    init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
-        raise bad("init_lora_weights", f"{init!r} adapters expect modified base weights and do not apply to the "
-                  "unmodified generalist; convert it to a plain LoRA first (PEFT save_pretrained with "
-                  "path_initial_model_for_weight_conversion)")
-    for name in sorted(set(cfg) - _KNOWN_FIELDS - set(_REFUSED_OPTIONS)):
-        if cfg[name] not in (None, False, 0, "", [], {}):
-            raise bad(name, "unknown LoRA option (newer PEFT?); Constellation cannot tell whether it changes "
-                      "the computation, so it refuses the adapter")
-
-    out: dict[str, Any] = {}
-    r = cfg.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise bad("r", f"must be a positive integer, got {r!r}")
-    alpha = cfg.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise bad("lora_alpha", f"must be a number, got {alpha!r}")
-    out.update(r=r, lora_alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)))
-    for name in ("rank_pattern", "alpha_pattern"):
-        pat = cfg.get(name) or {}
-        if not isinstance(pat, dict):
-            raise bad(name, f"must be an object, got {type(pat).__name__}")
-        for k, v in pat.items():
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise bad(name, f"key {k!r} is not a valid regular expression ({_one_line(e)})") from None
-            want = "positive integer" if name == "rank_pattern" else "number"
-            ok = isinstance(v, int) and v > 0 if name == "rank_pattern" else isinstance(v, (int, float))
-            if isinstance(v, bool) or not ok:
-                raise bad(name, f"value for {k!r} must be a {want}, got {v!r}")
-        out[name] = dict(pat)
-    targets = cfg.get("target_modules")
-    if targets is None or (not isinstance(targets, str) and not targets):
-        raise bad("target_modules", "missing or empty; cannot tell which modules the adapter adapts")
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise bad("target_modules", f"not a valid regular expression ({_one_line(e)})") from None
-    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise bad("target_modules", "must be a string (regex) or a list of module names")
-    out["target_modules"] = targets
-    exclude = cfg.get("exclude_modules")
-    if exclude is not None and not isinstance(exclude, (str, list)):
-        raise bad("exclude_modules", "must be a string (regex) or a list of module names")
-    out["exclude_modules"] = exclude
-    ltt = cfg.get("layers_to_transform")
-    if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool)) and not (
-            isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)):
-        raise bad("layers_to_transform", f"must be an integer or a list of integers, got {ltt!r}")
-    out["layers_to_transform"] = ltt
-    lp = cfg.get("layers_pattern")
-    if lp is not None and not isinstance(lp, (str, list)):
-        raise bad("layers_pattern", f"must be a string or a list of strings, got {lp!r}")
-    out["layers_pattern"] = lp
-    bias = cfg.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise bad("bias", f"must be 'none', 'all' or 'lora_only', got {bias!r}")
-    out["bias"] = bias
-    mts = cfg.get("modules_to_save")
-    if mts is not None and (not isinstance(mts, list) or not all(isinstance(m, str) for m in mts)):
-        raise bad("modules_to_save", "must be a list of module names")
-    out["modules_to_save"] = mts or None
-    out["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out", False))
-    return out
-
-
 def _weights_file(folder: Path) -> Path:
     f = folder / WEIGHTS_FILE
     if f.is_file():
@@ -374,7 +162,38 @@ def load_adapter(folder: str | Path, generalist, device: torch.device | str = "c
     if not tensors:
         raise bad("(file)", "holds no tensors")
 
-    # 1. sort the keys: LoRA factors, dense replacements, ignored training state
+    factors, dense_raw = _sort_keys(tensors, bad)
+    modules = list(factors) + [n.rsplit(".", 1)[0] for n in dense_raw]
+    names = _Names(g, modules)
+    targeted = _targeted_modules(cfg, names, cfg_path)
+    lowrank, ranks, scales = _build_lowrank(factors, targeted, names, cfg, bad, device, dtype)
+    dense, unchanged = _build_dense(dense_raw, factors, names, cfg, bad, device, dtype)
+
+    # bookkeeping
+    layers, glob = set(), []
+    for n in [*lowrank, *dense]:
+        split = arch.split_layer_name(n, g.mc.n_layers)
+        if split is None:
+            glob.append(n)
+        else:
+            layers.add(split[0])
+    nbytes = sum(lr.nbytes for lr in lowrank.values()) + sum(t.numel() * t.element_size() for t in dense.values())
+    summary = _summary(raw_cfg, cfg, ranks, scales, unchanged)
+    return Adapter(
+        folder=folder,
+        lowrank=lowrank,
+        dense=dense,
+        layers=sorted(layers),
+        touches_globals=sorted(glob),
+        config=summary,
+        sha256=sha256_file(wfile),
+        nbytes=nbytes,
+    )
+
+
+def _sort_keys(tensors: dict[str, torch.Tensor], bad):
+    """Sort the keys: LoRA factors (module -> {"A"/"B": (key, tensor)}), dense replacements
+    (tensor name in adapter naming -> (key, tensor)); ignored training state is dropped."""
     factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # module -> {"A"/"B": (key, tensor)}
     dense_raw: dict[str, tuple[str, torch.Tensor]] = {}  # tensor name (adapter naming) -> (key, tensor)
     for key in sorted(tensors):
@@ -407,11 +226,12 @@ def load_adapter(folder: str | Path, generalist, device: torch.device | str = "c
         if dname in dense_raw and not torch.equal(dense_raw[dname][1], t):
             raise bad(key, f"conflicts with {dense_raw[dname][0]} (two different values for one tensor)")
         dense_raw.setdefault(dname, (key, t))
+    return factors, dense_raw
 
-    modules = list(factors) + [n.rsplit(".", 1)[0] for n in dense_raw]
-    names = _Names(g, modules)
 
-    # 2. which modules the config targets (PEFT's rule over the generalist's module names)
+def _targeted_modules(cfg: dict, names: _Names, cfg_path: Path) -> set[str]:
+    """Which modules the config targets (PEFT's rule over the generalist's module names)."""
+    g, arch = names.g, names.g.arch
     targets = cfg["target_modules"]
     match_cfg = dict(cfg)
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -436,47 +256,16 @@ def load_adapter(folder: str | Path, generalist, device: torch.device | str = "c
     if not targeted:
         raise AdapterError(f"{cfg_path}: target_modules: {targets!r} matches no linear layer of the generalist "
                            f"({arch.name}, {g.mc.n_layers} layers)")
+    return targeted
 
-    # 3. LoRA factors -> LowRank
+
+def _build_lowrank(factors, targeted: set[str], names: _Names, cfg: dict, bad, device, dtype):
+    """LoRA factors -> LowRank (scale folded into B), with ranks and scales per generalist tensor."""
     lowrank: dict[str, LowRank] = {}
     ranks: dict[str, int] = {}
     scales: dict[str, float] = {}
     for pm in sorted(factors):
-        pair = factors[pm]
-        if "B" not in pair:
-            raise bad(pair["A"][0], f"lora_A without its lora_B ({KEY_PREFIX}{pm}.lora_B.weight is missing)")
-        if "A" not in pair:
-            raise bad(pair["B"][0], f"lora_B without its lora_A ({KEY_PREFIX}{pm}.lora_A.weight is missing)")
-        (ka, A), (kb, B) = pair["A"], pair["B"]
-        gm = names.to_g(pm)
-        kind = names.kind(gm)
-        if kind in ("embedding", "lm_head"):
-            raise bad(ka, f"LoRA on {_what(kind)} ({gm}) is not supported")
-        if kind == "missing":
-            raise bad(ka, f"module {gm} does not exist in the generalist ({arch.name}, {g.mc.n_layers} layers)")
-        if kind != "linear":
-            raise bad(ka, f"module {gm} is not a linear layer of the generalist")
-        if pm not in targeted:
-            raise bad(ka, f"module {pm} is not targeted by {CONFIG_FILE} (target_modules / exclude_modules / "
-                      "layers_to_transform / modules_to_save); the config and the weights disagree")
-        gname = gm + ".weight"
-        W = g.params[gname]
-        layout = arch.role(arch.split_layer_name(gname, g.mc.n_layers)[1]).layout
-        n_out, n_in = (W.shape[0], W.shape[1]) if layout == "linear" else (W.shape[1], W.shape[0])
-        if A.ndim != 2 or A.shape[1] != n_in:
-            raise bad(ka, f"shape {tuple(A.shape)} does not fit {gname} {tuple(W.shape)} "
-                      f"(expected [r, {n_in}])")
-        if B.ndim != 2 or B.shape[0] != n_out:
-            raise bad(kb, f"shape {tuple(B.shape)} does not fit {gname} {tuple(W.shape)} "
-                      f"(expected [{n_out}, r])")
-        if A.shape[0] != B.shape[1]:
-            raise bad(kb, f"rank {B.shape[1]} differs from its lora_A's rank {A.shape[0]}")
-        rank = int(A.shape[0])
-        r_cfg = pattern_value(cfg["rank_pattern"], pm, cfg["r"])
-        if rank != r_cfg:
-            raise bad(ka, f"rank {rank}, but {CONFIG_FILE} implies r={r_cfg} for {pm} (r / rank_pattern)")
-        alpha = pattern_value(cfg["alpha_pattern"], pm, cfg["lora_alpha"])
-        scale = alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank
+        gname, (A, B), rank, scale = _check_pair(pm, factors[pm], targeted, names, cfg, bad)
         lowrank[gname] = LowRank(
             A.to(device=device, dtype=dtype),
             (B.to(torch.float32) * scale).to(device=device, dtype=dtype),
@@ -487,8 +276,53 @@ def load_adapter(folder: str | Path, generalist, device: torch.device | str = "c
         raise bad(f"{KEY_PREFIX}{missing[0]}.lora_A.weight",
                   f"missing, but {CONFIG_FILE} targets module {missing[0]}"
                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return lowrank, ranks, scales
 
-    # 4. dense replacements: modules_to_save copies and trained biases
+
+def _check_pair(pm: str, pair: dict, targeted: set[str], names: _Names, cfg: dict, bad):
+    """Check one module's lora_A / lora_B against the generalist and the config."""
+    g, arch = names.g, names.g.arch
+    if "B" not in pair:
+        raise bad(pair["A"][0], f"lora_A without its lora_B ({KEY_PREFIX}{pm}.lora_B.weight is missing)")
+    if "A" not in pair:
+        raise bad(pair["B"][0], f"lora_B without its lora_A ({KEY_PREFIX}{pm}.lora_A.weight is missing)")
+    (ka, A), (kb, B) = pair["A"], pair["B"]
+    gm = names.to_g(pm)
+    kind = names.kind(gm)
+    if kind in ("embedding", "lm_head"):
+        raise bad(ka, f"LoRA on {_what(kind)} ({gm}) is not supported")
+    if kind == "missing":
+        raise bad(ka, f"module {gm} does not exist in the generalist ({arch.name}, {g.mc.n_layers} layers)")
+    if kind != "linear":
+        raise bad(ka, f"module {gm} is not a linear layer of the generalist")
+    if pm not in targeted:
+        raise bad(ka, f"module {pm} is not targeted by {CONFIG_FILE} (target_modules / exclude_modules / "
+                  "layers_to_transform / modules_to_save); the config and the weights disagree")
+    gname = gm + ".weight"
+    W = g.params[gname]
+    layout = arch.role(arch.split_layer_name(gname, g.mc.n_layers)[1]).layout
+    n_out, n_in = (W.shape[0], W.shape[1]) if layout == "linear" else (W.shape[1], W.shape[0])
+    if A.ndim != 2 or A.shape[1] != n_in:
+        raise bad(ka, f"shape {tuple(A.shape)} does not fit {gname} {tuple(W.shape)} "
+                  f"(expected [r, {n_in}])")
+    if B.ndim != 2 or B.shape[0] != n_out:
+        raise bad(kb, f"shape {tuple(B.shape)} does not fit {gname} {tuple(W.shape)} "
+                  f"(expected [{n_out}, r])")
+    if A.shape[0] != B.shape[1]:
+        raise bad(kb, f"rank {B.shape[1]} differs from its lora_A's rank {A.shape[0]}")
+    rank = int(A.shape[0])
+    r_cfg = pattern_value(cfg["rank_pattern"], pm, cfg["r"])
+    if rank != r_cfg:
+        raise bad(ka, f"rank {rank}, but {CONFIG_FILE} implies r={r_cfg} for {pm} (r / rank_pattern)")
+    alpha = pattern_value(cfg["alpha_pattern"], pm, cfg["lora_alpha"])
+    scale = alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank
+    return gname, (A, B), rank, scale
+
+
+def _build_dense(dense_raw, factors, names: _Names, cfg: dict, bad, device, dtype):
+    """Dense replacements: modules_to_save copies and trained biases (those equal to the
+    generalist's are listed as unchanged and dropped)."""
+    g, arch = names.g, names.g.arch
     dense: dict[str, torch.Tensor] = {}
     unchanged: list[str] = []
     mts = cfg["modules_to_save"]
@@ -514,17 +348,12 @@ def load_adapter(folder: str | Path, generalist, device: torch.device | str = "c
             unchanged.append(gname)
             continue
         dense[gname] = value
+    return dense, unchanged
 
-    # 5. bookkeeping
-    layers, glob = set(), []
-    for n in [*lowrank, *dense]:
-        split = arch.split_layer_name(n, g.mc.n_layers)
-        if split is None:
-            glob.append(n)
-        else:
-            layers.add(split[0])
-    nbytes = sum(lr.nbytes for lr in lowrank.values()) + sum(t.numel() * t.element_size() for t in dense.values())
-    summary = {
+
+def _summary(raw_cfg: dict, cfg: dict, ranks: dict, scales: dict, unchanged: list[str]) -> dict:
+    targets = cfg["target_modules"]
+    return {
         "peft_version": raw_cfg.get("peft_version"),
         "base_model_name_or_path": raw_cfg.get("base_model_name_or_path"),
         "r": cfg["r"],
@@ -537,19 +366,9 @@ def load_adapter(folder: str | Path, generalist, device: torch.device | str = "c
         "rank_pattern": cfg["rank_pattern"],
         "alpha_pattern": cfg["alpha_pattern"],
         "bias": cfg["bias"],
-        "modules_to_save": mts,
+        "modules_to_save": cfg["modules_to_save"],
         "fan_in_fan_out": cfg["fan_in_fan_out"],  # informational: the layout comes from the generalist
         "ranks": ranks,
         "scales": scales,
         "dense_unchanged": unchanged,  # saved tensors equal to the generalist's (bias="all"): dropped
     }
-    return Adapter(
-        folder=folder,
-        lowrank=lowrank,
-        dense=dense,
-        layers=sorted(layers),
-        touches_globals=sorted(glob),
-        config=summary,
-        sha256=sha256_file(wfile),
-        nbytes=nbytes,
-    )
