@@ -28,18 +28,13 @@ a per-layer adapter: the extraction refuses and names them.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from composer.arch import resolve
 from composer.weights import WeightsError, comparable_config, normalize_names, read_config, safetensor_files
@@ -149,24 +144,6 @@ def check_out(out: Path, force: bool, folders: tuple[Path, ...]) -> None:
             raise ExtractError(f"{out}: already exists; pass --force to replace it")
 
 
-def read_heldout(path: Path) -> list[str]:
-    """All texts of a probe file ``{"domains": {name: [texts]}}``, or the lines of a text file."""
-    if not path.is_file():
-        raise ExtractError(f"{path}: held-out file not found")
-    if path.suffix.lower() == ".json":
-        from .loader import load_probes
-
-        return [t for texts in load_probes(path).values() for t in texts]
-    try:
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExtractError(f"{path}: cannot read the held-out texts ({e})") from None
-    texts = [ln for ln in lines if ln]
-    if not texts:
-        raise ExtractError(f"{path}: no held-out texts (expected one text per line)")
-    return texts
-
-
 def _short(v) -> str:
     r = repr(v)
     return r if len(r) <= 60 else r[:57] + "..."
@@ -239,7 +216,7 @@ def extract(
     quiet: bool = False,
 ) -> Extraction:
     """Extract the adapter, evaluate it on ``heldout`` if given, and write ``out`` atomically."""
-    from tqdm import tqdm
+    from .extract_report import adapter_config, evaluate, read_heldout, write_adapter
 
     full, base, out = Path(full), Path(base), Path(out)
     check_options(rank, energy, max_tokens)
@@ -257,131 +234,137 @@ def extract(
 
     with contextlib.ExitStack() as stack:
         fc, bc = _Checkpoint(full, arch, stack), _Checkpoint(base, arch, stack)
-        fnames, bnames = fc.names(), bc.names()
-        tied = mc.tie_embeddings
-        if tied:  # a tied head may or may not be stored; it is the embedding either way
-            fnames.discard(arch.lm_head)
-            bnames.discard(arch.lm_head)
-        if fnames != bnames:
-            only_f, only_b = sorted(fnames - bnames)[:3], sorted(bnames - fnames)[:3]
-            raise ExtractError(f"{full}: tensor names differ from the base's ({base}): only in the fine-tune "
-                               f"{only_f}, only in the base {only_b}")
-        changed, glob, delta_bytes = [], [], 0
-        for name in sorted(fnames):
-            if fc.shape(name) != bc.shape(name):
-                raise ExtractError(f"{full}: tensor {name} has shape {fc.shape(name)}, the base's "
-                                   f"{bc.shape(name)}")
-            ft, bt = fc.get(name), bc.get(name)
-            if torch.equal(ft, bt) if ft.dtype == bt.dtype else torch.equal(ft.double(), bt.double()):
-                continue
-            delta_bytes += _nbytes(ft)
-            (changed if arch.split_layer_name(name, mc.n_layers) is not None else glob).append(name)
-        if glob:
-            shown = ", ".join(glob[:4]) + (f" (and {len(glob) - 4} more)" if len(glob) > 4 else "")
-            raise ExtractError(
-                f"{full}: tensors outside the decoder layers differ from the base: {shown}; a per-layer LoRA "
-                "adapter cannot carry them (embeddings, final norm and lm_head must equal the base's), so "
-                "nothing was written")
-        if not changed:
-            raise ExtractError(f"{full}: every tensor equals the base's ({base}); there is nothing to extract")
+        fnames, changed, delta_bytes = compare_checkpoints(fc, bc, arch, mc)
+        targets, dense, lora_bias = classify_changes(full, arch, mc, fnames, changed)
+        results, tensors, merged = build_modules(fc, bc, arch, mc, fnames, changed, targets, dense, lora_bias,
+                                                 rank, energy, measure=texts is not None, quiet=quiet)
 
-        # classify: LoRA targets (changed read/write weights), whole biases, whole modules
-        targets: dict[str, str] = {}  # module path -> canonical weight name
-        vectors: list[str] = []
-        for name in changed:
-            _, suffix = arch.split_layer_name(name, mc.n_layers)
-            role = arch.roles.get(suffix)
-            if role is None:
-                raise ExtractError(f"{full}: tensor {name} differs from the base but has no role in "
-                                   f"{arch.name}'s layer structure; it cannot be put in an adapter")
-            if role.role in ("read", "write"):
-                targets[name.rsplit(".", 1)[0]] = name
-            else:
-                vectors.append(name)
-        if not targets:
-            raise ExtractError(f"{full}: no decoder-layer linear weight differs from the base (only "
-                               f"{', '.join(vectors[:3])}...); a LoRA adapter needs at least one")
-        lora_bias = False
-        dense: dict[str, list[str]] = {}  # module -> its tensors (saved whole)
-        for name in vectors:
-            owner, param = name.rsplit(".", 1)
-            if owner in targets and param == "bias":
-                lora_bias = True
-            else:
-                dense.setdefault(owner, [])
-        for owner in dense:
-            dense[owner] = sorted(n for n in fnames if n.rsplit(".", 1)[0] == owner)
-
-        tensors: dict[str, torch.Tensor] = {}
-        merged: dict[str, torch.Tensor] = {}
-        results: list[ModuleResult] = []
-        order = sorted([*targets, *dense], key=lambda m: _module_order(arch, mc, m))
-        with tqdm(total=len(order), desc="extracting", unit="module", file=sys.stderr, disable=quiet,
-                  dynamic_ncols=True) as bar:
-            for module in order:
-                if module in targets:
-                    wname = targets[module]
-                    layout = arch.roles[arch.split_layer_name(wname, mc.n_layers)[1]].layout
-                    wf, wg = fc.get(wname), bc.get(wname)
-                    delta = wf.double() - wg.double()
-                    if layout == "conv1d":
-                        delta = delta.T
-                    B, A, r, kept, err, norm = factorize(delta, rank, energy, wf.dtype)
-                    tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A
-                    tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B
-                    res = ModuleResult(module, "lora", tuple(delta.shape), r, min(delta.shape), kept, err, norm,
-                                       nbytes=_nbytes(A) + _nbytes(B))
-                    if texts is not None:  # the dense merge, only to measure the held-out loss
-                        bd = B.double() @ A.double()
-                        merged[wname] = (wg.double() + (bd.T if layout == "conv1d" else bd)).float()
-                    bname = module + ".bias"
-                    if lora_bias and bname in fnames:  # PEFT saves every targeted layer's bias then
-                        bias = fc.get(bname)
-                        tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = bias.contiguous()
-                        res.nbytes += _nbytes(bias)
-                        res.bias = bname in changed
-                        if texts is not None:
-                            merged[bname] = bias.float()
-                else:
-                    res = ModuleResult(module, "dense", fc.shape(dense[module][0]))
-                    for n in dense[module]:
-                        t = fc.get(n).contiguous()
-                        tensors[f"{PEFT_PREFIX}{n}"] = t
-                        res.nbytes += _nbytes(t)
-                        if texts is not None:
-                            merged[n] = t.float()
-                results.append(res)
-                bar.update(1)
-
-    ranks = {m.module: m.rank for m in results if m.kind == "lora"}
-    r_max = max(ranks.values())
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base),
-        "revision": None,
-        "r": r_max,
-        "lora_alpha": r_max,
-        "rank_pattern": ranks,
-        "alpha_pattern": dict(ranks),  # alpha = r per module: PEFT's scaling alpha / r is exactly 1
-        "target_modules": list(ranks),
-        "modules_to_save": list(dense) or None,
-        "bias": "lora_only" if lora_bias else "none",
-        "fan_in_fan_out": arch.family == "gpt2",
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
-    }
+    config = adapter_config(base, arch, results, dense, lora_bias)
     ex = Extraction(full, base, out, arch.name, results, tensors, config,
-                    sum(_nbytes(t) for t in tensors.values()), delta_bytes, tied, merged=merged)
+                    sum(_nbytes(t) for t in tensors.values()), delta_bytes, mc.tie_embeddings, merged=merged)
     if texts is not None:
         ex.heldout = evaluate(ex, tok, texts, max_tokens)
     write_adapter(ex, rank, energy, force)
     return ex
+
+
+def compare_checkpoints(fc: _Checkpoint, bc: _Checkpoint, arch, mc) -> tuple[set[str], list[str], int]:
+    """The fine-tune's tensor names, the changed decoder-layer tensors among them (sorted) and the
+    bytes of every changed tensor; refuses mismatched names or shapes, changes outside the decoder
+    layers, and no change at all."""
+    full, base = fc.folder, bc.folder
+    fnames, bnames = fc.names(), bc.names()
+    if mc.tie_embeddings:  # a tied head may or may not be stored; it is the embedding either way
+        fnames.discard(arch.lm_head)
+        bnames.discard(arch.lm_head)
+    if fnames != bnames:
+        only_f, only_b = sorted(fnames - bnames)[:3], sorted(bnames - fnames)[:3]
+        raise ExtractError(f"{full}: tensor names differ from the base's ({base}): only in the fine-tune "
+                           f"{only_f}, only in the base {only_b}")
+    changed, glob, delta_bytes = [], [], 0
+    for name in sorted(fnames):
+        if fc.shape(name) != bc.shape(name):
+            raise ExtractError(f"{full}: tensor {name} has shape {fc.shape(name)}, the base's "
+                               f"{bc.shape(name)}")
+        ft, bt = fc.get(name), bc.get(name)
+        if torch.equal(ft, bt) if ft.dtype == bt.dtype else torch.equal(ft.double(), bt.double()):
+            continue
+        delta_bytes += _nbytes(ft)
+        (changed if arch.split_layer_name(name, mc.n_layers) is not None else glob).append(name)
+    if glob:
+        shown = ", ".join(glob[:4]) + (f" (and {len(glob) - 4} more)" if len(glob) > 4 else "")
+        raise ExtractError(
+            f"{full}: tensors outside the decoder layers differ from the base: {shown}; a per-layer LoRA "
+            "adapter cannot carry them (embeddings, final norm and lm_head must equal the base's), so "
+            "nothing was written")
+    if not changed:
+        raise ExtractError(f"{full}: every tensor equals the base's ({base}); there is nothing to extract")
+    return fnames, changed, delta_bytes
+
+
+def classify_changes(full: Path, arch, mc, fnames: set[str], changed: list[str]):
+    """Split the changed tensors into LoRA targets (module -> changed read/write weight), modules
+    saved whole (module -> all its tensors) and whether changed biases of targets go whole."""
+    targets: dict[str, str] = {}  # module path -> canonical weight name
+    vectors: list[str] = []
+    for name in changed:
+        _, suffix = arch.split_layer_name(name, mc.n_layers)
+        role = arch.roles.get(suffix)
+        if role is None:
+            raise ExtractError(f"{full}: tensor {name} differs from the base but has no role in "
+                               f"{arch.name}'s layer structure; it cannot be put in an adapter")
+        if role.role in ("read", "write"):
+            targets[name.rsplit(".", 1)[0]] = name
+        else:
+            vectors.append(name)
+    if not targets:
+        raise ExtractError(f"{full}: no decoder-layer linear weight differs from the base (only "
+                           f"{', '.join(vectors[:3])}...); a LoRA adapter needs at least one")
+    lora_bias = False
+    dense: dict[str, list[str]] = {}  # module -> its tensors (saved whole)
+    for name in vectors:
+        owner, param = name.rsplit(".", 1)
+        if owner in targets and param == "bias":
+            lora_bias = True
+        else:
+            dense.setdefault(owner, [])
+    for owner in dense:
+        dense[owner] = sorted(n for n in fnames if n.rsplit(".", 1)[0] == owner)
+    return targets, dense, lora_bias
+
+
+def build_modules(fc, bc, arch, mc, fnames, changed, targets, dense, lora_bias, rank, energy, measure, quiet):
+    """Factor every target and collect every whole-saved module, in forward order, with a progress bar.
+    Returns the module results, the adapter tensors (PEFT keys) and, if ``measure``, the densely merged
+    tensors (canonical names) for the held-out loss."""
+    from tqdm import tqdm
+
+    tensors: dict[str, torch.Tensor] = {}
+    merged: dict[str, torch.Tensor] = {}
+    results: list[ModuleResult] = []
+    order = sorted([*targets, *dense], key=lambda m: _module_order(arch, mc, m))
+    with tqdm(total=len(order), desc="extracting", unit="module", file=sys.stderr, disable=quiet,
+              dynamic_ncols=True) as bar:
+        for module in order:
+            if module in targets:
+                res = _lora_module(fc, bc, arch, mc, module, targets[module], rank, energy, tensors,
+                                   merged if measure else None)
+                bname = module + ".bias"
+                if lora_bias and bname in fnames:  # PEFT saves every targeted layer's bias then
+                    bias = fc.get(bname)
+                    tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = bias.contiguous()
+                    res.nbytes += _nbytes(bias)
+                    res.bias = bname in changed
+                    if measure:
+                        merged[bname] = bias.float()
+            else:
+                res = ModuleResult(module, "dense", fc.shape(dense[module][0]))
+                for n in dense[module]:
+                    t = fc.get(n).contiguous()
+                    tensors[f"{PEFT_PREFIX}{n}"] = t
+                    res.nbytes += _nbytes(t)
+                    if measure:
+                        merged[n] = t.float()
+            results.append(res)
+            bar.update(1)
+    return results, tensors, merged
+
+
+def _lora_module(fc, bc, arch, mc, module, wname, rank, energy, tensors, merged) -> ModuleResult:
+    """Factor one changed weight into ``tensors``; if ``merged`` is given, also put ``W_G + B A`` there."""
+    layout = arch.roles[arch.split_layer_name(wname, mc.n_layers)[1]].layout
+    wf, wg = fc.get(wname), bc.get(wname)
+    delta = wf.double() - wg.double()
+    if layout == "conv1d":
+        delta = delta.T
+    B, A, r, kept, err, norm = factorize(delta, rank, energy, wf.dtype)
+    tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A
+    tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B
+    if merged is not None:  # the dense merge, only to measure the held-out loss
+        bd = B.double() @ A.double()
+        merged[wname] = (wg.double() + (bd.T if layout == "conv1d" else bd)).float()
+    return ModuleResult(module, "lora", tuple(delta.shape), r, min(delta.shape), kept, err, norm,
+                        nbytes=_nbytes(A) + _nbytes(B))
 
 
 FORWARD_ORDER = {  # a decoder block's modules in the order the forward pass uses them (for the table)
@@ -397,86 +380,3 @@ def _module_order(arch, mc, module: str):
     names = FORWARD_ORDER.get(arch.family, ())
     return i, names.index(suffix) if suffix in names else len(names), module
 
-
-# ---- writing ------------------------------------------------------------------------------------
-def readme(ex: Extraction, rank: int | None, energy: float | None) -> str:
-    how = f"--rank {rank}" if rank is not None else f"--energy {energy}"
-    lora = [m for m in ex.modules if m.kind == "lora"]
-    dense = [m.module for m in ex.modules if m.kind == "dense"]
-    ranks = sorted({m.rank for m in lora})
-    rank_txt = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    return (
-        "# LoRA adapter extracted from a full fine-tune\n\n"
-        f"Made by `constellation specialist extract {ex.full} --base {ex.base} {how}`: for each of "
-        f"{len(lora)} changed decoder-layer linear weights, a truncated SVD of W_full - W_base "
-        f"(B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, lora_alpha = r so scaling is 1; {rank_txt}; overall "
-        f"relative Frobenius error {ex.overall_rel_error:.3e})"
-        + (f"; {len(dense)} modules saved whole (modules_to_save)" if dense else "")
-        + ("; changed biases of targeted layers saved whole (bias = lora_only)" if ex.config["bias"] != "none" else "")
-        + f". Base model: {ex.base} ({ex.architecture}). Load with "
-        "`peft.PeftModel.from_pretrained(base_model, this_folder)`.\n"
-    )
-
-
-def write_adapter(ex: Extraction, rank: int | None, energy: float | None, force: bool) -> None:
-    """Write the PEFT folder to a temporary sibling and rename it into place."""
-    out = ex.out
-    check_out(out, force, (ex.full, ex.base))
-    tmp = out.parent / f".{out.name}.extract-{os.getpid()}.tmp"
-    old = out.parent / f".{out.name}.extract-{os.getpid()}.old"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file(ex.tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(ex.config, indent=2) + "\n")
-        (tmp / "README.md").write_text(readme(ex, rank, energy))
-        if out.exists():
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise ExtractError(f"{out}: cannot write the adapter folder ({e.strerror or e})") from None
-
-
-# ---- held-out loss ------------------------------------------------------------------------------
-@torch.inference_mode()
-def mean_loss(model, tok, texts: list[str], max_tokens: int, batch_size: int = 8) -> tuple[float, int]:
-    """Mean next-token cross-entropy over the real tokens of ``texts`` (and how many were scored)."""
-    from .loader import tokenize
-
-    total, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        ids, am = tokenize(tok, texts[i: i + batch_size], max_tokens, model.device)
-        logits = model.forward(ids, am).float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        m = (am[:, 1:] * am[:, :-1]).flatten().bool()
-        total += float(nll[m].double().sum())
-        count += int(m.sum())
-    return (total / count if count else float("nan")), count
-
-
-def evaluate(ex: Extraction, tok, texts: list[str], max_tokens: int) -> dict:
-    """Held-out loss of the generalist, the full fine-tune and the generalist + extracted adapter
-    (merged densely: ``W_G + B A`` and the whole-saved tensors, run by ``composer.model.Transformer``)."""
-    from composer.model import Transformer
-    from composer.weights import load_model
-
-    g = load_model(ex.base)
-    max_tokens = min(max_tokens, g.mc.max_positions)
-    lg, n = mean_loss(g, tok, texts, max_tokens)
-    if n == 0:
-        raise ExtractError("held-out texts have no next-token pairs (every text is a single token)")
-    full = load_model(ex.full)
-    lf, _ = mean_loss(full, tok, texts, max_tokens)
-    del full
-    params = dict(g.params)
-    params.update({k: v.to(g.dtype) for k, v in ex.merged.items()})
-    la, _ = mean_loss(Transformer(g.mc, g.arch, params), tok, texts, max_tokens)
-    return {"texts": len(texts), "tokens": n, "generalist": lg, "full": lf, "adapter": la}
