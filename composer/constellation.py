@@ -21,7 +21,7 @@ from .model import Context, KVCache, LayerParams, Transformer
 from .modes import CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
 from .signatures import SIGNATURES, PassRecord, in_pass_signatures
-from .weights import Difference, specialist_difference
+from .weights import Difference, diff_params, specialist_difference
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ class GeneralistPass:
 def share_with_generalist(g: Transformer, s_params: dict[str, torch.Tensor], domain: str
                           ) -> tuple[dict[str, torch.Tensor], Difference]:
     """Keep only the tensors that differ from G; the rest point at G's (lean memory)."""
-    from .weights import diff_params
-
     diff = diff_params(g, s_params, domain)
     differing = set(diff.tensors)
     return {n: (t if n in differing else g.params[n]) for n, t in s_params.items()}, diff

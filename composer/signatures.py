@@ -12,8 +12,9 @@ residual nodes specialist ``i`` drives on this prompt. A registry entry each:
   activations on the generalist's own inputs, ``a_il = mean_t |h_G,l + Δ_il|``, where ``Δ_il`` is the
   specialist's change to the block's writes into the residual stream (o_proj/down_proj; GPT-2
   ``c_proj``) applied to G's own inputs of those matrices. For a low-rank specialist that costs
-  its rank per token; no extra forward pass. It equals ``full`` when only the last block's writers
-  differ and approximates it otherwise (docs/lowrank.md reports how far on the demo).
+  its rank per token; no extra forward pass. Per block it equals the specialist's own block on G's
+  input when only the MLP's writer differs, and approximates it otherwise (docs/lowrank.md reports
+  how far from ``full`` on the demo).
 """
 
 from __future__ import annotations

@@ -135,9 +135,6 @@ class Difference:
     globals: list[str]  # differing tensors outside decoder layers (embeddings, final norm, head)
     bytes: int
 
-    def only_last(self, n_layers: int, L: int) -> bool:
-        return not self.globals and all(i >= n_layers - L for i in self.layers)
-
 
 def specialist_difference(g: Transformer, s: Transformer, domain: str) -> Difference:
     """What a specialist changes: its dense tensors that differ from G's, and its low-rank updates."""

@@ -97,7 +97,7 @@ class Request:
 
 @dataclass
 class Row:
-    """One KV-cache slot and the source weights its last L blocks compose."""
+    """One KV-cache slot and the source weights its composed blocks use."""
 
     slot: int
     weights: torch.Tensor  # [1 + N, d], or per composed block [Lc, 1 + N, d]
