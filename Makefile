@@ -20,7 +20,7 @@ help:
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
 	@echo "make bench    serving benchmark on the demo and the exactness figures (prints ratios)"
-	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~10 min)"
+	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~5 min)"
 	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
 	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
 
