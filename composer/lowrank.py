@@ -49,9 +49,6 @@ class LowRank:
         """``B (A x)`` for ``x [..., in]``."""
         return (x @ self.A.T) @ self.B.T
 
-    def to(self, device=None, dtype=None) -> "LowRank":
-        return LowRank(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype))
-
 
 @dataclass(frozen=True)
 class Stack:

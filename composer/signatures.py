@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kernels import _apply
+
 if TYPE_CHECKING:
     from .constellation import Constellation
     from .model import Context
@@ -96,8 +98,7 @@ class PassRecord:
                 conv = c.g.arch.roles[name].layout == "conv1d"
                 terms = []
                 if src[name] is not gsrc[name]:  # a dense writer that differs from G's
-                    terms.append((xin @ src[name] if conv else xin @ src[name].T)
-                                 - (xin @ gsrc[name] if conv else xin @ gsrc[name].T))
+                    terms.append(_apply(xin, src[name], conv) - _apply(xin, gsrc[name], conv))
                 if name in lr:
                     terms.append(lr[name].apply(xin))
                 if bias and bias in src and src[bias] is not gsrc[bias]:
