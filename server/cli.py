@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from server.summary import layer_ranges, load_summary
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -211,31 +213,6 @@ def default_config() -> Path:
     from demo.build import demo_config
 
     return demo_config()
-
-
-def layer_ranges(layers: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8``."""
-    out, start = [], None
-    for k, i in enumerate(layers):
-        if start is None:
-            start = i
-        if k + 1 == len(layers) or layers[k + 1] != i + 1:
-            out.append(str(start) if start == i else f"{start}-{i}")
-            start = None
-    return ",".join(out)
-
-
-def load_summary(loaded) -> str:
-    """One line on what is resident: the generalist, and per specialist only what it changes."""
-    r = loaded.report
-    parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in r["resident_bytes"].items())
-    kinds = ", ".join(f"{d} {k}" + (f" r={r['adapter_ranks'][d]}" if d in r["adapter_ranks"] else "")
-                      for d, k in r["specialist_kinds"].items())
-    exact = [d for d, ok in r["trunk_exact"].items() if not ok]
-    note = (f"; specialists differing outside the composed layers (signature=trunk approximates): {exact}"
-            if exact else "")
-    return (f"loaded on {r['device']} ({r['dtype']}) in {r['load_seconds']:.1f} s; specialists: {kinds}; "
-            f"composed layers {layer_ranges(r['composed_layers'])}; resident: {parts}{note}")
 
 
 def cmd_explain(args) -> int:

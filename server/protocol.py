@@ -1,4 +1,7 @@
-"""OpenAI-compatible request and response models (pydantic), kept apart from the serving logic."""
+"""OpenAI-compatible request and response models (pydantic), kept apart from the serving logic.
+
+The error body (``ErrorResponse``) and the response models are what the routes return; their JSON
+is the OpenAI API's, plus the ``composition`` extension."""
 
 from __future__ import annotations
 
@@ -112,6 +115,133 @@ class ExplainRequest(BaseModel):
     composition: CompositionParams | None = None
     include_node_weights: bool = False
     model: str | None = None
+
+
+# ---- responses ---------------------------------------------------------------------------------
+# Field order is the JSON key order. A non-streamed response is serialised with every field; a
+# streamed chunk with only the fields it was built with (``model_dump(exclude_unset=True)``), so a
+# chunk omits ``composition`` after the first and ``usage`` unless ``include_usage`` was asked.
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompositionSummary(BaseModel):
+    """Constellation extension on every response (streamed: on the first chunk)."""
+
+    mode: str
+    selected: list[str]
+    alpha: dict[str, float]
+    entropy_bits: float
+
+
+class CompletionLogProbs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogProbs | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    composition: CompositionSummary | None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    composition: CompositionSummary | None = None
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogProbs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChatLogProbs | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    composition: CompositionSummary | None
+
+
+class DeltaMessage(BaseModel):
+    """A streamed choice's delta: ``role`` on a choice's first chunk, ``content`` unless it only ends."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None
+    logprobs: ChatLogProbs | None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    composition: CompositionSummary | None = None
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "constellation"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 def new_id(prefix: str) -> str:

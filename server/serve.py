@@ -59,7 +59,7 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
           log_level: str = "info") -> int:
     from index_store.loader import load_constellation
     from .app import create_app
-    from .cli import load_summary
+    from .summary import load_summary
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_constellation(config_path)

@@ -1,0 +1,186 @@
+"""The slot key/value cache and the views the model code writes through.
+
+``SlotCache`` holds ``[slots, H_kv, max_len, head_dim]`` per layer. Rows that are decoding live in
+slots ``0..decoding-1`` (compact, so a decode step reads a view, never a copy); rows still being
+prefilled are *staged* at the top, ``slots-staged..slots-1``. Freeing a slot moves the region's
+outermost row into the hole; a staged row is promoted into the decode region when its prefill
+ends. Every slot has an owner (a ``Row``: ``.slot``, ``.length``) whose ``slot`` the cache keeps
+up to date when it moves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    def __init__(self, n_layers: int, slots: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        shape = (slots, n_kv, max_len, head_dim)
+        # zeros, not empty: a decode step reads every row up to the longest row's length, and masked
+        # positions still meet the values (0 * NaN from uninitialised memory would be NaN)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slots = slots
+        self.decoding = 0
+        self.staged = 0
+        self.owners: dict[int, object] = {}
+
+    @property
+    def used(self) -> int:
+        return self.decoding + self.staged
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.used
+
+    def copy(self, src: int, dst: int, length: int, layers: range | None = None) -> None:
+        for i in layers if layers is not None else range(len(self.k)):
+            self.k[i][dst, :, :length] = self.k[i][src, :, :length]
+            self.v[i][dst, :, :length] = self.v[i][src, :, :length]
+
+    def _place(self, owner, slot: int) -> None:
+        self.owners[slot] = owner
+        owner.slot = slot
+
+    def _move(self, src: int, dst: int) -> None:
+        owner = self.owners.pop(src)
+        self.copy(src, dst, owner.length)
+        self._place(owner, dst)
+
+    def stage(self, owner) -> int:
+        """A slot at the top for a row being prefilled."""
+        if self.free <= 0:
+            raise RuntimeError("no free KV slot")
+        self.staged += 1
+        self._place(owner, self.slots - self.staged)
+        return owner.slot
+
+    def release(self, owner) -> None:
+        """Free ``owner``'s slot; the region's outermost row moves into the hole."""
+        slot = owner.slot
+        del self.owners[slot]
+        if slot < self.decoding:
+            last = self.decoding - 1
+            if slot != last:
+                self._move(last, slot)
+            self.decoding -= 1
+        else:
+            low = self.slots - self.staged
+            if slot != low:
+                self._move(low, slot)
+            self.staged -= 1
+
+    def promote(self, owner) -> None:
+        """Move a staged row (``owner.length`` tokens) into the decode region."""
+        low = self.slots - self.staged
+        if owner.slot != low:  # bring it to the staged region's edge first (swap with that row)
+            other = self.owners[low]
+            a, b = owner.slot, low
+            n = max(owner.length, other.length)
+            for i in range(len(self.k)):
+                for t in (self.k[i], self.v[i]):
+                    tmp = t[a, :, :n].clone()
+                    t[a, :, :n] = t[b, :, :n]
+                    t[b, :, :n] = tmp
+            self._place(other, a)
+            self._place(owner, b)
+        del self.owners[low]
+        self.staged -= 1
+        dst = self.decoding
+        if dst != low:
+            self.copy(low, dst, owner.length)
+        self.decoding += 1
+        self._place(owner, dst)
+
+
+class DecodeView:
+    """Decode step: row b (slot b) writes its one new key/value at position ``lengths[b]``."""
+
+    def __init__(self, cache: SlotCache, lengths: torch.Tensor, span: int):
+        self.cache, self.lengths, self.span = cache, lengths, span
+        self.rows = torch.arange(lengths.shape[0], device=lengths.device)
+
+    def update(self, i, k, v):
+        B = k.shape[0]
+        self.cache.k[i][self.rows, :, self.lengths] = k[:, :, 0]
+        self.cache.v[i][self.rows, :, self.lengths] = v[:, :, 0]
+        return self.cache.k[i][:B, :, : self.span], self.cache.v[i][:B, :, : self.span]
+
+
+class PrefillView:
+    """A whole prompt of one row into one slot (positions 0..T-1)."""
+
+    def __init__(self, cache: SlotCache, slot: int):
+        self.cache, self.slot = cache, slot
+
+    def update(self, i, k, v):
+        T = k.shape[2]
+        self.cache.k[i][self.slot, :, :T] = k[0]
+        self.cache.v[i][self.slot, :, :T] = v[0]
+        return k, v
+
+
+class SlotStore:
+    """Per-layer key/value storage of one row: its slot's (read through the owner, which may move)."""
+
+    def __init__(self, cache: SlotCache, owner):
+        self.cache, self.owner = cache, owner
+
+    def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k[i][self.owner.slot], self.cache.v[i][self.owner.slot]
+
+
+class ScratchStore:
+    """Layers ``layers`` in private tensors of ``length`` positions, the others in ``inner``: the
+    generalist's own keys/values of blocks whose slot entries will hold the composed model's."""
+
+    def __init__(self, inner, layers: range, n_kv: int, length: int, head_dim: int, dtype, device):
+        self.inner = inner
+        shape = (n_kv, length, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+
+    def kv(self, i: int):
+        return (self.k[i], self.v[i]) if i in self.k else self.inner.kv(i)
+
+
+class ChunkView:
+    """A prefill chunk of several rows: row b's ``lens[b]`` new tokens go to positions
+    ``starts[b]..starts[b]+lens[b]-1`` of its store; attention reads positions ``0..span-1``."""
+
+    def __init__(self, stores: list, starts: list[int], lens: list[int]):
+        self.stores, self.starts, self.lens = stores, starts, lens
+        self.span = max(s + n for s, n in zip(starts, lens))
+
+    def update(self, i, k, v):
+        ks, vs = [], []
+        for b, store in enumerate(self.stores):
+            K, V = store.kv(i)
+            s, n = self.starts[b], self.lens[b]
+            K[:, s:s + n] = k[b, :, :n]
+            V[:, s:s + n] = v[b, :, :n]
+            ks.append(K)
+            vs.append(V)
+        if len(ks) == 1:
+            return ks[0][None, :, : self.span], vs[0][None, :, : self.span]
+        return _gather(ks, self.span, k), _gather(vs, self.span, v)
+
+    def context(self, g, device):
+        """Positions and mask for this chunk (padded queries see position 0 only)."""
+        T = max(self.lens)
+        starts = torch.tensor(self.starts, device=device)[:, None]
+        lens = torch.tensor(self.lens, device=device)[:, None]
+        t = torch.arange(T, device=device)[None, :]
+        positions = (starts + t).clamp(max=g.mc.max_positions - 1)
+        j = torch.arange(self.span, device=device)[None, None, :]
+        real = (t < lens)[:, :, None]
+        mask = ((j <= (starts + t)[:, :, None]) & real) | ((j == 0) & ~real)
+        return g.positional_context(positions, mask[:, None], self)
+
+
+def _gather(stores: list[torch.Tensor], span: int, like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros((len(stores), like.shape[1], span, like.shape[3]), dtype=like.dtype, device=like.device)
+    for b, t in enumerate(stores):
+        n = min(span, t.shape[1])
+        out[b, :, :n] = t[:, :n]
+    return out

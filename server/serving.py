@@ -1,0 +1,303 @@
+"""What the OpenAI routes share: errors, prompts, sampling limits, the engine round trip, SSE.
+
+``OpenAIServing`` turns a validated request into token ids and ``SamplingParams``, submits it to the
+engine and answers as one JSON document or as a server-sent event stream. The subclasses
+(``serving_completion``, ``serving_chat``) only shape choices and chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from composer.modes import CompositionError, CompositionParams
+from .engine import Draining, Engine, Event, Limits, QueueFull, Request, SamplingParams
+from .protocol import CompositionSummary, ErrorBody, ErrorResponse, UsageInfo, new_id, now
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"
+
+
+# ---- errors ------------------------------------------------------------------------------------
+class APIError(Exception):
+    """Answered as OpenAI's error body with this status (the app's exception handler)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def draining_error() -> APIError:
+    return APIError(503, "the server is shutting down", "service_unavailable", code="draining",
+                    headers={"Retry-After": "5"})
+
+
+# ---- SSE ----------------------------------------------------------------------------------------
+def sse(obj: BaseModel | dict) -> str:
+    """One event. A model gives only the fields it was built with (a chunk's optional keys stay absent)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(exclude_unset=True)
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def error_event(e: Event) -> str:
+    return sse(error_body(e.error or "generation failed", "server_error"))
+
+
+def usage(prompt_len: int, n_completion: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_len, completion_tokens=n_completion,
+                     total_tokens=prompt_len + n_completion)
+
+
+def content_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
+    """Character spans of each message's content in the templated text, found in order."""
+    spans, pos = [], 0
+    for content in contents:
+        if not content:
+            continue
+        at = text.find(content, pos)
+        if at == -1:
+            continue
+        spans.append((at, at + len(content)))
+        pos = at + len(content)
+    return spans
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int] | None:
+    """1 for each token overlapping a span; None when no token does (the fingerprint then uses all)."""
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
+    return mask if any(mask) else None
+
+
+@dataclass
+class Collected:
+    """One choice of a non-streamed request, gathered from its events."""
+
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish: str | None = None
+    error: str | None = None
+
+
+class OpenAIServing:
+    """The shared half of the completion and chat routes (one instance per app)."""
+
+    id_prefix = "cmpl"
+
+    def __init__(self, engine: Engine, c, tok, limits: Limits, model_name: str):
+        self.engine, self.c, self.tok, self.limits, self.model_name = engine, c, tok, limits, model_name
+        self.max_positions = min(limits.max_seq_len, self.c.g.mc.max_positions)
+
+    # ---- request checks and prompts ----------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"model '{name}' does not exist (this server serves '{self.model_name}')",
+                           "not_found_error", "model", "model_not_found")
+
+    def check_composition(self, params: CompositionParams | None) -> CompositionParams:
+        params = params or CompositionParams()
+        try:
+            self.c.validate(params)
+        except CompositionError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return params
+
+    def chat_prompt(self, messages) -> tuple[list[int], list[int] | None]:
+        """Token ids of the templated chat, and a mask of the tokens inside the messages' contents.
+
+        The index was built from plain text, so the fingerprint averages over the contents only,
+        not over template markup or a default system prompt the template adds.
+        """
+        try:
+            msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        if not getattr(self.tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (e.g. role order) raise
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = content_spans(text, [m["content"] for m in msgs])
+        return enc["input_ids"], span_mask(enc["offset_mapping"], spans)
+
+    def text_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tok(prompt, add_special_tokens=True)["input_ids"]
+        ids, vocab = list(prompt), self.c.g.mc.vocab_size
+        if any(not isinstance(i, int) or i < 0 or i >= vocab for i in ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        return ids
+
+    def sampling(self, body, ids: list[int], default_max: int | None, logprobs: int | None,
+                 param: str) -> SamplingParams:
+        lim = self.limits
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if len(ids) > lim.max_prompt_tokens:
+            raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most "
+                           f"{lim.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        room = self.max_positions - len(ids) - 1
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(default_max or room, lim.max_new_tokens, room)
+        if max_tokens > lim.max_new_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {lim.max_new_tokens}",
+                           param="max_tokens")
+        if max_tokens > room:
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                           f"{self.max_positions}-token context", param="max_tokens", code="context_length_exceeded")
+        if max_tokens < 1:
+            raise APIError(400, "no room left to generate", param=param, code="context_length_exceeded")
+        if body.min_tokens > max_tokens:
+            raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              seed=body.seed, stop=body.stop or [], min_tokens=body.min_tokens,
+                              ignore_eos=body.ignore_eos, logprobs=logprobs)
+
+    def token_text(self, i: int) -> str:
+        return self.tok.decode([i])
+
+    # ---- the engine round trip ---------------------------------------------------------------
+    def submit(self, ids, params, composition, n, fmask=None) -> tuple[Request, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = Request(ids, params, composition, n, fingerprint_mask=fmask,
+                      emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e))
+        try:
+            self.engine.submit(req)
+        except QueueFull:
+            raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="n") from None
+        except Draining:
+            raise draining_error() from None
+        return req, q
+
+    def summary(self, req: Request) -> CompositionSummary | None:
+        p = req.plan
+        if p is None:
+            return None
+        return CompositionSummary(mode=p.mode, selected=[self.c.domains[i] for i in p.selected],
+                                  alpha={d: round(float(a), 6) for d, a in zip(self.c.domains, p.alpha)},
+                                  entropy_bits=round(p.mean_entropy_bits, 6))
+
+    async def collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> dict[int, Collected]:
+        out = {i: Collected() for i in range(req.n)}
+        done = 0
+        try:
+            while done < req.n:
+                try:
+                    e: Event = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        req.cancelled.set()
+                        return out
+                    continue
+                o = out[e.index]
+                o.text += e.text
+                o.ids += e.token_ids
+                o.logprobs += e.logprobs
+                if e.finish_reason:
+                    o.finish, o.error = e.finish_reason, e.error
+                    done += 1
+        except asyncio.CancelledError:
+            req.cancelled.set()
+            raise
+        return out
+
+    async def events(self, req: Request, q: asyncio.Queue) -> AsyncIterator[Event | None]:
+        """Engine events for a stream; None means 'send a keep-alive'. Cancels on disconnect."""
+        done = 0
+        try:
+            while done < req.n:
+                try:
+                    e = await asyncio.wait_for(q.get(), timeout=self.limits.keepalive_s)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                if e.finish_reason:
+                    done += 1
+                yield e
+        finally:
+            if done < req.n:
+                req.cancelled.set()
+
+    # ---- answering -----------------------------------------------------------------------------
+    async def generate(self, http: HTTPRequest, body, ids: list[int], params: SamplingParams,
+                       comp: CompositionParams, fmask: list[int] | None = None):
+        """Submit, then answer as one response model or as a server-sent event stream."""
+        req, q = self.submit(ids, params, comp, body.n, fmask)
+        rid, created = new_id(self.id_prefix), now()
+        if not body.stream:
+            out = await self.collect(req, q, http)
+            err = next((o.error for o in out.values() if o.error), None)
+            if err:
+                raise APIError(500, err, "server_error")
+            choices = [self.final_choice(i, o, body) for i, o in sorted(out.items())]
+            return self.response(rid, created, choices, usage(len(ids), sum(len(o.ids) for o in out.values())),
+                                 self.summary(req))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(self.stream(req, q, body, rid, created, len(ids), include_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def stream(self, req: Request, q: asyncio.Queue, body, rid: str, created: int, prompt_len: int,
+                     include_usage: bool) -> AsyncIterator[str]:
+        n_tokens, first, state = 0, True, {}
+        async for e in self.events(req, q):
+            if e is None:
+                yield KEEPALIVE
+                continue
+            if e.error:
+                yield error_event(e)
+                break
+            n_tokens += len(e.token_ids)
+            choice = self.stream_choice(e, state, body)
+            if choice is None:
+                continue
+            extra: dict[str, Any] = {}
+            if first:
+                extra["composition"] = self.summary(req)
+                first = False
+            if include_usage:
+                extra["usage"] = None
+            yield sse(self.chunk(rid, created, [choice], **extra))
+        if include_usage:
+            yield sse(self.chunk(rid, created, [], usage=usage(prompt_len, n_tokens)))
+        yield DONE
+
+    # ---- what the subclasses shape -------------------------------------------------------------
+    def final_choice(self, index: int, out: Collected, body) -> BaseModel:
+        raise NotImplementedError
+
+    def stream_choice(self, e: Event, state: dict, body) -> BaseModel | None:
+        """The chunk's choice for this event, or None to send nothing; ``state`` lives per request."""
+        raise NotImplementedError
+
+    def response(self, rid: str, created: int, choices: list, use: UsageInfo,
+                 composition: CompositionSummary | None) -> BaseModel:
+        raise NotImplementedError
+
+    def chunk(self, rid: str, created: int, choices: list, **extra) -> BaseModel:
+        """A stream chunk with ``extra`` (``composition``, ``usage``) set only when given."""
+        raise NotImplementedError

@@ -1,0 +1,55 @@
+"""``POST /explain``, ``GET /index`` and ``GET /v1/models``: what the server composes, and from what."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from index_store.store import diagnostics_doc
+from .protocol import ExplainRequest, ModelCard, ModelList, now
+from .serving import APIError, OpenAIServing, draining_error
+
+
+class ServingExplain(OpenAIServing):
+    """The composition a prompt gets, without generating: the same functions generation runs."""
+
+    def __init__(self, engine, c, tok, limits, model_name: str, manifest: dict):
+        super().__init__(engine, c, tok, limits, model_name)
+        self.index_doc = diagnostics_doc(manifest)
+        self.created = now()
+
+    def models(self) -> ModelList:
+        return ModelList(object="list", data=[ModelCard(id=self.model_name, object="model", created=self.created,
+                                                        owned_by="constellation")])
+
+    def index(self) -> dict:
+        """The index diagnostics (as ``constellation index inspect --json``), for the playground's second tab."""
+        return self.index_doc
+
+    def explain_prompt(self, body: ExplainRequest) -> tuple[list[int], list[int] | None]:
+        """Token ids of the prompt or the templated messages, and the chat's fingerprint mask."""
+        return (self.text_prompt(body.prompt), None) if body.prompt is not None else self.chat_prompt(body.messages)
+
+    async def explain(self, body: ExplainRequest) -> dict:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
+        comp = self.check_composition(body.composition)
+        ids, fmask = self.explain_prompt(body)
+        if not ids or len(ids) > self.limits.max_prompt_tokens:
+            raise APIError(400, f"prompt must have 1..{self.limits.max_prompt_tokens} tokens", param="prompt")
+        if self.engine.draining:
+            raise draining_error()
+        c, engine = self.c, self.engine
+
+        def work():
+            t = torch.tensor([ids], dtype=torch.long, device=c.g.device)
+            fm = None if fmask is None else torch.tensor([fmask], device=c.g.device)
+            gp = c.generalist_pass(t, torch.ones_like(t), fingerprint_mask=fm)
+            plan = engine.plan_for(gp, comp)
+            return c.explain(gp, plan, node_weights=body.include_node_weights)
+
+        doc = await asyncio.get_running_loop().run_in_executor(None, engine.call, work)
+        doc["index"] = self.index_doc
+        return doc

@@ -1,0 +1,126 @@
+"""The engine with a real constellation, no HTTP: chunked and batched prefill are exact, and a long
+prompt goes in by chunks between the decode steps of running streams."""
+
+import queue
+import time
+
+import pytest
+import torch
+
+from composer.modes import CompositionParams
+from server.engine import Engine, Limits, Request, SamplingParams
+
+COMPS = [{"mode": "constellation"}, {"mode": "logit"}, {"mode": "generalist"},
+         {"mode": "weights", "weights": {"legal": 0.5, "code": 0.5}}]
+
+
+@pytest.fixture(scope="module")
+def loaded(built):
+    from index_store.loader import load_constellation
+
+    # (no specialist that changes the embeddings: the library's logit mode runs such a specialist
+    # whole, the engine composes its changed blocks on G's trunk)
+    return load_constellation(built("llama", domains=("medical", "legal", "code", "science")))
+
+
+def _library(loaded, ids: list[int], comp: dict, n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probabilities from the library, one full forward per token."""
+    c = loaded.constellation
+    plan = c.plan(c.generalist_pass(torch.tensor([ids])), 0, CompositionParams.model_validate(comp))
+    out, lps = [], []
+    for _ in range(n):
+        gp = c.generalist_pass(torch.tensor([ids + out]))
+        logp = torch.log_softmax(c.composed_logits(gp, [plan])[0, -1].float(), -1)
+        out.append(int(torch.argmax(logp)))
+        lps.append(float(logp[out[-1]]))
+    return out, lps
+
+
+class Run:
+    def __init__(self, loaded, **limits):
+        self.engine = Engine(loaded.constellation, loaded.tokenizer, Limits(max_running=8, max_seq_len=256,
+                                                                            **limits))
+        self.engine.start()
+
+    def submit(self, ids, comp, n_tokens, n=1):
+        q: queue.Queue = queue.Queue()
+        req = Request(ids, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True, logprobs=0),
+                      CompositionParams.model_validate(comp), n=n, emit=q.put)
+        self.engine.submit(req)
+        return q
+
+    @staticmethod
+    def collect(q, n=1, timeout=120):
+        toks = {i: [] for i in range(n)}
+        lps = {i: [] for i in range(n)}
+        done = 0
+        while done < n:
+            e = q.get(timeout=timeout)
+            assert e.error is None, e.error
+            toks[e.index] += e.token_ids
+            lps[e.index] += [x["logprob"] for x in e.logprobs]
+            done += e.finish_reason is not None
+        return toks, lps
+
+
+def _ids(loaded, words: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = "patient fever contract clause def return protein enzyme the of and".split()
+    text = " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (words,), generator=g))
+    return loaded.tokenizer(text)["input_ids"]
+
+
+def test_chunked_prefill_equals_the_library_in_every_mode(loaded):
+    run = Run(loaded, prefill_chunk_max=7, prefill_chunk_min=3)  # a ~80-token prompt in ≥ 11 chunks
+    try:
+        ids = _ids(loaded, 20, 0)
+        assert 50 <= len(ids) <= 110
+        for comp in COMPS:
+            want, want_lp = _library(loaded, ids, comp, 5)
+            before = run.engine.prefill_steps
+            toks, lps = Run.collect(run.submit(ids, comp, 5, n=2), n=2)
+            assert toks[0] == toks[1] == want, comp
+            assert lps[0] == pytest.approx(want_lp, abs=1e-4)
+            assert run.engine.prefill_steps - before >= len(ids) // 7
+    finally:
+        run.engine.stop()
+    assert run.engine.cache.used == 0
+
+
+def test_waiting_prompts_are_prefilled_together(loaded):
+    run = Run(loaded)
+    try:
+        prompts = [_ids(loaded, 3 + 2 * i, 10 + i) for i in range(4)]
+        want = [_library(loaded, p, c, 4)[0] for p, c in zip(prompts, COMPS)]
+        sizes = []
+        inner = run.engine.runner.generalist_chunk
+        run.engine.runner.generalist_chunk = lambda batch: (sizes.append(len(batch)), inner(batch))
+        run.engine.call(lambda: None)  # the loop is up
+        with run.engine.scheduler.lock:  # all four wait before the engine looks
+            qs = [run.submit(p, c, 4) for p, c in zip(prompts, COMPS)]
+        got = [Run.collect(q)[0][0] for q in qs]
+        assert got == want
+        assert sizes == [4]  # the four prompts went through G in one batch
+    finally:
+        run.engine.stop()
+
+
+def test_a_long_prompt_goes_in_between_decode_steps(loaded):
+    run = Run(loaded, prefill_chunk_max=16, prefill_chunk_min=4)
+    try:
+        short = run.submit(_ids(loaded, 2, 1), {"mode": "generalist"}, 80)
+        first = short.get(timeout=60)
+        assert first.token_ids
+        long_ids = _ids(loaded, 25, 2)
+        assert 70 <= len(long_ids) <= 110
+        steps_before = run.engine.steps
+        long_q = run.submit(long_ids, {"mode": "constellation"}, 2)
+        long_first = long_q.get(timeout=120)
+        steps_during = run.engine.steps - steps_before
+        # the running stream kept decoding while the long prompt went in by chunks
+        assert steps_during >= len(long_ids) // 16 - 1
+        assert long_first.token_ids == _library(loaded, long_ids, {"mode": "constellation"}, 1)[0]
+        Run.collect(long_q)
+        Run.collect(short)
+    finally:
+        run.engine.stop()
