@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
     sv.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generation per sequence (default 2048)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    sv.add_argument("--prefill-chunk", type=int, default=512,
+                    help="most prompt tokens prefilled in one engine step; while streams decode, a step's "
+                    "prefill is sized to about one decode step (measured), down to 32 tokens (default 512)")
     sv.add_argument("--drain-timeout", type=float, default=120.0,
                     help="seconds SIGTERM waits for in-flight requests (default 120)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -294,7 +297,8 @@ def cmd_serve(args) -> int:
     from server.engine import Limits
     from server.serve import serve
 
-    for name in ("max_running", "max_waiting", "max_prompt_tokens", "max_new_tokens", "max_seq_len", "max_body_bytes"):
+    for name in ("max_running", "max_waiting", "max_prompt_tokens", "max_new_tokens", "max_seq_len", "max_body_bytes",
+                 "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_prompt_tokens >= args.max_seq_len:
@@ -302,7 +306,8 @@ def cmd_serve(args) -> int:
     limits = Limits(max_running=args.max_running, max_waiting=args.max_waiting,
                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                     max_seq_len=args.max_seq_len, max_body_bytes=args.max_body_bytes,
-                    drain_timeout_s=args.drain_timeout)
+                    drain_timeout_s=args.drain_timeout, prefill_chunk_max=args.prefill_chunk,
+                    prefill_chunk_min=min(32, args.prefill_chunk))
     config = Path(args.config) if args.config else default_config()
     return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level)
 
