@@ -124,3 +124,17 @@ def test_a_long_prompt_goes_in_between_decode_steps(loaded):
         Run.collect(short)
     finally:
         run.engine.stop()
+
+
+def test_prefill_stall_bench_smoke(loaded):
+    import asyncio
+
+    from bench.loopback import LoopbackServer
+    from bench.prefill_stall import _scenario
+    from server.app import create_app
+
+    long_ids = _ids(loaded, 25, 3)
+    limits = Limits(max_running=4, max_seq_len=256, prefill_chunk_max=16, prefill_chunk_min=4)
+    with LoopbackServer(create_app(loaded, limits)) as url:
+        r = asyncio.run(_scenario(url, 2, long_ids, 40))
+    assert 0 < r["median_gap"] <= r["worst_gap"] and r["long_ttft"] > 0
