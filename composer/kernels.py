@@ -17,6 +17,10 @@ plus each adapter's ``B (A x)`` at the cost of its rank.
   adapters folded into one plain adapter of rank ``sum r_s`` (never A and B mixed apart).
 - ``MixedParams``: every batch row with its own composition: dense sources mixed per row, adapters
   through one shrink and one expand per linear over the active adapters' stacked factors.
+
+In half precision (docs/precision.md) the composition weights stay fp32: composed tensors are
+summed in fp32 and rounded once to the storage dtype, and a weight applied to activations is
+multiplied in fp32 and rounded once to the activations' dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from .arch import Arch
 from .lowrank import LowRank, Segments, Stack, fold, segment_weights, segmented_delta
+from .model import fused_base
 from .policies import BroadcastPolicy
 
 Source = dict[str, torch.Tensor]  # one decoder block's dense tensors (names relative to the block)
@@ -91,15 +96,26 @@ def _groups(sources: list[Source], name: str, weights: torch.Tensor, active: lis
     return [(t, w) for t, w in out.values()]
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype composition arithmetic runs in for tensors stored in ``dtype`` (fp32 or wider)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def scaled(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``x * f`` computed in ``f``'s (fp32) precision, rounded once to ``x``'s dtype."""
+    return (x * f).to(x.dtype)
+
+
 def _dense_sum(groups, how: str, t0: torch.Tensor) -> torch.Tensor:
+    """``sum f(w) ⊙ t`` over the groups, in fp32 (or wider), **not** yet rounded to the storage dtype."""
     acc = None
     for t, w in groups:
-        f = _factor(w.to(t.dtype), how, t.ndim)
+        f = _factor(w.to(wide(t.dtype)), how, t.ndim)
         if acc is None:
             acc = t * f
         else:
             acc.addcmul_(t, f)  # in place: one pass, no temporary per source
-    return acc if acc is not None else torch.zeros_like(t0)
+    return acc if acc is not None else torch.zeros_like(t0, dtype=wide(t0.dtype))
 
 
 def materialize(sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int,
@@ -115,14 +131,36 @@ def materialize(sources: list[Source], weights: torch.Tensor, policy: BroadcastP
         for s in active if lowrank else ():
             lr = lowrank[s].get(name)
             if lr is not None:
-                delta = lr.delta(layout).to(acc.dtype)
+                delta = lr.delta(layout, acc.dtype)
                 acc = acc + delta * _factor(weights[s].to(acc.dtype), how, delta.ndim)
-        out[name] = acc
+        out[name] = acc.to(t0.dtype)
     return out
 
 
 def _apply(x: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
     return x @ w if conv else F.linear(x, w)
+
+
+def _fusable(arch: Arch, part) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None, list[int]]]:
+    """The groups of ``arch.fused`` a composed block can still run as one matmul: their weights are
+    row blocks of one matrix (G's, ``Transformer.fuse``), kept as they are by the composition, and any
+    factor on their (shared) input is the same. ``part(name)`` is ``(tensor, input factor or None)``
+    or None when the weight is not kept as one tensor. Returns group -> (matrix, input factor, row counts)."""
+    out = {}
+    for modules in arch.fused:
+        parts = [part(m + ".weight") for m in modules]
+        if any(p is None for p in parts):
+            continue
+        base = fused_base([t for t, _ in parts])
+        fs = [f for _, f in parts]
+        sizes = [t.shape[0] for t, _ in parts]
+        if base is None:
+            continue
+        if all(f is None for f in fs):
+            out[modules] = (base, None, sizes)
+        elif all(f is not None and torch.equal(f, fs[0]) for f in fs):
+            out[modules] = (base, fs[0], sizes)
+    return out
 
 
 class ComposedParams:
@@ -149,20 +187,39 @@ class ComposedParams:
                 self.t[name] = t
                 f = w.mean() if how == "mean" else w
                 if not bool(torch.all((f - 1).abs() < 1e-6)):  # sums of weights are 1 up to rounding
-                    self.scale[name] = (how, f.to(t.dtype))
+                    self.scale[name] = (how, f.to(wide(t.dtype)))
             else:
-                self.t[name] = _dense_sum(groups, _storage_how(how, layout), t0)
+                self.t[name] = _dense_sum(groups, _storage_how(how, layout), t0).to(t0.dtype)
             if lowrank and t0.ndim == 2:
                 folded = fold([(lowrank[s][name], weights[s]) for s in active if name in lowrank[s]], how)
                 if folded is not None:
                     self.lr[name] = folded
+        self.fused = _fusable(arch, self._part)
+
+    def _part(self, name: str):
+        t = self.t.get(name)
+        how, f = self.scale.get(name, (None, None))
+        return None if t is None else (t, f if how == "in" else None)
 
     def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
         conv = self.arch.roles[weight].layout == "conv1d"
         how, f = self.scale.get(weight, (None, None))
-        y = _apply(x * f if how == "in" else x, self.t[weight], conv)
+        y = _apply(scaled(x, f) if how == "in" else x, self.t[weight], conv)
+        return self._finish(y, x, weight, bias)
+
+    def linears(self, x: torch.Tensor, modules: tuple[str, ...]) -> list[torch.Tensor]:
+        """Linear maps of one input (q/k/v, gate/up): one matmul when G's fused matrix serves them."""
+        if modules not in self.fused:
+            return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
+        w, f, sizes = self.fused[modules]
+        ys = F.linear(x if f is None else scaled(x, f), w).split(sizes, dim=-1)
+        return [self._finish(y, x, m + ".weight", m + ".bias") for y, m in zip(ys, modules)]
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
+        """The dense product ``y`` with the output-side factor, the folded adapter and the bias."""
+        how, f = self.scale.get(weight, (None, None))
         if how in ("out", "mean"):
-            y = y * f
+            y = scaled(y, f)
         lr = self.lr.get(weight)
         if lr is not None:
             y = y + lr.apply(x)
@@ -195,15 +252,15 @@ class MixedParams:
             how = side(policy, arch, name, tuple(t0.shape), d)
             groups = _groups(sources, name, weights, active)
             if t0.ndim == 1:
-                acc = t0.new_zeros(B, t0.shape[0])
+                acc = t0.new_zeros(B, t0.shape[0], dtype=wide(t0.dtype))
                 for t, w in groups:
-                    w = w.to(t.dtype)
+                    w = w.to(acc.dtype)
                     acc = acc + (w.mean(-1, keepdim=True) if how == "mean" else w) * t
-                self.vec[name] = acc[:, None, :]  # [B, 1, n] broadcasts over tokens
+                self.vec[name] = acc.to(t0.dtype)[:, None, :]  # [B, 1, n] broadcasts over tokens
                 continue
             terms = []
             for t, w in groups:
-                f = (w.mean(-1, keepdim=True) if how == "mean" else w).to(t.dtype)[:, None, :]  # [B, 1, d|1]
+                f = (w.mean(-1, keepdim=True) if how == "mean" else w).to(wide(t.dtype))[:, None, :]  # [B, 1, d|1]
                 terms.append((t, how, None if bool(torch.all((f - 1).abs() < 1e-6)) else f))
             self.dense[name] = terms or [(t0, "mean", t0.new_zeros(B, 1, 1))]  # no active source: zeros
         segments = {} if segments is None else segments
@@ -215,6 +272,14 @@ class MixedParams:
             if seg is not None:
                 how = side(policy, arch, name, tuple(sources[0][name].shape), d)
                 self.lr[name] = (st, seg, segment_weights(weights, st, seg, how), how)
+        self.fused = _fusable(arch, self._part)
+
+    def _part(self, name: str):
+        terms = self.dense.get(name)
+        if terms is None or len(terms) != 1:
+            return None
+        t, how, f = terms[0]
+        return t, f if how == "in" else None
 
     def vector(self, name: str) -> torch.Tensor | None:
         return self.vec.get(name)
@@ -223,10 +288,26 @@ class MixedParams:
         conv = self.arch.role(weight).layout == "conv1d"
         y = None
         for t, how, f in self.dense[weight]:
-            z = _apply(x * f if how == "in" and f is not None else x, t, conv)
+            z = _apply(scaled(x, f) if how == "in" and f is not None else x, t, conv)
             if how != "in" and f is not None:
-                z = z * f
+                z = scaled(z, f)
             y = z if y is None else y + z
+        return self._finish(y, x, weight, bias)
+
+    def linears(self, x: torch.Tensor, modules: tuple[str, ...]) -> list[torch.Tensor]:
+        """Linear maps of one input (q/k/v, gate/up): one matmul when G's fused matrix serves them."""
+        if modules not in self.fused:
+            return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
+        w, f, sizes = self.fused[modules]
+        ys = F.linear(x if f is None else scaled(x, f), w).split(sizes, dim=-1)
+        out = []
+        for y, m in zip(ys, modules):
+            _, how, g = self.dense[m + ".weight"][0]
+            out.append(self._finish(y if how == "in" or g is None else scaled(y, g), x, m + ".weight", m + ".bias"))
+        return out
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
+        """The dense part ``y`` plus the rows' adapters and composed bias."""
         lr = self.lr.get(weight)
         if lr is not None:
             y = y + segmented_delta(x, *lr)

@@ -40,10 +40,11 @@ class LowRank:
     def nbytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
-    def delta(self, layout: str = "linear") -> torch.Tensor:
-        """The dense update in the storage layout of the weight it updates (``linear``: [out, in])."""
+    def delta(self, layout: str = "linear", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense update in the storage layout of the weight it updates (``linear``: [out, in]),
+        computed in fp32 and returned in ``dtype`` (default: the factors')."""
         d = self.B.float() @ self.A.float()
-        return (d.T if layout == "conv1d" else d).to(self.B.dtype)
+        return (d.T if layout == "conv1d" else d).to(dtype or self.B.dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``B (A x)`` for ``x [..., in]``."""
@@ -88,17 +89,18 @@ def fold(terms: list[tuple[LowRank, torch.Tensor]], how: str) -> LowRank | None:
     if not terms:
         return None
     As, Bs = [], []
-    for lr, w in terms:
-        w = w.to(lr.A.dtype)
+    for lr, w in terms:  # scaled in fp32, rounded once to the factors' dtype
+        dt = lr.A.dtype
+        w = w.to(torch.promote_types(dt, torch.float32))
         if how == "in":
-            As.append(lr.A * w[None, :])
+            As.append((lr.A * w[None, :]).to(dt))
             Bs.append(lr.B)
         elif how == "out":
             As.append(lr.A)
-            Bs.append(lr.B * w[:, None])
+            Bs.append((lr.B * w[:, None]).to(dt))
         else:
             As.append(lr.A)
-            Bs.append(lr.B * w.mean())
+            Bs.append((lr.B * w.mean()).to(dt))
     return LowRank(torch.cat(As, 0), torch.cat(Bs, 1))
 
 
@@ -152,12 +154,11 @@ def segmented_delta(x: torch.Tensor, st: Stack, seg: Segments, wp: torch.Tensor,
         A, Bt = st.A.index_select(0, seg.ks), st.Bt.index_select(0, seg.ks)
     n_out = Bt.shape[2]
     xg = torch.cat([x, x.new_zeros(1, T, n_in)])[seg.rows]  # [U, m, T, in]
-    wp = wp.to(x.dtype)
-    if how == "in":
-        xg = xg * wp
+    if how == "in":  # the weights multiply in fp32, rounded once to the activations' dtype
+        xg = (xg * wp).to(x.dtype)
     yp = torch.bmm(torch.bmm(xg.reshape(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, n_out)
     if how != "in":
-        yp = yp * wp
+        yp = (yp * wp).to(x.dtype)
     out = x.new_zeros(B + 1, T, n_out)
     out.index_add_(0, seg.rows.flatten(), yp.reshape(U * m, T, n_out))
     return out[:B]

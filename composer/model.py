@@ -10,14 +10,36 @@ run time. The tests check this code against transformers' own forward.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .arch import Arch, ModelConfig, rope_inv_freq
+from .arch import GATE_UP, QKV, Arch, ModelConfig, rope_inv_freq
 from .lowrank import LowRank
+
+
+# bf16 matmuls of at most this many rows run on ATen's own CPU kernels, larger ones on oneDNN's: on
+# the CPU measured oneDNN took ~2.5x as long for one row and ATen ~4x as long for 16 (docs/precision.md).
+ATEN_MAX_ROWS = 2
+
+
+@contextmanager
+def matmul_kernels(rows: int, dtype: torch.dtype, device: torch.device, aten_max_rows: int = ATEN_MAX_ROWS):
+    """Route the CPU's bf16 matmuls of a ``rows``-row forward to the faster kernel family (oneDNN
+    stays off if the process turned it off). The switch is process-wide: one thread runs the model.
+    Under ``torch.compile`` it does nothing (enter it around the compiled call instead)."""
+    if (dtype != torch.bfloat16 or device.type != "cpu" or rows > aten_max_rows or torch.compiler.is_compiling()
+            or not torch.backends.mkldnn.enabled):
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 class LayerParams(Protocol):
@@ -26,17 +48,28 @@ class LayerParams(Protocol):
     def vector(self, name: str) -> torch.Tensor | None: ...
 
 
+def linears(p: LayerParams, x: torch.Tensor, modules: tuple[str, ...]) -> list[torch.Tensor]:
+    """The linear maps ``modules`` (e.g. q/k/v) of one input: one matmul when ``p`` holds them fused."""
+    fused = getattr(p, "linears", None)
+    if fused is not None:
+        return fused(x, modules)
+    return [p.linear(x, m + ".weight", m + ".bias") for m in modules]
+
+
 class DenseParams:
     """One decoder block's tensors as stored (HF names relative to the block).
 
     ``lr`` holds low-rank updates (a LoRA adapter's ``B @ A``) applied on top of ``t``'s dense
-    weight of the same name: ``y = W x + B (A x)``.
+    weight of the same name: ``y = W x + B (A x)``. ``fused`` maps a group of modules (``arch.fused``)
+    to the one weight (and bias) whose row blocks ``t``'s tensors of those modules are.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], arch: Arch, lowrank: dict[str, LowRank] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], arch: Arch, lowrank: dict[str, LowRank] | None = None,
+                 fused: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None]] | None = None):
         self.t = tensors
         self.arch = arch
         self.lr = lowrank or {}
+        self.fused = fused or {}
 
     def linear(self, x, weight, bias):
         w = self.t[weight]
@@ -49,8 +82,32 @@ class DenseParams:
         lr = self.lr.get(weight)
         return y if lr is None else y + lr.apply(x)
 
+    def linears(self, x, modules):
+        if modules not in self.fused:
+            return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
+        w, b = self.fused[modules]
+        ys = F.linear(x, w, b).split([self.t[m + ".weight"].shape[0] for m in modules], dim=-1)
+        out = []
+        for y, m in zip(ys, modules):
+            lr = self.lr.get(m + ".weight")
+            out.append(y if lr is None else y + lr.apply(x))
+        return out
+
     def vector(self, name):
         return self.t.get(name)
+
+
+def fused_base(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose consecutive row blocks ``parts`` are (as ``Transformer.fuse`` leaves them), or None."""
+    base = parts[0]._base
+    if base is None or not base.is_contiguous() or any(p._base is not base or not p.is_contiguous() for p in parts):
+        return None
+    offset = base.storage_offset()
+    for p in parts:
+        if p.storage_offset() != offset:
+            return None
+        offset += p.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +155,11 @@ class Transformer:
 
     ``lowrank`` (full tensor name -> ``LowRank``) adds adapter updates to decoder-layer weights, so a
     LoRA specialist runs as the generalist's tensors plus its factors, never merged.
+
+    Precision (docs/precision.md): the matmuls run in the dtype of ``params`` (``dtype``, which a
+    key/value cache should hold too; an fp32 cache also works); the residual stream is kept in
+    ``residual_dtype`` (fp32 for half-precision weights); norms and decode-step attention compute in
+    fp32; ``logits`` are returned in fp32. ``aten_max_rows``: see ``matmul_kernels``.
     """
 
     def __init__(self, mc: ModelConfig, arch: Arch, params: dict[str, torch.Tensor],
@@ -106,16 +168,47 @@ class Transformer:
         self.arch = arch
         self.params = params
         self.lowrank = dict(lowrank or {})
-        self._layers = [
-            DenseParams(
-                {s: params[arch.layer_name(i, s)] for s in arch.roles if arch.layer_name(i, s) in params},
-                arch,
-                {s: self.lowrank[arch.layer_name(i, s)] for s in arch.roles
-                 if arch.layer_name(i, s) in self.lowrank},
-            )
-            for i in range(mc.n_layers)
-        ]
+        self.residual_dtype = torch.promote_types(self.dtype, torch.float32)
+        self.aten_max_rows = ATEN_MAX_ROWS  # see matmul_kernels
+        self._layers = [self._layer_params(i) for i in range(mc.n_layers)]
         self.inv_freq = rope_inv_freq(mc) if mc.family == "llama" else None
+
+    def _layer_params(self, i: int) -> DenseParams:
+        arch = self.arch
+        t = {s: self.params[arch.layer_name(i, s)] for s in arch.roles if arch.layer_name(i, s) in self.params}
+        lr = {s: self.lowrank[arch.layer_name(i, s)] for s in arch.roles if arch.layer_name(i, s) in self.lowrank}
+        fused = {}
+        for modules in arch.fused:  # groups whose tensors are row blocks of one matrix (see ``fuse``)
+            if not all(m + ".weight" in t for m in modules):
+                continue
+            w = fused_base([t[m + ".weight"] for m in modules])
+            biases = [t.get(m + ".bias") for m in modules]
+            if all(x is None for x in biases):
+                b = None
+            elif any(x is None for x in biases) or (b := fused_base(biases)) is None:
+                continue
+            if w is not None:
+                fused[modules] = (w, b)
+        return DenseParams(t, arch, lr, fused)
+
+    def fuse(self) -> "Transformer":
+        """Store every layer's q/k/v and gate/up (``arch.fused``) as one matrix each, the separate
+        tensors becoming views into it: a dense layer then runs one matmul per group, and anything
+        that asks for ``model.layers.3.self_attn.k_proj.weight`` still gets that tensor. Models built
+        on these tensors later (specialists sharing them) find the fused matrices without a copy."""
+        for i in range(self.mc.n_layers):
+            for modules in self.arch.fused:
+                for suffix in (".weight", ".bias"):
+                    names = [self.arch.layer_name(i, m + suffix) for m in modules]
+                    if not all(n in self.params for n in names):
+                        continue
+                    parts = [self.params[n] for n in names]
+                    if fused_base(parts) is not None or len({(p.dtype, p.shape[1:]) for p in parts}) != 1:
+                        continue
+                    whole = torch.cat([p.detach() for p in parts])
+                    self.params.update(zip(names, whole.split([p.shape[0] for p in parts])))
+        self._layers = [self._layer_params(i) for i in range(self.mc.n_layers)]
+        return self
 
     # ---- parameters -------------------------------------------------------------------------
     def set_lowrank(self, name: str, lr: LowRank) -> None:
@@ -180,19 +273,22 @@ class Transformer:
         return ctx
 
     def embed(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
-        x = F.embedding(input_ids, self.params[self.arch.embed])
+        """The residual stream entering block 0, in ``residual_dtype``."""
+        x = F.embedding(input_ids, self.params[self.arch.embed]).to(self.residual_dtype)
         if self.mc.family == "gpt2":
             x = x + F.embedding(ctx.positions, self.params["transformer.wpe.weight"])
         return x
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """LayerNorm (GPT-2) or RMSNorm of the residual stream, computed in fp32, returned in ``dtype``."""
+        x = x.float()
         if self.mc.family == "gpt2":
             # weight/bias may be per-row [B, 1, d] under the mix path: apply them after the norm.
             y = F.layer_norm(x, (x.shape[-1],), eps=self.mc.norm_eps) * w
-            return y + b if b is not None else y
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.mc.norm_eps)
-        return w * y.to(x.dtype)
+            y = y + b if b is not None else y
+        else:
+            y = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.mc.norm_eps))
+        return y.to(self.dtype)
 
     def block(self, i: int, x: torch.Tensor, ctx: Context, p: LayerParams) -> torch.Tensor:
         if self.mc.family == "gpt2":
@@ -205,15 +301,12 @@ class Transformer:
             h = _act(self.mc.activation, p.linear(h, "mlp.c_fc.weight", "mlp.c_fc.bias"))
             return x + p.linear(h, "mlp.c_proj.weight", "mlp.c_proj.bias")
         h = self._norm(x, p.vector("input_layernorm.weight"), None)
-        q = p.linear(h, "self_attn.q_proj.weight", "self_attn.q_proj.bias")
-        k = p.linear(h, "self_attn.k_proj.weight", "self_attn.k_proj.bias")
-        v = p.linear(h, "self_attn.v_proj.weight", "self_attn.v_proj.bias")
+        q, k, v = linears(p, h, QKV)
         a = self._attention(i, q, k, v, ctx)
         x = x + p.linear(a, "self_attn.o_proj.weight", "self_attn.o_proj.bias")
         h = self._norm(x, p.vector("post_attention_layernorm.weight"), None)
-        g = _act(self.mc.activation, p.linear(h, "mlp.gate_proj.weight", "mlp.gate_proj.bias"))
-        u = p.linear(h, "mlp.up_proj.weight", "mlp.up_proj.bias")
-        return x + p.linear(g * u, "mlp.down_proj.weight", "mlp.down_proj.bias")
+        g, u = linears(p, h, GATE_UP)
+        return x + p.linear(_act(self.mc.activation, g) * u, "mlp.down_proj.weight", "mlp.down_proj.bias")
 
     def _attention(self, i, q, k, v, ctx: Context) -> torch.Tensor:
         mc = self.mc
@@ -226,11 +319,12 @@ class Transformer:
             k = k * ctx.cos + _rotate_half(k) * ctx.sin
         if ctx.cache is not None:
             k, v = ctx.cache.update(i, k, v)
-        if mc.n_kv_heads != mc.n_heads:
-            rep = mc.n_heads // mc.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=1 / math.sqrt(mc.head_dim))
+        scale = 1 / math.sqrt(mc.head_dim)
+        if T == 1:
+            a = _one_query_attention(q, k, v, ctx.mask, scale)
+        else:  # (a cache may hold keys/values in another dtype than the queries')
+            a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask, scale=scale,
+                                               enable_gqa=mc.n_kv_heads != mc.n_heads)
         return a.transpose(1, 2).reshape(B, T, mc.n_heads * mc.head_dim)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +333,10 @@ class Transformer:
         return self._norm(x, self.params[names[0]], b)
 
     def logits(self, h_normed: torch.Tensor) -> torch.Tensor:
-        return F.linear(h_normed, self.lm_head_weight())
+        """Logits in fp32."""
+        w = self.lm_head_weight()
+        with matmul_kernels(h_normed.numel() // h_normed.shape[-1], w.dtype, w.device, self.aten_max_rows):
+            return F.linear(h_normed.to(w.dtype), w).float()
 
     def run_blocks(
         self,
@@ -249,9 +346,10 @@ class Transformer:
         stop: int,
         override: dict[int, LayerParams] | None = None,
     ) -> torch.Tensor:
-        for i in range(start, stop):
-            p = override.get(i) if override else None
-            x = self.block(i, x, ctx, p or self._layers[i])
+        with matmul_kernels(x.shape[0] * x.shape[1], self.dtype, x.device, self.aten_max_rows):
+            for i in range(start, stop):
+                p = override.get(i) if override else None
+                x = self.block(i, x, ctx, p or self._layers[i])
         return x
 
     @torch.inference_mode()
@@ -267,6 +365,23 @@ class Transformer:
         ctx = self.context(attention_mask)
         x = self.run_blocks(self.embed(input_ids, ctx), ctx, 0, self.mc.n_layers, override)
         return self.logits(self.final_norm(x))
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                         ) -> torch.Tensor:
+    """Attention of one query per row (a decode step) as plain matmuls in fp32: each group of query
+    heads against the key/value head it shares (grouped-query attention). On a CPU this is ~10x
+    faster than SDPA's flash kernel for one bf16 query, and as exact (docs/precision.md).
+
+    ``q`` [B, H, 1, hd], ``k``/``v`` [B, H_kv, S, hd] (any float dtype, e.g. an fp32 cache),
+    ``mask`` [B, 1, 1, S] -> [B, H, 1, hd] in ``q``'s dtype.
+    """
+    B, H, _, hd = q.shape
+    kv = k.shape[1]
+    qg = q.float().reshape(B, kv, H // kv, hd)  # query heads j*H/H_kv .. (j+1)*H/H_kv - 1 read key/value head j
+    att = (qg @ k.float().transpose(-1, -2)) * scale
+    p = att.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p @ v.float()).to(q.dtype).reshape(B, H, 1, hd)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kernels import _apply
+from .model import linears
 
 if TYPE_CHECKING:
     from .constellation import Constellation
@@ -67,6 +68,11 @@ class _Recorder:
             self.seen.append((weight, bias, x))
         return self.inner.linear(x, weight, bias)
 
+    def linears(self, x, modules):
+        if any(m + ".weight" in self.writers for m in modules):
+            return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
+        return linears(self.inner, x, modules)
+
     def vector(self, name):
         return self.inner.vector(name)
 
@@ -94,15 +100,15 @@ class PassRecord:
             i = c.first + li
             src, gsrc, lr = c.sources[i][s], c.sources[i][0], c.lowrank[i][s]
             delta = None
-            for name, bias, xin in seen:
+            for name, bias, xin in seen:  # in fp32: a difference of two half-precision outputs would cancel
                 conv = c.g.arch.roles[name].layout == "conv1d"
                 terms = []
                 if src[name] is not gsrc[name]:  # a dense writer that differs from G's
-                    terms.append(_apply(xin, src[name], conv) - _apply(xin, gsrc[name], conv))
+                    terms.append(_apply(xin.float(), src[name].float() - gsrc[name].float(), conv))
                 if name in lr:
-                    terms.append(lr[name].apply(xin))
+                    terms.append(lr[name].apply(xin).float())
                 if bias and bias in src and src[bias] is not gsrc[bias]:
-                    terms.append(src[bias] - gsrc[bias])
+                    terms.append(src[bias].float() - gsrc[bias].float())
                 for t in terms:
                     delta = t if delta is None else delta + t
             out.append(_masked_abs_mean(h if delta is None else h + delta, self.fmask))

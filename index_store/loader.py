@@ -34,9 +34,19 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively (elsewhere torch emulates them, slower than fp32)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' storage and compute dtype. ``auto``: bf16 on CUDA, and on a CPU with native bf16
+    (measured fastest there at 1, 2, 4 and 16 rows, within tolerance of fp32: docs/precision.md,
+    ``python -m bench.kernels``); fp32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -160,7 +170,7 @@ def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dty
     from .peft import is_adapter_folder, load_adapter
 
     t0 = time.perf_counter()
-    g = load_model(cfg.generalist.path, device, dtype)
+    g = load_model(cfg.generalist.path, device, dtype).fuse()  # specialists built on it share the fused layout
     tok = load_tokenizer(cfg.generalist.path)
     specialists, diffs, adapters = {}, {}, {}
     for dom, folder in cfg.specialists.items():
