@@ -42,10 +42,14 @@ def demo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo(demo_cache):
+    """The demo in fp32 (its config says dtype = "auto", which is bf16 on CPUs with native bf16):
+    the exactness checks here compare with transformers and PEFT in fp32."""
+    from index_store.config import load_config
     from index_store.loader import load_constellation
 
     cache, p = demo_cache
-    return load_constellation(Path(p.stdout.strip().splitlines()[-1]))
+    cfg = load_config(Path(p.stdout.strip().splitlines()[-1]))
+    return load_constellation(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"dtype": "float32"})}))
 
 
 ARTIFACTS = ROOT / "demo" / "artifacts"
