@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from composer.model import Transformer, matmul_kernels
 from composer.weights import load_model
+from server.engine.kv_cache import DecodeView, PrefillView, SlotCache
 
 # The tolerance a candidate must meet on the demo to be chosen (real 135M model, 64 decode steps).
 LOGPROB_TOL = 1.0  # max |Δ log-prob| against fp32 over every position and vocabulary entry
@@ -124,43 +125,17 @@ CANDIDATES = [
 ]
 
 
-# ---- a slot KV cache and its views, as server.engine keeps them (private copy) ------------------------------
-class Slots:
-    def __init__(self, m: Transformer, slots: int, max_len: int, dtype: torch.dtype | None = None):
-        shape = (slots, m.mc.n_kv_heads, max_len, m.mc.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype or m.dtype) for _ in range(m.mc.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype or m.dtype) for _ in range(m.mc.n_layers)]
+# ---- the engine's slot KV cache and its views -------------------------------------------------------------
+def Slots(m: Transformer, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotCache:
+    return SlotCache(m.mc.n_layers, slots, m.mc.n_kv_heads, max_len, m.mc.head_dim, dtype or m.dtype, m.device)
 
 
-class PrefillView:
-    def __init__(self, cache: Slots, slot: int):
-        self.cache, self.slot = cache, slot
-
-    def update(self, i, k, v):
-        T = k.shape[2]
-        self.cache.k[i][self.slot, :, :T] = k[0]
-        self.cache.v[i][self.slot, :, :T] = v[0]
-        return k, v
-
-
-class DecodeView:
-    def __init__(self, cache: Slots, lengths: torch.Tensor, span: int):
-        self.cache, self.lengths, self.span = cache, lengths, span
-        self.rows = torch.arange(lengths.shape[0])
-
-    def update(self, i, k, v):
-        B = k.shape[0]
-        self.cache.k[i][self.rows, :, self.lengths] = k[:, :, 0].to(self.cache.k[i].dtype)
-        self.cache.v[i][self.rows, :, self.lengths] = v[:, :, 0].to(self.cache.v[i].dtype)
-        return self.cache.k[i][:B, :, : self.span], self.cache.v[i][:B, :, : self.span]
-
-
-def decode_step(m: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, cache: Slots) -> torch.Tensor:
+def decode_step(m: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, cache: SlotCache) -> torch.Tensor:
     """One B-row decode step: fp32 logits ``[B, V]``."""
     return _step(m, tokens, lengths, int(lengths.max()) + 1, cache)
 
 
-def _step(m: Transformer, tokens, lengths, span: int, cache: Slots) -> torch.Tensor:
+def _step(m: Transformer, tokens, lengths, span: int, cache: SlotCache) -> torch.Tensor:
     mask = (torch.arange(span)[None, :] <= lengths[:, None])[:, None, None, :]
     ctx = m.positional_context(lengths[:, None], mask, DecodeView(cache, lengths, span))
     x = m.run_blocks(m.embed(tokens[:, None], ctx), ctx, 0, m.mc.n_layers)

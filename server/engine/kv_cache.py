@@ -102,8 +102,8 @@ class DecodeView:
 
     def update(self, i, k, v):
         B = k.shape[0]
-        self.cache.k[i][self.rows, :, self.lengths] = k[:, :, 0]
-        self.cache.v[i][self.rows, :, self.lengths] = v[:, :, 0]
+        self.cache.k[i][self.rows, :, self.lengths] = k[:, :, 0].to(self.cache.k[i].dtype)  # (index_put: no cast)
+        self.cache.v[i][self.rows, :, self.lengths] = v[:, :, 0].to(self.cache.v[i].dtype)
         return self.cache.k[i][:B, :, : self.span], self.cache.v[i][:B, :, : self.span]
 
 
@@ -115,8 +115,8 @@ class PrefillView:
 
     def update(self, i, k, v):
         T = k.shape[2]
-        self.cache.k[i][self.slot, :, :T] = k[0]
-        self.cache.v[i][self.slot, :, :T] = v[0]
+        self.cache.k[i][self.slot, :, :T] = k[0].to(self.cache.k[i].dtype)
+        self.cache.v[i][self.slot, :, :T] = v[0].to(self.cache.v[i].dtype)
         return k, v
 
 
