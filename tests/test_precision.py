@@ -25,6 +25,7 @@ from composer.modes import CompositionParams
 from composer.weights import load_model
 from index_store.config import load_config
 from index_store.loader import load_constellation, load_tokenizer, pick_dtype, tokenize
+from test_lowrank import PROMPTS  # the same five prompts, one per fixture domain
 
 BF16_LOGPROB_TOL = 0.01
 FP16_LOGPROB_TOL = 0.0015
@@ -37,13 +38,6 @@ ALPHA_TOL = {torch.bfloat16: 0.01, torch.float16: 0.002}
 FUSED_TOL = 1e-5
 HALF = [torch.bfloat16, torch.float16]
 
-PROMPTS = [
-    "The patient fever biopsy dose tumor renal.",
-    "The contract clause licensee warranty court.",
-    "The def return import class lambda.",
-    "The protein enzyme photon.",
-    "The weather family garden music.",
-]
 # one mixed batch: every row its own mode (and composition)
 MODES = [
     CompositionParams(mode="constellation"),
