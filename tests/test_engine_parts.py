@@ -41,7 +41,7 @@ def test_slot_cache_keeps_every_rows_keys_through_stage_promote_release():
     cache = SlotCache(2, 6, 1, 8, 2, torch.float32, "cpu")
     rows, values, staged = [], [], []
     for step in range(400):
-        op = rng.choice(["stage", "promote", "release"])
+        op = rng.choice(["stage", "promote", "release", "release_all"])
         if op == "stage" and cache.free:
             r = Row(-1, None, rng.randint(1, 8))
             cache.stage(r)
@@ -58,6 +58,13 @@ def test_slot_cache_keeps_every_rows_keys_through_stage_promote_release():
             if r in staged:
                 staged.remove(r)
             cache.release(r)
+        elif op == "release_all" and rows:
+            gone = rng.sample(range(len(rows)), rng.randint(1, len(rows)))
+            cache.release_all([rows[k] for k in gone])
+            for k in sorted(gone, reverse=True):
+                if rows[k] in staged:
+                    staged.remove(rows[k])
+                rows.pop(k), values.pop(k)
         _check(cache, rows, values)
     with pytest.raises(RuntimeError):
         for _ in range(cache.free + 1):

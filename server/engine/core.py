@@ -149,8 +149,7 @@ class Engine:
 
     def _drop(self, job: PrefillJob, error: str | None = None) -> None:
         self.prefilling.remove(job)
-        for r in sorted(job.rows, key=lambda r: -r.slot):
-            self.cache.release(r)
+        self.cache.release_all(job.rows)
         if error is not None:
             for i in range(job.request.n):
                 job.request.emit(Event(i, finish_reason="error", error=error))
@@ -167,8 +166,7 @@ class Engine:
             try:
                 self.prefilling.append(self.runner.start(req, rows))
             except Exception as e:  # e.g. a composition the constellation refuses
-                for r in sorted(rows, key=lambda r: -r.slot):
-                    self.cache.release(r)
+                self.cache.release_all(rows)
                 for i in range(req.n):
                     req.emit(Event(i, finish_reason="error", error=f"{type(e).__name__}: {e}"))
 
@@ -220,7 +218,7 @@ class Engine:
         seqs = []
         for i, rows in enumerate(per_choice):
             gen = None if req.params.seed is None else torch.Generator().manual_seed(int(req.params.seed) + i)
-            seqs.append(Sequence(req, i, rows, job.plan.kind == "logit", gen, self.eos,
+            seqs.append(Sequence(req, i, rows, job.request.plan.kind == "logit", gen, self.eos,
                                  Detokenizer(self.tok, req.params.stop)))
         self.running.extend(seqs)
         for seq in seqs:
@@ -228,7 +226,7 @@ class Engine:
         if self.metrics:
             self.metrics.compose_time(time.perf_counter() - t1)
             self.metrics.prompt_tokens.inc(job.T * req.n)
-            self.metrics.requests_mode.labels(job.plan.mode).inc()
+            self.metrics.requests_mode.labels(job.request.plan.mode).inc()
 
     # ---- decoding ------------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -279,8 +277,7 @@ class Engine:
             return
         seq.finished = True
         self.running.remove(seq)
-        for r in sorted(seq.rows, key=lambda r: -r.slot):
-            self.cache.release(r)
+        self.cache.release_all(seq.rows)
         if notify:
             seq.request.emit(Event(seq.index, "", finish_reason=reason if error is None else "error", error=error))
         if self.metrics and reason and error is None:

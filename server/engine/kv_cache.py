@@ -70,6 +70,11 @@ class SlotCache:
                 self._move(low, slot)
             self.staged -= 1
 
+    def release_all(self, owners) -> None:
+        """Free several rows, each region's outermost first (so no row is moved only to be freed)."""
+        for o in sorted(owners, key=lambda o: -o.slot if o.slot < self.decoding else o.slot):
+            self.release(o)
+
     def promote(self, owner) -> None:
         """Move a staged row (``owner.length`` tokens) into the decode region."""
         low = self.slots - self.staged

@@ -47,7 +47,6 @@ class PrefillJob:
     fp_n: float = 0.0
     last_hidden: torch.Tensor | None = None  # G's final-normed hidden state of the last prompt token
     seconds: float = 0.0  # time spent in the generalist pass
-    plan: Plan | None = None
     comps: list[tuple[float | None, torch.Tensor]] = field(default_factory=list)
     comp: int = 0  # component whose tail is running
     tail_done: int = 0
@@ -148,8 +147,7 @@ class ModelRunner:
         gp = GeneralistPass(job.ids[None], am, ctx, torch.cat(job.trunk, 1), job.last_hidden, fp,
                             decompose.alpha(fp.cpu(), c.basis), job.fmask[None], record=record)
         gp.timings["fingerprint"] = job.seconds
-        job.plan = plan = self.plan_for(gp, job.request.composition)
-        job.request.plan = plan
+        job.request.plan = plan = self.plan_for(gp, job.request.composition)
         if plan.kind == "logit":
             comps = [(None, _one_hot(len(c.domains), c.d, None))] + [
                 (beta, _one_hot(len(c.domains), c.d, i)) for i, beta in plan.betas.items()]
@@ -185,8 +183,7 @@ class ModelRunner:
     def finish(self, job: PrefillJob) -> list[list[Row]]:
         """Fork the components for every choice, promote the rows to decoding; rows per choice."""
         C, T = len(job.comps), job.T
-        for extra in job.rows[C * job.request.n:]:
-            self.cache.release(extra)
+        self.cache.release_all(job.rows[C * job.request.n:])
         per_choice = [job.rows[i * C:(i + 1) * C] for i in range(job.request.n)]
         for rows in per_choice[1:]:
             for base, r in zip(per_choice[0], rows):
