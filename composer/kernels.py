@@ -209,10 +209,9 @@ class ComposedParams:
 
     def linears(self, x: torch.Tensor, modules: tuple[str, ...]) -> list[torch.Tensor]:
         """Linear maps of one input (q/k/v, gate/up): one matmul when G's fused matrix serves them."""
-        if modules not in self.fused:
+        ys = _fused_outputs(self.fused, x, modules)
+        if ys is None:
             return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
-        w, f, sizes = self.fused[modules]
-        ys = F.linear(x if f is None else scaled(x, f), w).split(sizes, dim=-1)
         return [self._finish(y, x, m + ".weight", m + ".bias") for y, m in zip(ys, modules)]
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
@@ -296,10 +295,9 @@ class MixedParams:
 
     def linears(self, x: torch.Tensor, modules: tuple[str, ...]) -> list[torch.Tensor]:
         """Linear maps of one input (q/k/v, gate/up): one matmul when G's fused matrix serves them."""
-        if modules not in self.fused:
+        ys = _fused_outputs(self.fused, x, modules)
+        if ys is None:
             return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
-        w, f, sizes = self.fused[modules]
-        ys = F.linear(x if f is None else scaled(x, f), w).split(sizes, dim=-1)
         out = []
         for y, m in zip(ys, modules):
             _, how, g = self.dense[m + ".weight"][0]
@@ -314,3 +312,12 @@ class MixedParams:
         if bias and bias in self.vec:
             y = y + self.vec[bias]
         return y
+
+
+def _fused_outputs(fused: dict, x: torch.Tensor, modules: tuple[str, ...]) -> tuple[torch.Tensor, ...] | None:
+    """G's fused matrix for ``modules`` applied once (its input factor first), split per module;
+    None when the composition does not keep that matrix."""
+    if modules not in fused:
+        return None
+    w, f, sizes = fused[modules]
+    return F.linear(x if f is None else scaled(x, f), w).split(sizes, dim=-1)
