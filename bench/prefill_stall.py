@@ -6,8 +6,9 @@ Through the real HTTP server (demo by default): ``--streams`` greedy streams dec
 running, a ``--prompt-tokens`` prompt arrives. Every running stream's inter-token gaps are
 recorded; the report gives the median gap, the worst gap while the long prompt was being
 prefilled, their ratio (target ≤ 3), and the long prompt's time to first token. Run twice in one
-process: *chunked* (the engine's default: prefill sized to about one decode step while streams
-run) and *whole* (``prefill_chunk_min = prefill_chunk_max``: the prompt in one step, as before).
+run: *chunked* (the engine's default: prefill sized to about one decode step while streams run)
+and *whole* (``--prefill-chunk 4096 --prefill-chunk-min 4096``: the prompt in one step, as
+before). Each is a ``constellation serve`` process started as users start it (bench.served).
 """
 
 from __future__ import annotations
@@ -57,27 +58,32 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=15, help="streams decoding when the long prompt arrives")
     ap.add_argument("--prompt-tokens", type=int, default=1500, help="length of the long prompt")
     ap.add_argument("--tokens", type=int, default=160, help="tokens each running stream generates")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="the server's --dtype "
+                    "(default: the config's)")
+    ap.add_argument("--log-dir", default="/tmp", help="where the servers' logs go (default /tmp)")
     args = ap.parse_args()
 
-    from bench.loopback import LoopbackServer
+    from bench.served import ServedConstellation
     from demo.build import demo_config
-    from index_store.loader import load_constellation
-    from server.app import create_app
-    from server.engine import Limits
+    from index_store.config import load_config
+    from index_store.loader import load_tokenizer, pick_device, pick_dtype
 
-    loaded = load_constellation(Path(args.config) if args.config else demo_config())
+    config_path = Path(args.config) if args.config else demo_config()
+    config = load_config(config_path)
+    tokenizer = load_tokenizer(config.generalist.path)
     text = " ".join(PROMPTS) + " "
-    long_ids = loaded.tokenizer(text * (1 + args.prompt_tokens // 100))["input_ids"][: args.prompt_tokens]
+    long_ids = tokenizer(text * (1 + args.prompt_tokens // 100))["input_ids"][: args.prompt_tokens]
     base = dict(max_running=args.streams + 1, max_seq_len=args.prompt_tokens + 64,
-                max_prompt_tokens=args.prompt_tokens)
-    variants = {"chunked": Limits(**base), "whole": Limits(**base, prefill_chunk_min=4096, prefill_chunk_max=4096)}
+                max_prompt_tokens=args.prompt_tokens, dtype=args.dtype)
+    variants = {"chunked": {}, "whole": dict(prefill_chunk=4096, prefill_chunk_min=4096)}
     rows = {}
-    for name, limits in variants.items():
-        with LoopbackServer(create_app(loaded, limits)) as url:
+    for name, flags in variants.items():
+        with ServedConstellation(config_path, Path(args.log_dir) / f"prefill-stall-{name}.log", **base, **flags) as url:
             asyncio.run(_scenario(url, 2, long_ids[:64], 12))  # warm-up
             rows[name] = asyncio.run(_scenario(url, args.streams, long_ids, args.tokens))
+    dtype = pick_dtype(args.dtype or config.runtime.dtype, device := pick_device(config.runtime.device))
     print(f"{args.streams} running streams, a {len(long_ids)}-token prompt arrives "
-          f"({loaded.report['device']} {loaded.report['dtype']})")
+          f"({device} {str(dtype).removeprefix('torch.')})")
     print(f"{'':10}{'median gap ms':>15}{'worst gap ms':>14}{'worst/median':>14}{'long TTFT s':>13}")
     for name, r in rows.items():
         print(f"{name:10}{r['median_gap'] * 1e3:15.1f}{r['worst_gap'] * 1e3:14.1f}"

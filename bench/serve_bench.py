@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.serve_bench [--config CONFIG] [--tokens 64] [--streams 16]
 
+Against ``constellation serve`` in its own process, started as users start it (bench.served).
 Greedy, ``ignore_eos``, N new tokens, streamed. For each mode: at 1 stream, time to first token
 and decode tokens/s (tokens after the first / time after the first); at ``--streams`` concurrent
 streams with different prompts across domains, mean TTFT and aggregate decode tokens/s. Prints
@@ -75,21 +76,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="single-stream runs per mode (median)")
+    ap.add_argument("--log", default="/tmp/serve-bench.log", help="the server's log (default /tmp/serve-bench.log)")
     args = ap.parse_args()
 
-    from bench.loopback import LoopbackServer
+    from bench.served import ServedConstellation
     from demo.build import demo_config
     from index_store.loader import load_constellation
-    from server.app import create_app
-    from server.engine import Limits
 
-    loaded = load_constellation(Path(args.config) if args.config else demo_config())
-    c = loaded.constellation
-    app = create_app(loaded, Limits(max_running=max(16, args.streams), max_waiting=64, max_seq_len=512,
-                                    max_prompt_tokens=256, max_new_tokens=256))
+    config = Path(args.config) if args.config else demo_config()
+    slots, seq = max(16, args.streams), 512
+    served = ServedConstellation(config, Path(args.log), max_running=slots, max_waiting=64, max_seq_len=seq,
+                                 max_prompt_tokens=256, max_new_tokens=256)
     prompts = (PROMPTS * ((args.streams + len(PROMPTS) - 1) // len(PROMPTS)))[: args.streams]
     rows = {}
-    with LoopbackServer(app) as url:
+    with served as url:
         asyncio.run(_run(url, "generalist", prompts[:2], 8))  # warm-up
         asyncio.run(_run(url, "constellation", prompts[:2], 8))
         for mode in ("generalist", "constellation"):
@@ -100,9 +100,11 @@ def main() -> None:
             ttftn, decn, _ = asyncio.run(_run(url, mode, prompts, args.tokens))
             rows[mode] = (ttft1, dec1, ttftn, decn)
 
+    loaded = load_constellation(config)  # for the settings and sizes printed (the server has its own copy)
+    c, mc = loaded.constellation, loaded.constellation.g.mc
     g, k = rows["generalist"], rows["constellation"]
     res = c.resident_bytes()
-    cache = sum(t.numel() * t.element_size() for t in app.state.engine.cache.k + app.state.engine.cache.v)
+    cache = 2 * mc.n_layers * slots * mc.n_kv_heads * seq * mc.head_dim * c.g.dtype.itemsize
     print(f"{loaded.report['device']} {loaded.report['dtype']}, signature={c.settings.signature}, "
           f"L={c.settings.layers}, K={c.settings.top_k}, {args.tokens} new tokens, greedy, ignore_eos")
     print(f"{'':28}{'generalist':>12}{'constellation':>15}{'ratio':>8}")

@@ -77,12 +77,6 @@ class _Recorder:
         return self.inner.vector(name)
 
 
-def _masked_abs_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``h`` [B, T, d], ``mask`` [B, T] -> mean over real tokens of |h|, [B, d] fp32 on the CPU."""
-    m = mask.to(torch.float32)[..., None]
-    return ((h.float().abs() * m).sum(-2) / m.sum(-2).clamp_min(1.0)).cpu()
-
-
 class PassRecord:
     """What the generalist pass keeps for the ``generalist`` signature: per composed block, G's
     output and the inputs of its residual writers. A specialist's signature is computed from it
@@ -94,25 +88,37 @@ class PassRecord:
 
     def specialist(self, k: int) -> torch.Tensor:
         """Specialist k's signature ``[B, Lc, d]``: ``mean_t |h_G,l + Δ_kl|`` for every composed block l."""
-        c, s = self.c, k + 1
-        out = []
-        for li, (h, seen) in enumerate(self.blocks):
-            i = c.first + li
-            src, gsrc, lr = c.sources[i][s], c.sources[i][0], c.lowrank[i][s]
-            delta = None
-            for name, bias, xin in seen:  # in fp32: a difference of two half-precision outputs would cancel
-                conv = c.g.arch.roles[name].layout == "conv1d"
-                terms = []
-                if src[name] is not gsrc[name]:  # a dense writer that differs from G's
-                    terms.append(_apply(xin.float(), src[name].float() - gsrc[name].float(), conv))
-                if name in lr:
-                    terms.append(lr[name].apply(xin).float())
-                if bias and bias in src and src[bias] is not gsrc[bias]:
-                    terms.append(src[bias].float() - gsrc[bias].float())
-                for t in terms:
-                    delta = t if delta is None else delta + t
-            out.append(_masked_abs_mean(h if delta is None else h + delta, self.fmask))
-        return torch.stack(out, dim=1)
+        total, count = specialist_abs_sum(self.c, self.blocks, self.fmask, k)
+        return total / count.clamp_min(1.0)[:, :, None]
+
+
+def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_t mask_t |h_G,l + Δ_kl|`` per composed block ``[B, Lc, d]`` and ``Σ_t mask_t`` ``[B, 1]``, fp32
+    on the CPU, over the tokens of ``blocks`` (a ``PassRecord``'s, or one prompt chunk's): sums of
+    consecutive chunks add up to the whole prompt's, so a long prompt's signature can be computed
+    a chunk at a time."""
+    s = k + 1
+    m = fmask.to(torch.float32)[..., None]
+    out = []
+    for li, (h, seen) in enumerate(blocks):
+        i = c.first + li
+        src, gsrc, lr = c.sources[i][s], c.sources[i][0], c.lowrank[i][s]
+        delta = None
+        for name, bias, xin in seen:  # in fp32: a difference of two half-precision outputs would cancel
+            conv = c.g.arch.roles[name].layout == "conv1d"
+            terms = []
+            if src[name] is not gsrc[name]:  # a dense writer that differs from G's
+                terms.append(_apply(xin.float(), src[name].float() - gsrc[name].float(), conv))
+            if name in lr:
+                terms.append(lr[name].apply(xin).float())
+            if bias and bias in src and src[bias] is not gsrc[bias]:
+                terms.append(src[bias].float() - gsrc[bias].float())
+            for t in terms:
+                delta = t if delta is None else delta + t
+        x = h if delta is None else h + delta
+        out.append((x.float().abs() * m).sum(-2).cpu())
+    return torch.stack(out, dim=1), m.sum(-2).cpu()
 
 
 @torch.inference_mode()

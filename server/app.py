@@ -142,22 +142,24 @@ def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, domains: list
 
     @app.get("/health")
     async def health():
-        if not engine.thread.is_alive() and engine.thread.ident is not None:
-            return error_response(503, "engine thread is not running", "service_unavailable")
+        if not engine.alive():
+            return error_response(503, "engine loop is not running", "service_unavailable")
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
         if engine.draining:
             return error_response(503, "draining", "service_unavailable", code="draining")
-        if not engine.thread.is_alive():
-            return error_response(503, "engine not started", "service_unavailable")
+        if not engine.alive():
+            return error_response(503, "engine loop is not running", "service_unavailable")
         return {"status": "ready", "model": model_name, "domains": domains, "modes": list(MODES),
                 "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting}
 
 
 def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, model_name: str = "constellation",
-               engine: Engine | None = None) -> FastAPI:
+               engine: Engine | None = None, engine_thread: bool = True) -> FastAPI:
+    """The app. Its lifespan starts the engine on a background thread, unless ``engine_thread`` is
+    False: then the caller runs ``engine.run()`` itself (``constellation serve``, on the main thread)."""
     c, tok = loaded.constellation, loaded.tokenizer
     metrics = Metrics()
     engine = engine or Engine(c, tok, limits, metrics)
@@ -166,7 +168,8 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
         engine.stop()
 

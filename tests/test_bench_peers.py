@@ -133,18 +133,16 @@ def test_token_counting_of_chunks():
     assert peers.reported_tokens(chunk()) is None
 
 
-def test_measures_a_real_server_as_peer_and_as_ours(built):
-    from bench.loopback import LoopbackServer
-    from index_store.loader import load_constellation
-    from server.app import create_app
-    from server.engine import Limits
+def test_measures_a_real_server_as_peer_and_as_ours(built, tmp_path):
+    """``constellation serve`` started as bench.peers starts it (bench.served), measured as both sides."""
+    from bench.served import ServedConstellation
 
-    loaded = load_constellation(built("llama", domains=("medical", "legal", "code", "science"),
-                                      everywhere=("science",)))
-    app = create_app(loaded, Limits(max_running=4, max_waiting=8, max_prompt_tokens=64, max_new_tokens=16,
-                                    max_seq_len=128))
+    conf = built("llama", domains=("medical", "legal", "code", "science"), everywhere=("science",))
+    served = ServedConstellation(conf, tmp_path / "serve.log", max_running=4, max_waiting=8, max_prompt_tokens=64,
+                                 max_new_tokens=16, max_seq_len=128, dtype="float32", threads=None)
+    assert "--dtype" in served.cmd and "--threads" not in served.cmd  # None: the flag is left out
     lines = []
-    with LoopbackServer(app) as url:
+    with served as url:
         targets = [peers.Target("llama.cpp", url, "constellation", {"ignore_eos": True,
                                                                      "composition": {"mode": "generalist"}}),
                    peers.Target("generalist", url, "constellation", {"ignore_eos": True,
@@ -152,6 +150,7 @@ def test_measures_a_real_server_as_peer_and_as_ours(built):
                    peers.Target("constellation", url, "constellation", {"ignore_eos": True,
                                                                          "composition": {"mode": "constellation"}})]
         rows = peers.compare(targets, tokens=4, streams=2, repeats=1, log=lines.append)
+    assert served.proc.returncode == 0  # SIGTERM on exit: drained and exited cleanly
     assert len(lines) == 6
     for r in rows.values():
         assert r["tokens"] == r["counted"] == [4]  # one chunk per token, as many as asked, as reported

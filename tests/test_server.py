@@ -442,6 +442,37 @@ def test_serve_command_drains_on_sigterm(built, tmp_path):
             proc.kill()
 
 
+def test_serve_command_exits_on_sigint_while_idle(built):
+    """Ctrl+C on an idle server: the engine loop sleeps on the main thread and still wakes for the
+    signal; the server shuts down and exits 0. A busy port makes it exit 1."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    conf, port, root = built("llama", domains=("medical", "legal")), _free_port(), Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(conf), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd + ["--port", str(port)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        time.sleep(1.0)  # idle: the loop is asleep waiting for work
+        busy = subprocess.run(cmd + ["--port", str(port)], cwd=root, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and "address already in use" in busy.stderr
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_mid_stream_failure_is_an_error_event(loaded):
     s = Server(loaded)
     try:

@@ -1,4 +1,11 @@
-"""The engine: one background thread that owns the models and runs the loop.
+"""The engine: one thread that owns the models and runs the loop.
+
+``constellation serve`` runs the loop on the process's main thread (``run``), the thread that loaded
+the models, and the HTTP server beside it; the serving code never computes with torch. Each thread
+that runs a torch parallel region gets its own OpenMP team, and with two teams libgomp counts more
+threads than cores and lets its workers sleep between regions instead of spinning: a decode step
+took about twice as long (docs/benchmarks.md, "Which thread decodes"). Tests and embedders may use
+``start``, a background thread.
 
 Each iteration: run jobs queued by other threads (``call``), drop cancelled work, admit waiting
 requests into staged KV slots (scheduler), run one prefill step within the measured budget
@@ -45,13 +52,22 @@ class Engine:
         self.running: list[Sequence] = []
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
+        self.looping = False  # the loop is running, on whichever thread
         self.steps = 0  # decode steps run
         self.mixed_steps = 0  # of which through the mix kernel (rows with different compositions)
         self.prefill_steps = 0
 
     # ---- public API (any thread) -------------------------------------------------------------
     def start(self) -> None:
+        """Run the loop on a background thread."""
         self.thread.start()
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until ``stop``."""
+        self._loop()
+
+    def alive(self) -> bool:
+        return self.looping
 
     def submit(self, req: Request) -> None:
         self.scheduler.submit(req)
@@ -88,7 +104,8 @@ class Engine:
         with self.scheduler.lock:
             self.scheduler.stopped = True
             self.scheduler.lock.notify()
-        self.thread.join(timeout=10)
+        if self.thread.ident is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     @property
     def draining(self) -> bool:
@@ -117,7 +134,15 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while self.scheduler.wait_for_work(lambda: bool(self.running or self.prefilling or not self.jobs.empty())):
+        self.looping = True
+        try:
+            self._iterate(0.25 if threading.current_thread() is threading.main_thread() else None)
+        finally:
+            self.looping = False
+
+    def _iterate(self, poll_s: float | None) -> None:
+        busy = lambda: bool(self.running or self.prefilling or not self.jobs.empty())  # noqa: E731
+        while self.scheduler.wait_for_work(busy, poll_s):
             try:
                 while not self.jobs.empty():
                     self.jobs.get_nowait()()
@@ -180,23 +205,15 @@ class Engine:
                 if int(share) >= 1:
                     batch.append((job, int(share)))
             elif share > 0:
-                cost += self._tails(job, share)
+                spent = [0.0]
+                self._guard([job], lambda: spent.__setitem__(0, self.runner.spend(job, share)))
+                cost += spent[0]
         if batch and self._guard([j for j, _ in batch], lambda: self.runner.generalist_chunk(batch)):
             cost += sum(n for _, n in batch)
         self.prefill_steps += 1
         self.scheduler.observe_prefill(cost, time.perf_counter() - t0)
         for job in [j for j in self.prefilling if j.phase == "done"]:
             self._guard([job], lambda: self._start_sequences(job))
-
-    def _tails(self, job: PrefillJob, share: float) -> float:
-        """Composed-tail chunks of ``job`` (component after component) worth ``share`` tokens."""
-        frac, spent = self.runner.tail_fraction, 0.0
-        while job.phase == "tail" and share - spent >= frac / 2:
-            n = max(1, min(job.T - job.tail_done, round((share - spent) / frac)))
-            if not self._guard([job], lambda: self.runner.tail_chunk(job, n)):
-                break
-            spent += n * frac
-        return spent
 
     def _guard(self, jobs: list[PrefillJob], fn: Callable[[], None]) -> bool:
         """Run a prefill piece; on failure the jobs it served end with an error event."""

@@ -7,9 +7,12 @@ Prefill of a request runs in two phases, each in chunks the scheduler sizes:
    entering the first composed block, sums the fingerprint, and records what the in-pass
    signatures need. G's own keys/values of the composed blocks go to a scratch store (they are
    not the composed model's), except in modes where G itself is what runs (``generalist_only``).
-2. *tail*: once the whole prompt is in, the plan is made (fingerprint → alpha → weights), and for
-   each component row (one, or 1 + K in ``logit`` mode) the composed blocks run over the kept
-   trunk state, chunk by chunk, into that row's slot.
+2. *signatures*: once the whole prompt is in, the plan is made (fingerprint → alpha → weights). If
+   the mode asks for in-pass (``generalist``) signatures, each requested specialist's is summed
+   over the recorded chunks, a few chunks per step, so a long prompt's planning does not stall
+   the decoding streams in one step.
+3. *tail*: for each component row (one, or 1 + K in ``logit`` mode) the composed blocks run over
+   the kept trunk state, chunk by chunk, into that row's slot.
 
 Decode steps run every decoding row in one batch: materialized blocks when all rows share one
 composition, the mix kernel otherwise (composer.kernels; both exact).
@@ -27,9 +30,9 @@ from composer import decompose
 from composer.constellation import Constellation, GeneralistPass
 from composer.kernels import stack_rows
 from composer.modes import Plan
-from composer.signatures import PassRecord, in_pass_signatures
+from composer.signatures import in_pass_signatures, specialist_abs_sum
 from .kv_cache import ChunkView, DecodeView, ScratchStore, SlotCache, SlotStore
-from .types import Request, Row
+from .types import NeedSignature, PlanSummary, Request, Row, SignatureWork, PendingSignatures
 
 
 @dataclass
@@ -47,6 +50,8 @@ class PrefillJob:
     fp_n: float = 0.0
     last_hidden: torch.Tensor | None = None  # G's final-normed hidden state of the last prompt token
     seconds: float = 0.0  # time spent in the generalist pass
+    gp: GeneralistPass | None = None  # once the whole prompt is through G
+    sig: SignatureWork | None = None  # an in-pass signature being computed
     comps: list[tuple[float | None, torch.Tensor]] = field(default_factory=list)
     comp: int = 0  # component whose tail is running
     tail_done: int = 0
@@ -60,6 +65,8 @@ class PrefillJob:
     def phase(self) -> str:
         if self.done < self.T:
             return "generalist"
+        if self.sig is not None:
+            return "signatures"
         return "tail" if self.comp < len(self.comps) else "done"
 
 
@@ -68,6 +75,8 @@ class ModelRunner:
         self.c, self.g, self.cache = constellation, constellation.g, cache
         self.plan_for = plan_for
         self.tail_fraction = (self.c.n - self.c.first) / self.c.n  # cost of a tail token vs a full one
+        self.g_seconds_per_token: float | None = None  # measured: generalist chunks ...
+        self.sig_seconds_per_token: float | None = None  # ... and signature chunks
         self._batch: tuple | None = None  # (row weight ids, weights, composed blocks, shared?)
 
     # ---- prefill ---------------------------------------------------------------------------------
@@ -84,9 +93,20 @@ class ModelRunner:
                                  g.dtype, g.device)
         return PrefillJob(req, rows, mode, ids, fmask, store)
 
+    @property
+    def signature_fraction(self) -> float:
+        """Cost of one prompt token of one specialist's signature vs one token through G (measured;
+        0.05 until both have been)."""
+        if self.g_seconds_per_token and self.sig_seconds_per_token:
+            return self.sig_seconds_per_token / self.g_seconds_per_token
+        return 0.05
+
     def remaining_cost(self, job: PrefillJob) -> float:
+        """What is left of ``job``'s prefill, in tokens-through-G (the scheduler's budget unit)."""
         if job.phase == "generalist":
             return job.T - job.done
+        if job.phase == "signatures":
+            return (job.T - job.sig.pos) * self.signature_fraction
         if job.phase != "tail":
             return 0.0
         return ((len(job.comps) - job.comp) * job.T - job.tail_done) * self.tail_fraction
@@ -124,41 +144,83 @@ class ModelRunner:
             job.last_hidden = final[b:b + 1, n - 1:n]
             job.done += n
             job.rows[0].length = job.done
-        share = (time.perf_counter() - t0) / len(batch)
+        elapsed = time.perf_counter() - t0
+        self.g_seconds_per_token = elapsed / sum(n for _, n in batch)
+        share = elapsed / len(batch)
         for job, _ in batch:
             job.seconds += share
             if job.done == job.T:
-                self._plan(job)
+                self._fingerprinted(job)
 
-    def _plan(self, job: PrefillJob) -> None:
+    def _fingerprinted(self, job: PrefillJob) -> None:
+        """The whole prompt is through G: its generalist pass (fingerprint, alpha), then the plan."""
         c, g = self.c, self.g
-        T = job.T
         fp = (job.fp_sum / max(job.fp_n, 1.0))[None]
-        am = torch.ones((1, T), dtype=torch.long, device=g.device)
-        record = None
-        if job.records:
-            record = PassRecord(c, job.fmask[None])
-            record.blocks = [(torch.cat([ch[li][0] for ch in job.records], 1),
-                              [(nm, bias, torch.cat([ch[li][1][wi][2] for ch in job.records], 1))
-                               for wi, (nm, bias, _) in enumerate(job.records[0][li][1])])
-                             for li in range(len(job.records[0]))]
+        am = torch.ones((1, job.T), dtype=torch.long, device=g.device)
         # the whole prompt's context only serves the signatures that rerun blocks (trunk, full)
         ctx = None if c.settings.signature == "generalist" else g.context(am)
-        gp = GeneralistPass(job.ids[None], am, ctx, torch.cat(job.trunk, 1), job.last_hidden, fp,
-                            decompose.alpha(fp.cpu(), c.basis), job.fmask[None], record=record)
-        gp.timings["fingerprint"] = job.seconds
-        job.request.plan = plan = self.plan_for(gp, job.request.composition)
+        job.gp = GeneralistPass(job.ids[None], am, ctx, torch.cat(job.trunk, 1), job.last_hidden, fp,
+                                decompose.alpha(fp.cpu(), c.basis), job.fmask[None],
+                                record=PendingSignatures() if job.records else None)
+        job.gp.timings["fingerprint"] = job.seconds
+        job.trunk = [job.gp.trunk]
+        self._try_plan(job)
+
+    def _try_plan(self, job: PrefillJob) -> None:
+        """Plan, unless the mode asks for an in-pass signature not computed yet: then that one is
+        computed first, a few record chunks per step (``signature_chunks``), and planning resumes."""
+        try:
+            plan = self.plan_for(job.gp, job.request.composition)
+        except NeedSignature as need:
+            job.sig = SignatureWork(need.k)
+            return
+        job.records = []
+        job.request.plan, job.request.summary = plan, PlanSummary.of(plan)
+        c, g = self.c, self.g
         if plan.kind == "logit":
             comps = [(None, _one_hot(len(c.domains), c.d, None))] + [
                 (beta, _one_hot(len(c.domains), c.d, i)) for i, beta in plan.betas.items()]
         else:
             comps = [(None, plan.source_weights)]
-        job.comps, job.trunk, job.records = comps, [gp.trunk], []
+        job.comps = comps
         for j, (beta, w) in enumerate(comps):
             job.rows[j].weights, job.rows[j].beta = w, beta
         if job.mode.generalist_only:  # G's own row: the generalist pass already ran it
             job.logits.append(g.logits(job.last_hidden)[0, -1].float().cpu())
             job.comp = 1
+
+    def spend(self, job: PrefillJob, share: float) -> float:
+        """Run ``job``'s signature or tail chunks worth about ``share`` tokens-through-G; the cost spent."""
+        if job.phase == "signatures":
+            frac = self.signature_fraction
+            return self.signature_chunks(job, max(1, round(share / frac))) * frac
+        frac, spent = self.tail_fraction, 0.0
+        while job.phase == "tail" and share - spent >= frac / 2:
+            n = max(1, min(job.T - job.tail_done, round((share - spent) / frac)))
+            self.tail_chunk(job, n)
+            spent += n * frac
+        return spent
+
+    @torch.inference_mode()
+    def signature_chunks(self, job: PrefillJob, tokens: int) -> int:
+        """The pending specialist's in-pass signature over the next record chunks, at least one and
+        about ``tokens`` prompt tokens; returns the tokens covered."""
+        w, t0, covered = job.sig, time.perf_counter(), 0
+        while w.chunk < len(job.records) and (covered == 0 or covered < tokens):
+            blocks = job.records[w.chunk]
+            n = int(blocks[0][0].shape[1])
+            total, count = specialist_abs_sum(self.c, blocks, job.fmask[None, w.pos:w.pos + n], w.k)
+            w.total = total if w.total is None else w.total + total
+            w.count = count if w.count is None else w.count + count
+            w.chunk, w.pos, covered = w.chunk + 1, w.pos + n, covered + n
+        seconds = time.perf_counter() - t0
+        job.gp.timings["signature"] = job.gp.timings.get("signature", 0.0) + seconds
+        self.sig_seconds_per_token = seconds / max(covered, 1)
+        if w.chunk == len(job.records):
+            job.gp._signatures[w.k] = w.total / w.count.clamp_min(1.0)[:, :, None]
+            job.sig = None
+            self._try_plan(job)
+        return covered
 
     @torch.inference_mode()
     def tail_chunk(self, job: PrefillJob, n: int) -> None:

@@ -54,11 +54,12 @@ class Scheduler:
         with self.lock:
             self.lock.notify()
 
-    def wait_for_work(self, busy: Callable[[], bool]) -> bool:
-        """Block until there is something to do; False once stopped."""
+    def wait_for_work(self, busy: Callable[[], bool], poll_s: float | None = None) -> bool:
+        """Block until there is something to do; False once stopped. ``poll_s``: wake that often anyway
+        (on the main thread, so that Python runs signal handlers that arrived while it slept)."""
         with self.lock:
             while not self.stopped and not self.waiting and not busy():
-                self.lock.wait()
+                self.lock.wait(poll_s)
             return not self.stopped
 
     # ---- admission (engine thread) -------------------------------------------------------------

@@ -60,6 +60,49 @@ class Event:
     error: str | None = None
 
 
+class NeedSignature(Exception):
+    """Raised into planning when the mode asks for specialist ``k``'s in-pass signature."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.k = k
+
+
+class PendingSignatures:
+    """A generalist pass's record while its signatures are computed chunk by chunk: the ones done
+    are in the pass's ``_signatures``; asking for another one raises ``NeedSignature``."""
+
+    def specialist(self, k: int):
+        raise NeedSignature(k)
+
+
+@dataclass
+class SignatureWork:
+    """Specialist ``k``'s signature sums so far: record chunks ``< chunk`` (prompt tokens ``< pos``)."""
+
+    k: int
+    chunk: int = 0
+    pos: int = 0
+    total: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What the web side reports of a plan, as plain Python: the serving code never touches a tensor
+    (torch ops on a second thread start a second OpenMP team, which slows every engine step)."""
+
+    mode: str
+    selected: list[int]
+    alpha: list[float]
+    mean_entropy_bits: float
+
+    @classmethod
+    def of(cls, plan: Plan) -> "PlanSummary":
+        return cls(plan.mode, [int(i) for i in plan.selected], [float(a) for a in plan.alpha.tolist()],
+                   plan.mean_entropy_bits)
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -72,6 +115,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled by the engine
     plan: Plan | None = None
+    summary: PlanSummary | None = None  # of ``plan``, set with it
     started: float | None = None
 
 

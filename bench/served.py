@@ -1,0 +1,75 @@
+"""``constellation serve`` as users run it, in its own process on a free loopback port.
+
+Benchmarks that compare the server with peers measure this, not an app inside the benchmark's own
+process: the server runs its engine loop on its main thread (``server/serve.py``), and a client in
+the same process would share the interpreter and the cores' OpenMP team with it.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cmd(config: Path, port: int, flags: dict[str, object]) -> list[str]:
+    """``python -m server.cli serve --config CONFIG --port PORT --flag value ...`` (None values dropped)."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port),
+           "--log-level", "warning"]
+    for name, value in flags.items():
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    return cmd
+
+
+class ServedConstellation:
+    """``with ServedConstellation(config, log_file, max_running=16) as url:`` — ``url`` once /ready is ok;
+    on exit SIGTERM (the server drains) and wait."""
+
+    def __init__(self, config: Path, log_file: Path, start_timeout: float = 300.0, **flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = serve_cmd(config, self.port, flags)
+        self.log_file, self.start_timeout = Path(log_file), start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_file.open("wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"constellation serve exited with {self.proc.returncode}; see {self.log_file}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"constellation serve did not become ready; see {self.log_file}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
