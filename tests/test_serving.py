@@ -8,6 +8,7 @@ import pytest
 
 from composer.modes import CompositionError, CompositionParams
 from server.engine import Event, Limits, QueueFull
+from server.engine.types import PlanSummary
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import APIError, content_spans, error_body, span_mask, sse, usage
 from server.serving_chat import OpenAIServingChat
@@ -49,8 +50,8 @@ class FakeEngine:
         if self.exc:
             raise self.exc
         self.requests.append(req)
-        req.plan = SimpleNamespace(mode="constellation", selected=[1, 0], alpha=[0.25, 0.5, 0.125],
-                                   mean_entropy_bits=1.0 / 3)
+        req.summary = PlanSummary(mode="constellation", selected=[1, 0], alpha=[0.25, 0.5, 0.125],
+                                  mean_entropy_bits=1.0 / 3)
         for e in self.events:
             req.emit(e)
 
