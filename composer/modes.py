@@ -7,6 +7,7 @@ coefficients of a decode-time mixture of next-token log-probabilities.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -88,6 +89,11 @@ class Mode:
     build: Callable[[ModeInput], Plan]
     uses_signatures: bool = False  # its node weights need activation signatures
     generalist_only: bool = False  # its first (or only) row is the generalist itself
+    required: tuple[str, ...] = ()  # of ``params``: must be given
+    bounds: tuple[tuple[str, float, float], ...] = ()  # (param, lo, hi): a numeric parameter's range
+
+
+WEIGHT_MAX = 1e6  # a per-domain weight of mode 'weights' (relative: they are normalised)
 
 
 MODES: dict[str, Mode] = {}
@@ -185,13 +191,15 @@ register(Mode("routed", "the top-1 domain's specialist for the last L layers (a 
               "baseline (router / MoE gate)", (), _routed))
 register(Mode("uniform", "mean of all specialists' last L layers", "baseline (model soup)", (), _uniform))
 register(Mode("task_arithmetic", "theta_G + lambda * sum_i (theta_S_i - theta_G) on the last L layers",
-              "Ilharco et al. 2023, Editing Models with Task Arithmetic", ("lambda_",), _task_arithmetic))
+              "Ilharco et al. 2023, Editing Models with Task Arithmetic", ("lambda_",), _task_arithmetic,
+              bounds=(("lambda_", 0.0, 1.0),)))
 register(Mode("weights", "caller-given per-domain weights, split per node by activation signatures",
-              "DESIGN §5 (like merged adapters)", ("weights",), _weights, uses_signatures=True))
+              "DESIGN §5 (like merged adapters)", ("weights",), _weights, uses_signatures=True,
+              required=("weights",)))
 register(Mode("logit", "decode-time composition: log p = log p_G + sum_i beta_i (log p_S_i - log p_G), "
               "beta = lambda * normalised positive alpha of the top-K",
               "Compositional Generalization via Logit Composition (seed 003)", ("top_k", "lambda_"), _logit,
-              generalist_only=True))
+              generalist_only=True, bounds=(("lambda_", 0.0, 1.0),)))
 
 
 def get_mode(name: str) -> Mode:
@@ -214,6 +222,24 @@ def validate(params: CompositionParams, domains: list[str], default_mode: str) -
                 f"(it takes: {', '.join('lambda' if p == 'lambda_' else p for p in mode.params) or 'nothing'})",
                 f"composition.{shown}",
             )
+    for f in mode.required:
+        if not getattr(params, f):
+            raise CompositionError(f"mode '{mode.name}' needs composition.{f}"
+                                   + (', e.g. {"medical": 0.7, "legal": 0.3}' if f == "weights" else ""),
+                                   f"composition.{f}")
+    for f, lo, hi in mode.bounds:
+        v = getattr(params, f)
+        if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+            shown = "lambda" if f == "lambda_" else f
+            raise CompositionError(f"composition.{shown}={v} is outside [{lo:g}, {hi:g}] for mode '{mode.name}'",
+                                   f"composition.{shown}")
+    if params.weights is not None:
+        bad = {k: v for k, v in params.weights.items() if not (math.isfinite(v) and 0 <= v <= WEIGHT_MAX)}
+        if bad:
+            raise CompositionError(f"composition.weights must be finite and in [0, {WEIGHT_MAX:g}] (they are "
+                                   f"relative); got {bad}", "composition.weights")
+        if params.weights and not any(v > 0 for v in params.weights.values()):
+            raise CompositionError("composition.weights needs at least one positive weight", "composition.weights")
     if params.top_k is not None and params.top_k > len(domains):
         raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(domains)} specialists of "
                                "this constellation", "composition.top_k")
