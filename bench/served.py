@@ -33,43 +33,53 @@ def serve_cmd(config: Path, port: int, flags: dict[str, object]) -> list[str]:
     return cmd
 
 
-class ServedConstellation:
-    """``with ServedConstellation(config, log_file, max_running=16) as url:`` — ``url`` once /ready is ok;
-    on exit SIGTERM (the server drains) and wait."""
+class ServerProcess:
+    """``with ServerProcess(cmd, log_file, ready_path, name) as url:`` — an HTTP server process on
+    ``port``, its output in ``log_file``; ``url`` once ``ready_path`` answers 200; on exit SIGTERM
+    (a server that drains gets to finish), then kill after ``stop_timeout``."""
 
-    def __init__(self, config: Path, log_file: Path, start_timeout: float = 300.0, **flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = serve_cmd(config, self.port, flags)
-        self.log_file, self.start_timeout = Path(log_file), start_timeout
+    def __init__(self, cmd: list[str], port: int, log_file: Path, ready_path: str, name: str,
+                 start_timeout: float = 300.0, stop_timeout: float = 60.0, cwd: Path | None = None):
+        self.cmd, self.port, self.url = cmd, port, f"http://127.0.0.1:{port}"
+        self.log_file, self.ready_path, self.name = Path(log_file), ready_path, name
+        self.start_timeout, self.stop_timeout, self.cwd = start_timeout, stop_timeout, cwd
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_file.open("wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
                 self._log.close()
-                raise RuntimeError(f"constellation serve exited with {self.proc.returncode}; see {self.log_file}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_file}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self.url
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError(f"constellation serve did not become ready; see {self.log_file}")
+                raise RuntimeError(f"{self.name} did not become ready; see {self.log_file}")
             time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+class ServedConstellation(ServerProcess):
+    """``with ServedConstellation(config, log_file, max_running=16) as url:`` — ``constellation serve``
+    with these flags; ``url`` once /ready is ok; on exit SIGTERM (the server drains) and wait."""
+
+    def __init__(self, config: Path, log_file: Path, start_timeout: float = 300.0, **flags):
+        port = free_port()
+        super().__init__(serve_cmd(config, port, flags), port, log_file, "/ready", "constellation serve",
+                         start_timeout, cwd=Path(__file__).resolve().parents[1])
