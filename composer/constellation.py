@@ -314,7 +314,12 @@ class Constellation:
 
     # ---- reporting -----------------------------------------------------------------------------
     def explain(self, gp: GeneralistPass, plan: Plan, row: int = 0, node_weights: bool = False) -> dict:
-        """The ``/explain`` document: the weights reported are the plan's, i.e. what generation uses."""
+        """The ``/explain`` document: the weights reported are the plan's, i.e. what generation uses.
+
+        ``layers`` is the ``[composition].layers`` setting as configured (``"auto"`` or the integer L);
+        ``composed_layers`` every decoder layer index it composes, listed one by one (``[26, 27, 28, 29]``,
+        never a range's two ends). ``entropy_bits`` is ``plan.mean_entropy_bits`` (see ``Plan``).
+        """
         sel = [self.domains[i] for i in plan.selected]
         mean_w = {}
         if plan.node_weights is not None:
@@ -332,7 +337,7 @@ class Constellation:
             "fallback": plan.fallback_fraction,
             "top_k": len(plan.selected) if plan.mode in ("constellation", "logit") else self.settings.top_k,
             "layers": self.settings.layers,
-            "composed_layers": self.layers,
+            "composed_layers": [int(i) for i in self.layers],
             "policy": self.settings.policy,
             "signature": self.settings.signature,
             "prompt_tokens": int(gp.attention_mask[row].sum()),

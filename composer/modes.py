@@ -60,16 +60,31 @@ class Plan:
     fallback: torch.Tensor | None = None  # bool [d] or [Lc, d]
     source_weights: torch.Tensor | None = None  # [1 + N, d] or [Lc, 1 + N, d]; source 0 is the generalist
     betas: dict[int, float] = field(default_factory=dict)  # logit mode: specialist index -> beta
+    # [len(selected)]: the one weight a mode without per-node weights gives each selected specialist
+    # (task arithmetic: lambda each; logit: the betas); what ``mean_entropy_bits`` is taken over
+    specialist_weights: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def entropy(self) -> torch.Tensor | None:
+        """Per-node entropy (bits) of the node weights, ``[d]`` or ``[Lc, d]``; None without node weights."""
         return None if self.node_weights is None else decompose.entropy_bits(self.node_weights)
 
     @property
     def mean_entropy_bits(self) -> float:
+        """How many specialists the plan really mixes, in bits (the response's ``entropy_bits``).
+
+        With node weights (constellation, weights, routed, uniform): the mean node entropy. Without
+        (task arithmetic, logit): the entropy of the specialist weights normalised to sum to 1,
+        ``-sum_i p_i log2 p_i`` with ``p_i = |w_i| / sum_j |w_j|`` (0 when no specialist has weight,
+        e.g. lambda = 0). The generalist: 0.
+        """
         e = self.entropy
-        return 0.0 if e is None else float(e.mean())
+        if e is not None:
+            return float(e.mean())
+        if self.specialist_weights is not None:
+            return weight_entropy_bits(self.specialist_weights)
+        return 0.0
 
     @property
     def fallback_fraction(self) -> float:
@@ -91,6 +106,15 @@ class Mode:
     generalist_only: bool = False  # its first (or only) row is the generalist itself
     required: tuple[str, ...] = ()  # of ``params``: must be given
     bounds: tuple[tuple[str, float, float], ...] = ()  # (param, lo, hi): a numeric parameter's range
+
+
+def weight_entropy_bits(weights: torch.Tensor) -> float:
+    """Entropy (bits) of ``|weights|`` normalised to sum to 1; 0 if they are all zero."""
+    w = weights.to(torch.float64).abs().flatten()
+    total = float(w.sum())
+    if not (total > 0 and math.isfinite(total)):
+        return 0.0
+    return float(decompose.entropy_bits((w / total)[:, None])[0])
 
 
 WEIGHT_MAX = 1e6  # a per-domain weight of mode 'weights' (relative: they are normalised)
@@ -155,7 +179,8 @@ def _task_arithmetic(mi: ModeInput) -> Plan:
     w = _sources(n, mi.d)
     w[0] = 1.0 - lam * n
     w[1:] = lam
-    p = Plan("task_arithmetic", "params", mi.alpha, list(range(n)), source_weights=w)
+    p = Plan("task_arithmetic", "params", mi.alpha, list(range(n)), source_weights=w,
+             specialist_weights=torch.full((n,), float(lam), dtype=torch.float64))
     p.extra["lambda"] = lam
     return p
 
@@ -178,7 +203,8 @@ def _logit(mi: ModeInput) -> Plan:
     pos = mi.alpha[sel].clamp_min(0)
     total = float(pos.sum())
     betas = {i: (scale * float(p) / total if total > 0 else 0.0) for i, p in zip(sel, pos)}
-    p = Plan("logit", "logit", mi.alpha, sel, pos, betas={i: b for i, b in betas.items() if b != 0})
+    p = Plan("logit", "logit", mi.alpha, sel, pos, betas={i: b for i, b in betas.items() if b != 0},
+             specialist_weights=torch.tensor([betas[i] for i in sel], dtype=torch.float64))
     p.extra["lambda"] = scale
     return p
 
@@ -213,6 +239,9 @@ def get_mode(name: str) -> Mode:
 def validate(params: CompositionParams, domains: list[str], default_mode: str) -> Mode:
     """Refuse what cannot be honoured before any work: unknown mode or domain, a parameter the mode
     does not use (so a typo'd intent is not silently ignored), top_k beyond the specialists."""
+    if params.mode is not None and not params.mode:  # "" is no mode: not silently the default
+        raise CompositionError(f"composition.mode is empty; omit it for the default ('{default_mode}') or choose "
+                               f"from {', '.join(MODES)}", "composition.mode")
     mode = get_mode(params.mode or default_mode)
     for f in ("top_k", "weights", "lambda_"):
         if getattr(params, f) is not None and f not in mode.params:

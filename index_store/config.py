@@ -13,7 +13,8 @@ from composer.policies import POLICIES
 
 
 class ConfigError(ValueError):
-    """The config file is missing, not TOML, or has an invalid or unknown key."""
+    """The config file is missing, not TOML, has an invalid or unknown key, or names a folder or file
+    that is not there."""
 
 
 class _Strict(BaseModel):
@@ -43,12 +44,12 @@ class CompositionConfig(_Strict):
     mode: str = "constellation"
     task_arithmetic_lambda: float = Field(0.5, ge=-10, le=10)
 
-    @field_validator("layers")
+    @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError('must be "auto" or an integer >= 1')
-        return v
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f'must be "auto" or an integer >= 1, got {_toml_type(v)}')
 
     @field_validator("policy", "mode")
     @classmethod
@@ -102,18 +103,70 @@ def _loc(loc: tuple) -> str:
     return f"[{parts[0]}]." + ".".join(parts[1:])
 
 
+# what a key must be, by pydantic error type, in TOML's words
+_EXPECTED = {"path_type": "a path (a string)", "string_type": "a string", "int_type": "an integer",
+             "int_parsing": "an integer", "int_from_float": "an integer", "float_type": "a number",
+             "float_parsing": "a number", "bool_type": "true or false", "bool_parsing": "true or false",
+             "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table"}
+
+
+def _toml_type(v) -> str:
+    """A TOML value's type as the file's author knows it ("an integer", not ``<class 'int'>``)."""
+    if isinstance(v, bool):
+        return f"a boolean ({str(v).lower()})"
+    if isinstance(v, (int, float)):
+        return f"{'an integer' if isinstance(v, int) else 'a float'} ({v})"
+    if isinstance(v, str):
+        return f"a string ({v!r})"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "a table"
+    return "a date/time" if hasattr(v, "isoformat") else type(v).__name__
+
+
+def _problem(e: dict) -> str:
+    if e["type"] == "extra_forbidden":
+        return "unknown key (typo?)"
+    if e["type"] == "missing":
+        return "required key is missing"
+    if e["type"] in _EXPECTED:
+        return f"must be {_EXPECTED[e['type']]}, got {_toml_type(e.get('input'))}"
+    got = e.get("input")
+    said = isinstance(got, (dict, list)) or "got " in e["msg"] or repr(got) in e["msg"]
+    return e["msg"] + ("" if said else f" (got {got!r})")
+
+
 def format_validation(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid constellation config:"]
+    """One line: ``FILE: [section].key: problem; [section].key: problem``. A config is two levels
+    deep, so a longer location is a union member's tag: only the first problem per key is kept."""
+    seen: dict[tuple, str] = {}
     for e in err.errors():
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        got = e.get("input")
-        shown = f" (got {got!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict) else ""
-        lines.append(f"  {_loc(e['loc'])}: {msg}{shown}")
-    return "\n".join(lines)
+        seen.setdefault(tuple(e["loc"][:2]), _problem(e))
+    return f"{source}: " + "; ".join(f"{_loc(loc)}: {msg}" for loc, msg in seen.items())
+
+
+def check_paths(cfg: ConstellationConfig, specialists: bool = True) -> None:
+    """Refuse, before loading anything, a folder or file the config names that is not there,
+    naming the config file and the key: the generalist, the specialists (``specialists=False``:
+    not needed, as when building the index) and the probe file the index is checked against."""
+    wanted = [("[generalist].path", cfg.generalist.path, "folder")]
+    if specialists:
+        wanted += [(f"[specialists].{d}", p, "folder") for d, p in cfg.specialists.items()]
+    wanted.append(("[index].probes", cfg.index.probes, "file"))
+    for key, path, kind in wanted:
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            what = "does not exist" if not path.exists() else f"is not a {kind}"
+            raise ConfigError(f"{cfg.source}: {key}: {kind} {path} {what}")
+
+
+def check_top_k(cfg: ConstellationConfig) -> None:
+    """An explicit ``[composition].top_k`` larger than the number of specialists is refused (the
+    default, 3, is clamped by the top-K selection)."""
+    k, n = cfg.composition.top_k, len(cfg.specialists)
+    if "top_k" in cfg.composition.model_fields_set and k > n:
+        raise ConfigError(f"{cfg.source}: [composition].top_k: {k} exceeds the {n} specialist(s) "
+                          f"({', '.join(cfg.specialists)})")
 
 
 def load_config(path: str | Path) -> ConstellationConfig:

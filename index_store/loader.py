@@ -16,7 +16,7 @@ from composer.constellation import Constellation, GeneralistPass, Settings, shar
 from composer.model import Transformer
 from composer.weights import (WeightsError, check_same_config, load_model, load_state_dict, normalize_names,
                               safetensor_files)
-from .config import ConstellationConfig, load_config
+from .config import ConstellationConfig, check_top_k, load_config
 from .store import IndexStoreError, read_index, sha256_file, write_index
 
 
@@ -189,6 +189,7 @@ def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dty
 
 def load_constellation(config: str | Path | ConstellationConfig) -> Loaded:
     cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
+    check_top_k(cfg)
     device = pick_device(cfg.runtime.device)
     dtype = pick_dtype(cfg.runtime.dtype, device)
     g, tok, specialists, diffs, adapters, t_load = load_models(cfg, device, dtype)

@@ -8,6 +8,8 @@ playground's static files, /metrics and the probes.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from composer.modes import MODES
 from .engine import Engine, Limits
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ExplainRequest, ModelList)
+                       ErrorResponse, ExplainRequest, ModelCard, ModelList)
 from .serving import APIError, error_response
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
@@ -29,7 +31,12 @@ from .serving_explain import ServingExplain
 
 __all__ = ["APIError", "Guard", "create_app"]
 
-OPEN_PATHS = {"/health", "/ready", "/"}  # the probes, and the playground page's own files:
+try:
+    VERSION = importlib.metadata.version("constellation")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+    VERSION = "0.0.0+source"
+
+OPEN_PATHS = {"/health", "/ready", "/", "/favicon.ico"}  # the probes, and the playground page's own files:
 OPEN_PREFIX = "/ui/"  # every call the page makes needs the key
 STATIC = Path(__file__).parent / "static"
 UI_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -72,6 +79,22 @@ class Guard:
         return await self.app(scope, limited, send)
 
 
+def _param(err: dict) -> str | None:
+    """The error's location in the body as OpenAI names parameters: ``composition.weights``,
+    ``messages.0.content``."""
+    return ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+
+
+def _describe(err: dict) -> str:
+    where = _param(err) or "body"
+    if err.get("type") == "extra_forbidden":
+        return f"unrecognized request argument: {where} (docs/server.md lists the supported fields)"
+    if err.get("type") == "missing":
+        return f"{where}: required"
+    msg = str(err.get("msg", "invalid"))
+    return f"{where}: {msg.removeprefix('Value error, ')}"
+
+
 def add_exception_handlers(app: FastAPI) -> None:
     """Every error as OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -81,12 +104,12 @@ def add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errs[:5])
-        return error_response(400, msg, "invalid_request_error", ".".join(loc) or None)
+        errs = exc.errors() or [{"loc": (), "msg": "invalid request", "type": ""}]
+        if errs[0].get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {errs[0].get('msg')}",
+                                  "invalid_request_error")
+        return error_response(400, "; ".join(_describe(e) for e in errs[:5]), "invalid_request_error",
+                              _param(errs[0]))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
@@ -113,6 +136,11 @@ def add_api_routes(app: FastAPI, serving_completion: OpenAIServingCompletion, se
     async def models():
         return serving_explain.models()
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, response_class=JSONResponse)
+    async def model(model_id: str):
+        serving_explain.check_model(model_id)
+        return serving_explain.models().data[0]
+
     @app.post("/explain")
     async def explain(body: ExplainRequest):
         return await serving_explain.explain(body)
@@ -129,6 +157,10 @@ def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, domains: list
     @app.get("/", include_in_schema=False)
     async def playground():
         return Response((STATIC / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml")
 
     @app.get("/ui/{name}", include_in_schema=False)
     async def ui_file(name: str):
@@ -156,12 +188,46 @@ def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, domains: list
                 "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting}
 
 
+def errors_in_schema(app: FastAPI) -> None:
+    """The OpenAPI schema as the server answers: a refused body is 400 with OpenAI's error body
+    (FastAPI documents its own 422, which this server never sends)."""
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                {k: v for k, v in ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+                 .pop("$defs", {}).items()})
+            schema["components"]["schemas"]["ErrorResponse"] = ErrorResponse.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            schema["components"]["schemas"]["ErrorResponse"].pop("$defs", None)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    if op.get("responses", {}).pop("422", None) is not None:
+                        op["responses"]["400"] = {
+                            "description": "Invalid request (OpenAI's error body, naming the parameter)",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def system_fingerprint(manifest: dict, dtype: str) -> str:
+    """OpenAI's ``system_fingerprint``: changes when what answers changes (the index and the weights
+    it was verified against, their dtype, the server version)."""
+    key = f"{manifest.get('manifest_sha256', '')}|{dtype}|{VERSION}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, model_name: str = "constellation",
                engine: Engine | None = None, engine_thread: bool = True) -> FastAPI:
     """The app. Its lifespan starts the engine on a background thread, unless ``engine_thread`` is
     False: then the caller runs ``engine.run()`` itself (``constellation serve``, on the main thread)."""
     c, tok = loaded.constellation, loaded.tokenizer
-    metrics = Metrics()
+    metrics = Metrics(model_name)
     engine = engine or Engine(c, tok, limits, metrics)
     if engine.metrics is None:
         engine.metrics = metrics
@@ -173,13 +239,17 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
         yield
         engine.stop()
 
-    app = FastAPI(title="Constellation", version="0.1.0", lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load their scripts from a public CDN (the schema stays at
+    # /openapi.json, behind the API key)
+    app = FastAPI(title="Constellation", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Per-query composition of domain specialists behind an OpenAI-compatible API.")
     app.state.engine = engine
     app.state.limits = limits
     add_exception_handlers(app)
+    errors_in_schema(app)
     args = (engine, c, tok, limits, model_name)
-    add_api_routes(app, OpenAIServingCompletion(*args), OpenAIServingChat(*args),
+    fp = system_fingerprint(loaded.manifest, str(c.g.dtype))
+    add_api_routes(app, OpenAIServingCompletion(*args, fingerprint=fp), OpenAIServingChat(*args, fingerprint=fp),
                    ServingExplain(*args, manifest=loaded.manifest))
     add_ops_routes(app, engine, engine.metrics, c.domains, model_name)
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)

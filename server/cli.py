@@ -14,17 +14,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# a composition parameter (CompositionError.param, pydantic's field) -> the explain option that set it
+OPTIONS = {"mode": "--mode", "top_k": "--top-k", "weights": "--weights", "lambda": "--lambda", "lambda_": "--lambda"}
+
+
+class UsageError(ValueError):
+    """A bad option or argument found by a command (argparse reports the ones it can check itself);
+    the message starts with the option: ``--port 8000: ...``."""
+
+
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def checked_config(path, specialists: bool = True):
+    """The config (the demo's without a path), its folders and files checked, before any loading."""
+    from index_store.config import check_paths, check_top_k, load_config
+
+    cfg = load_config(Path(path) if path else default_config())
+    check_paths(cfg, specialists)
+    check_top_k(cfg)
+    return cfg
+
+
 def cmd_index_build(args) -> int:
-    from index_store.config import load_config
     from index_store.loader import build_index
 
-    cfg = load_config(args.config)
+    cfg = checked_config(args.config, specialists=False)
     manifest = build_index(cfg, quiet=args.quiet)
     diag = manifest["diagnostics"]
     print(f"index written: {cfg.index.path}")
@@ -65,20 +83,42 @@ def default_config() -> Path:
     return demo_config()
 
 
-def cmd_explain(args) -> int:
-    from composer.modes import CompositionParams
-    from index_store.loader import load_constellation
-    from index_store.store import diagnostics_doc
+def composition_params(args):
+    """``explain``'s composition options as ``CompositionParams``; problems name the option."""
+    from pydantic import ValidationError
 
-    config = args.config or default_config()
+    from composer.modes import CompositionParams
+
     weights = None
-    if args.weights:
+    if args.weights is not None:
         try:
             weights = json.loads(args.weights)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: --weights is not valid JSON ({e})")
-    params = CompositionParams(mode=args.mode, top_k=args.top_k, weights=weights, **{"lambda": args.lambda_})
-    loaded = load_constellation(config)
+            raise UsageError(f"--weights: not valid JSON ({e})") from None
+    try:
+        return CompositionParams(mode=args.mode, top_k=args.top_k, weights=weights, **{"lambda": args.lambda_})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:])
+        raise UsageError(f"{OPTIONS.get(str(first['loc'][0]), first['loc'][0])}: "
+                         f"{where + ': ' if where else ''}{first['msg']}") from None
+
+
+def cmd_explain(args) -> int:
+    from composer.modes import CompositionError, validate
+    from index_store.loader import load_constellation
+    from index_store.store import diagnostics_doc
+
+    if not args.prompt:
+        raise UsageError("PROMPT: the prompt is empty (as /explain, explain needs text to fingerprint)")
+    cfg = checked_config(args.config)
+    params = composition_params(args)
+    try:
+        validate(params, list(cfg.specialists), cfg.composition.mode)  # before minutes of loading
+    except CompositionError as e:
+        option = OPTIONS.get(str(e.param).removeprefix("composition."))
+        raise UsageError(f"{option}: {e}" if option else str(e)) from None
+    loaded = load_constellation(cfg)
     c = loaded.constellation
     print(load_summary(loaded), file=sys.stderr)
     gp = loaded.analyze([args.prompt])
@@ -132,40 +172,59 @@ def cmd_demo_build(args) -> int:
 def cmd_demo_report(args) -> int:
     from demo.report import report
 
+    if args.probes and not Path(args.probes).is_file():
+        raise UsageError(f"--probes: {args.probes}: probe file not found")
     kw = {"probes": Path(args.probes)} if args.probes else {}
-    text = report(Path(args.config) if args.config else default_config(), **kw)
+    text = report(checked_config(args.config), **kw)
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
     return 0
 
 
+def listen(host: str, port: int) -> list:
+    """Bind the server's address now (before the models load): a busy port is a usage error."""
+    import errno
+    import socket
+
+    from server.serve import bind
+
+    try:
+        return bind(host, port)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    except OSError as e:
+        option = f"--port {port}" if e.errno in (errno.EADDRINUSE, errno.EACCES) else f"--host {host}"
+        reason = (e.strerror or str(e)).lower()
+        raise UsageError(f"{option}: cannot listen on {host}:{port}: {reason}") from None
+
+
 def cmd_serve(args) -> int:
-    from index_store.config import load_config
     from server.engine import Limits
     from server.serve import serve
 
-    for name in ("max_running", "max_waiting", "max_prompt_tokens", "max_new_tokens", "max_seq_len", "max_body_bytes",
-                 "prefill_chunk", "prefill_chunk_min"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_prompt_tokens >= args.max_seq_len:
-        raise ValueError("--max-prompt-tokens must be smaller than --max-seq-len")
+        raise UsageError(f"--max-prompt-tokens: {args.max_prompt_tokens} must be smaller than --max-seq-len "
+                         f"({args.max_seq_len})")
     limits = Limits(max_running=args.max_running, max_waiting=args.max_waiting,
                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                     max_seq_len=args.max_seq_len, max_body_bytes=args.max_body_bytes,
                     drain_timeout_s=args.drain_timeout, prefill_chunk_max=args.prefill_chunk,
                     prefill_chunk_min=min(args.prefill_chunk_min, args.prefill_chunk))
-    config = load_config(Path(args.config) if args.config else default_config())
+    config = checked_config(args.config)
     if args.dtype:
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
-        import torch
+    sockets = listen(args.host, args.port)
+    try:
+        if args.threads is not None:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level)
+            torch.set_num_threads(args.threads)
+        return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level,
+                     sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def cmd_eval(args) -> int:
@@ -175,7 +234,7 @@ def cmd_eval(args) -> int:
 
     single = load_single(Path(args.probes))
     cross = load_cross(Path(args.cross)) if args.cross else None
-    loaded = load_constellation(Path(args.config) if args.config else default_config())
+    loaded = load_constellation(checked_config(args.config))
     results = run(loaded, single, cross, Path(args.out), args.noise_sweep, args.ablations, args.quiet,
                   {"single": args.probes, "cross": args.cross or ""})
     print(headline(results))
@@ -212,33 +271,45 @@ def cmd_specialist_extract(args) -> int:
     return 0
 
 
+def one_line(e: BaseException | str) -> str:
+    """An error as ``constellation: FILE or --option: problem`` on one line."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return f"constellation: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done; 2 bad input (an option, the config or a file it names,
+    a busy port, a model or index that cannot be used), one line on stderr; 1 the server could not
+    start after loading; 130 interrupted while loading."""
     args = parser().parse_args(argv)
     from composer.arch import ArchitectureError
+    from composer.basis import BasisError
     from composer.modes import CompositionError
     from composer.weights import WeightsError
+    from demo.generalist import DemoError
+    from eval.run import EvalError
     from index_store.config import ConfigError
     from index_store.loader import ProbeError
     from index_store.store import IndexStoreError
-    from composer.basis import BasisError
-    from demo.generalist import DemoError
-    from eval.run import EvalError
 
     handlers = {("index", "build"): cmd_index_build, ("index", "inspect"): cmd_index_inspect,
                 ("explain", None): cmd_explain, ("demo", "train"): cmd_demo_train,
-                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve, ("eval", None): cmd_eval,
-                ("specialist", "extract"): cmd_specialist_extract}
+                ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve,
+                ("eval", None): cmd_eval, ("specialist", "extract"): cmd_specialist_extract}
     try:
         sub = (getattr(args, "index_command", None) or getattr(args, "demo_command", None)
                or getattr(args, "specialist_command", None))
         return handlers[(args.command, sub)](args)
     except (ConfigError, WeightsError, ArchitectureError, IndexStoreError, ProbeError, BasisError,
-            CompositionError, DemoError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            CompositionError, DemoError, EvalError, ValueError) as e:  # ValueError: bad runtime settings
+        print(one_line(e), file=sys.stderr)
         return 2
-    except ValueError as e:  # pydantic validation of CLI-given composition, bad runtime settings
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a file that cannot be read or written
+        print(one_line(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("constellation: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

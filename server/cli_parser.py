@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 EPILOG = """examples:
@@ -14,15 +15,75 @@ EPILOG = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``constellation: --option: problem (see constellation CMD --help)``,
+    exit status 2 (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        message = message.removeprefix("argument ")
+        self.exit(2, f"constellation: {message} (see '{self.prog} --help')\n")
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's ``[project].version``)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("constellation")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def port(text: str) -> int:
+    """A TCP port: 1..65535, or 0 for one the system picks (the banner prints which)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535 (or 0: any free port), got '{text}'")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got '{text}'")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return v
+
+
+def seconds(text: str) -> float:
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got '{text}'")
+    return v
+
+
 def parser() -> argparse.ArgumentParser:
     """The whole ``constellation`` argument parser."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="constellation",
         description="Per-query composition of domain specialists: serve them behind an OpenAI-compatible "
         "API, build and inspect constellation indexes, explain how a prompt would be composed, evaluate.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                   help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_index(sub)
@@ -61,10 +122,11 @@ def _add_explain(sub) -> None:
     e.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--node-weights", action="store_true", help="include the K x d node weights")
-    e.add_argument("--mode", help="composition mode (default: the config's [composition].mode)")
-    e.add_argument("--top-k", type=int, help="override [composition].top_k")
+    e.add_argument("--mode", help="composition mode: constellation, generalist, routed, uniform, task_arithmetic, "
+                   "weights or logit (default: the config's [composition].mode); checked before the models load")
+    e.add_argument("--top-k", type=positive_int, help="override [composition].top_k")
     e.add_argument("--weights", help='per-domain weights for --mode weights, JSON, e.g. \'{"legal": 1}\'')
-    e.add_argument("--lambda", dest="lambda_", type=float, help="task-arithmetic lambda / logit scale")
+    e.add_argument("--lambda", dest="lambda_", type=finite_float, help="task-arithmetic lambda / logit scale")
 
 
 def _add_serve(sub) -> None:
@@ -75,31 +137,36 @@ def _add_serve(sub) -> None:
                         "/v1/models), plus /explain, /metrics, /health and /ready.")
     sv.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--port", type=port, default=8000,
+                    help="port, 1-65535, or 0 for any free one (default 8000); bound before the models load, so a "
+                    "busy port is reported at once")
     sv.add_argument("--api-key", default=os.environ.get("CONSTELLATION_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                     "(default: $CONSTELLATION_API_KEY; unset = no key)")
     sv.add_argument("--model-name", default="constellation", help="the model id clients use (default constellation)")
-    sv.add_argument("--max-running", type=int, default=16,
+    sv.add_argument("--max-running", type=positive_int, default=16,
                     help="batch rows decoded together, each with a KV slot of --max-seq-len (default 16)")
-    sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
-    sv.add_argument("--max-prompt-tokens", type=int, default=1536, help="longest prompt accepted (default 1536)")
-    sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
-    sv.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generation per sequence (default 2048)")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    sv.add_argument("--prefill-chunk", type=int, default=512,
+    sv.add_argument("--max-waiting", type=positive_int, default=64, help="queued requests before 429 (default 64)")
+    sv.add_argument("--max-prompt-tokens", type=positive_int, default=1536,
+                    help="longest prompt accepted (default 1536)")
+    sv.add_argument("--max-new-tokens", type=positive_int, default=1024,
+                    help="largest max_tokens accepted (default 1024)")
+    sv.add_argument("--max-seq-len", type=positive_int, default=2048,
+                    help="prompt + generation per sequence (default 2048)")
+    sv.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
+    sv.add_argument("--prefill-chunk", type=positive_int, default=512,
                     help="most prompt tokens prefilled in one engine step; while streams decode, a step's "
                     "prefill is sized to about one decode step (measured), down to --prefill-chunk-min "
                     "(default 512)")
-    sv.add_argument("--prefill-chunk-min", type=int, default=32,
+    sv.add_argument("--prefill-chunk-min", type=positive_int, default=32,
                     help="fewest prompt tokens a step prefills while streams decode (default 32; equal to "
                     "--prefill-chunk: whole chunks always, the running streams wait)")
-    sv.add_argument("--drain-timeout", type=float, default=120.0,
+    sv.add_argument("--drain-timeout", type=seconds, default=120.0,
                     help="seconds SIGTERM waits for in-flight requests (default 120)")
     sv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights' dtype, overriding the config's [runtime].dtype (auto: bf16 on CUDA and on "
                     "CPUs with native bf16, else float32; see docs/precision.md)")
-    sv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    sv.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's, one per core)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -107,7 +174,7 @@ def _add_eval(sub) -> None:
     """``constellation eval``."""
     ev = sub.add_parser("eval", help="the paper's evaluation passes, leak-free, with a report",
                         description="Pass 1 index diagnostics, Pass 2 retrieval, Pass 3 signal/loss correlation, "
-                        "Pass 4 single-domain and Pass 5 cross-domain win rates (bootstrap 95%% CIs), task "
+                        "Pass 4 single-domain and Pass 5 cross-domain win rates (bootstrap 95% CIs), task "
                         "arithmetic's lambda chosen on a held-out half; writes OUT/report.md, OUT/results.json "
                         "and PNG plots, and prints the headline table.")
     ev.add_argument("--config", help="constellation config (default: the demo)")

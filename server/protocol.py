@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,10 +29,53 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# ---- fields this server does not implement --------------------------------------------------
+# OpenAI request fields that ask for something the server does not do. Each is accepted only with a
+# value that asks for nothing (what the server does anyway); any other value is refused with a 400
+# naming the field. Fields outside the models are refused too (``extra="forbid"``). docs/server.md
+# has the table of every field.
+def _empty(v) -> bool:
+    return v is None or v == [] or v == {} or v == ""
+
+
+REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "suffix": (_empty, "suffix (insertion) is not supported"),
+    "tools": (_empty, "tools (function calling) are not supported"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool_choice other than 'none' needs tools, which are not supported"),
+    "functions": (_empty, "functions (function calling) are not supported"),
+    "function_call": (lambda v: v in (None, "none"), "function_call other than 'none' needs functions, which are "
+                      "not supported"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "only response_format {'type': 'text'} is supported (no JSON mode or JSON schema)"),
+    "audio": (_empty, "audio output is not supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only the 'text' modality is supported"),
+    "prediction": (_empty, "predicted outputs are not supported"),
+    "store": (lambda v: v in (None, False), "this server stores no completions (store must be false)"),
+    "metadata": (_empty, "metadata tags stored completions; this server stores none"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "only service_tier 'auto' or 'default' is supported"),
+    "reasoning_effort": (_empty, "reasoning_effort applies to reasoning models; this model does not reason"),
+    "verbosity": (_empty, "verbosity is not supported"),
+    "web_search_options": (_empty, "web search is not supported"),
+    "moderation": (_empty, "moderation is not supported"),
+    "prompt_cache_key": (_empty, "this server has no prompt cache (prompt_cache_key)"),
+    "prompt_cache_options": (_empty, "this server has no prompt cache (prompt_cache_options)"),
+    "prompt_cache_retention": (_empty, "this server has no prompt cache (prompt_cache_retention)"),
+}
+COMPLETION_REFUSED = ("suffix",)
+CHAT_REFUSED = tuple(k for k in REFUSED if k != "suffix")
+
+
+def _refuse(v, info):
+    ok, why = REFUSED[info.field_name]
+    if not ok(v):
+        raise ValueError(why)
+    return v
+
+
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -43,7 +86,10 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id: accepted, logged, no effect on the output (as at OpenAI)
     # vLLM-style extensions
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
@@ -62,11 +108,33 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return items
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        """OpenAI's shape: token ids (as JSON object keys, so strings) to a bias in [-100, 100]."""
+        if v is None:
+            return {}
+        if len(v) > 1024:
+            raise ValueError("at most 1024 entries")
+        out = {}
+        for k, b in v.items():
+            if not k.strip().isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {k!r}")
+            if not -100.0 <= b <= 100.0 or b != b:
+                raise ValueError(f"bias for token {k} must be in [-100, 100], got {b}")
+            out[int(k)] = float(b)
+        return out
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo (score the prompt)
+    best_of: int | None = Field(default=None, ge=1, le=16)
+    suffix: str | None = None
+
+    _refused = field_validator(*COMPLETION_REFUSED)(_refuse)
 
     @field_validator("prompt")
     @classmethod
@@ -82,9 +150,9 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
@@ -105,6 +173,28 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    safety_identifier: str | None = None  # like ``user``: accepted, logged
+    parallel_tool_calls: bool | None = None  # no tools, so no calls: any value asks for nothing
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+
+    _refused = field_validator(*CHAT_REFUSED)(_refuse)
 
 
 class ExplainRequest(BaseModel):
@@ -140,7 +230,7 @@ class CompositionSummary(BaseModel):
 
 class CompletionLogProbs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
@@ -157,6 +247,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: UsageInfo
     composition: CompositionSummary | None
@@ -167,6 +258,7 @@ class CompletionStreamResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     composition: CompositionSummary | None = None
     usage: UsageInfo | None = None
@@ -203,6 +295,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     composition: CompositionSummary | None
@@ -227,6 +320,7 @@ class ChatCompletionStreamResponse(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChatCompletionStreamChoice]
     composition: CompositionSummary | None = None
     usage: UsageInfo | None = None

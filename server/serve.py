@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,12 +38,41 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Bind HOST:PORT now, as uvicorn would (every address HOST resolves to, SO_REUSEADDR, IPv6
+    sockets v6-only), so a busy port or a bad host is an error before minutes of model loading;
+    uvicorn listens on these sockets later, so nobody can take the port in between. OSError
+    (``socket.gaierror`` for a host that does not resolve) if any address cannot be bound."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            if sys.platform != "win32":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 def examples(host: str, port: int, model: str, api_key: str | None) -> str:
-    base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
-    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
-    key = json.dumps(api_key or "unused")
+    """The start-up banner: pasteable examples. The key itself is never printed (the banner ends up
+    in logs): the examples read it from $CONSTELLATION_API_KEY."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+    auth = ' -H "Authorization: Bearer $CONSTELLATION_API_KEY"' if api_key else ""
+    key = 'os.environ["CONSTELLATION_API_KEY"]' if api_key else '"unused"'
+    note = ("required; the examples read it from $CONSTELLATION_API_KEY (export it first)" if api_key
+            else "none; every client is accepted")
     return f"""
 Constellation is serving '{model}' at {base}
+API key: {note}
 
   curl {base}/v1/chat/completions{auth} -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What causes bilateral lung infiltrates?"}}], "max_tokens": 48}}'
@@ -51,13 +80,14 @@ Constellation is serving '{model}' at {base}
   curl {base}/explain{auth} -H "Content-Type: application/json" \\
     -d '{{"prompt": "The licensee shall indemnify the licensor"}}'
 
-  python -c 'from openai import OpenAI; c = OpenAI(base_url="{base}/v1", api_key={key}); print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Write a Python function that reverses a list."}}], max_tokens=64, extra_body={{"composition": {{"mode": "constellation"}}}}).choices[0].message.content)'
+  python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="{base}/v1", api_key={key}); print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Write a Python function that reverses a list."}}], max_tokens=64, extra_body={{"composition": {{"mode": "constellation"}}}}).choices[0].message.content)'
 """
 
 
 def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits, model_name: str,
-          log_level: str = "info") -> int:
-    """Serve until SIGTERM (drain) or SIGINT. The engine loop runs on this (the main) thread, which
+          log_level: str = "info", sockets: list[socket.socket] | None = None) -> int:
+    """Serve until SIGTERM (drain) or SIGINT, on ``sockets`` if given (from ``bind``, which the CLI
+    calls before loading), else on HOST:PORT. The engine loop runs on this (the main) thread, which
     loaded the models, and uvicorn on a second one that never computes with torch: one OpenMP team
     in the process, whose workers spin between the step's parallel regions (a second team made
     decode steps about twice as slow; docs/benchmarks.md, "Which thread decodes")."""
@@ -76,7 +106,7 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
 
     def web():
         try:
-            server.run()  # not the main thread: uvicorn leaves the signals to the handlers above
+            server.run(sockets=sockets)  # not the main thread: uvicorn leaves the signals to the handlers above
         finally:
             engine.stop()  # lifespan stops it too; this covers a server that never started
 
@@ -84,7 +114,8 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
         while not server.started and not server.should_exit and web_thread.is_alive():
             time.sleep(0.05)
         if server.started:
-            print(examples(host, port, model_name, api_key), file=sys.stderr, flush=True)
+            bound = sockets[0].getsockname()[1] if sockets else port
+            print(examples(host, bound, model_name, api_key), file=sys.stderr, flush=True)
 
     web_thread = threading.Thread(target=web, name="uvicorn")
     web_thread.start()

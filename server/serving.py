@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -20,6 +21,7 @@ from composer.modes import CompositionError, CompositionParams
 from .engine import Draining, Engine, Event, Limits, QueueFull, Request, SamplingParams
 from .protocol import CompositionSummary, ErrorBody, ErrorResponse, UsageInfo, new_id, now
 
+log = logging.getLogger("constellation.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
 KEEPALIVE = ": keep-alive\n\n"
@@ -95,6 +97,13 @@ class Collected:
     logprobs: list[dict] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
+    cumulative_logprob: float = 0.0
+
+
+def best_of(out: dict[int, Collected], n: int) -> list[Collected]:
+    """The ``n`` choices with the highest log-probability per token (OpenAI's definition of best)."""
+    ranked = sorted(out.values(), key=lambda o: -o.cumulative_logprob / max(len(o.ids), 1))
+    return ranked[:n]
 
 
 class OpenAIServing:
@@ -102,8 +111,9 @@ class OpenAIServing:
 
     id_prefix = "cmpl"
 
-    def __init__(self, engine: Engine, c, tok, limits: Limits, model_name: str):
+    def __init__(self, engine: Engine, c, tok, limits: Limits, model_name: str, fingerprint: str = "fp_constellation"):
         self.engine, self.c, self.tok, self.limits, self.model_name = engine, c, tok, limits, model_name
+        self.fingerprint = fingerprint  # ``system_fingerprint``: the index, the weights' dtype, the version
         self.max_positions = min(limits.max_seq_len, self.c.g.mc.max_positions)
 
     # ---- request checks and prompts ----------------------------------------------------------
@@ -170,15 +180,21 @@ class OpenAIServing:
             raise APIError(400, "no room left to generate", param=param, code="context_length_exceeded")
         if body.min_tokens > max_tokens:
             raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
+        vocab = self.c.g.mc.vocab_size
+        bad = [t for t in body.logit_bias or {} if t >= vocab]
+        if bad:
+            raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                           param="logit_bias")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               seed=body.seed, stop=body.stop or [], min_tokens=body.min_tokens,
-                              ignore_eos=body.ignore_eos, logprobs=logprobs)
+                              ignore_eos=body.ignore_eos, logprobs=logprobs, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, logit_bias=dict(body.logit_bias or {}))
 
     def token_text(self, i: int) -> str:
         return self.tok.decode([i])
 
     # ---- the engine round trip ---------------------------------------------------------------
-    def submit(self, ids, params, composition, n, fmask=None) -> tuple[Request, asyncio.Queue]:
+    def submit(self, ids, params, composition, n, fmask=None, n_param: str = "n") -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         req = Request(ids, params, composition, n, fingerprint_mask=fmask,
@@ -189,13 +205,16 @@ class OpenAIServing:
             raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except ValueError as e:
-            raise APIError(400, str(e), param="n") from None
+            raise APIError(400, str(e), param=n_param) from None
         except Draining:
             raise draining_error() from None
         return req, q
 
     def summary(self, req: Request) -> CompositionSummary | None:
-        p = req.summary
+        return self.summary_of(req.summary)
+
+    def summary_of(self, p) -> CompositionSummary | None:
+        """A ``PlanSummary`` (plain Python, made on the engine thread) as the response extension."""
         if p is None:
             return None
         return CompositionSummary(mode=p.mode, selected=[self.c.domains[i] for i in p.selected],
@@ -220,6 +239,7 @@ class OpenAIServing:
                 o.logprobs += e.logprobs
                 if e.finish_reason:
                     o.finish, o.error = e.finish_reason, e.error
+                    o.cumulative_logprob = e.cumulative_logprob or 0.0
                     done += 1
         except asyncio.CancelledError:
             req.cancelled.set()
@@ -245,25 +265,36 @@ class OpenAIServing:
 
     # ---- answering -----------------------------------------------------------------------------
     async def generate(self, http: HTTPRequest, body, ids: list[int], params: SamplingParams,
-                       comp: CompositionParams, fmask: list[int] | None = None):
-        """Submit, then answer as one response model or as a server-sent event stream."""
-        req, q = self.submit(ids, params, comp, body.n, fmask)
+                       comp: CompositionParams, fmask: list[int] | None = None, n_generate: int | None = None):
+        """Submit, then answer as one response model or as a server-sent event stream. ``n_generate``
+        (best_of) sequences are generated and the best ``body.n`` returned (not streamed)."""
+        if body.user or getattr(body, "safety_identifier", None):
+            log.info("request for user=%r safety_identifier=%r", body.user, getattr(body, "safety_identifier", None))
+        n_gen = n_generate or body.n
+        req, q = self.submit(ids, params, comp, n_gen, fmask, "best_of" if n_gen > body.n else "n")
         rid, created = new_id(self.id_prefix), now()
         if not body.stream:
             out = await self.collect(req, q, http)
             err = next((o.error for o in out.values() if o.error), None)
             if err:
                 raise APIError(500, err, "server_error")
-            choices = [self.final_choice(i, o, body) for i, o in sorted(out.items())]
+            kept = best_of(out, body.n) if n_gen > body.n else [o for _, o in sorted(out.items())]
+            prefix = await self.prefix(req, body, ids)
+            choices = [self.final_choice(i, o, body, prefix) for i, o in enumerate(kept)]
             return self.response(rid, created, choices, usage(len(ids), sum(len(o.ids) for o in out.values())),
                                  self.summary(req))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self.stream(req, q, body, rid, created, len(ids), include_usage),
+        return StreamingResponse(self.stream(req, q, body, rid, created, ids, include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def stream(self, req: Request, q: asyncio.Queue, body, rid: str, created: int, prompt_len: int,
+    async def prefix(self, req: Request, body, ids: list[int]):
+        """What a choice starts with before its generated text (completions' ``echo``); None here."""
+        return None
+
+    async def stream(self, req: Request, q: asyncio.Queue, body, rid: str, created: int, ids: list[int],
                      include_usage: bool) -> AsyncIterator[str]:
         n_tokens, first, state = 0, True, {}
+        prompt_len = len(ids)
         async for e in self.events(req, q):
             if e is None:
                 yield KEEPALIVE
@@ -272,6 +303,8 @@ class OpenAIServing:
                 yield error_event(e)
                 break
             n_tokens += len(e.token_ids)
+            if "prefix" not in state:  # the plan is known once the first event arrives
+                state["prefix"] = await self.prefix(req, body, ids)
             choice = self.stream_choice(e, state, body)
             if choice is None:
                 continue
@@ -287,7 +320,8 @@ class OpenAIServing:
         yield DONE
 
     # ---- what the subclasses shape -------------------------------------------------------------
-    def final_choice(self, index: int, out: Collected, body) -> BaseModel:
+    def final_choice(self, index: int, out: Collected, body, prefix) -> BaseModel:
+        """Choice ``index`` of a non-streamed answer; ``prefix`` is what ``prefix()`` returned."""
         raise NotImplementedError
 
     def stream_choice(self, e: Event, state: dict, body) -> BaseModel | None:

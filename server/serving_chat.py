@@ -37,7 +37,7 @@ class OpenAIServingChat(OpenAIServing):
         t = self.token_text(token_id)
         return TopLogprob(token=t, logprob=logprob, bytes=list(t.encode()))
 
-    def final_choice(self, index: int, out: Collected, body: ChatCompletionRequest) -> ChatCompletionChoice:
+    def final_choice(self, index: int, out: Collected, body: ChatCompletionRequest, prefix=None) -> ChatCompletionChoice:
         return ChatCompletionChoice(index=index, message=AssistantMessage(role="assistant", content=out.text),
                                     finish_reason=out.finish,
                                     logprobs=self.logprobs(out.logprobs) if body.logprobs else None)
@@ -57,8 +57,9 @@ class OpenAIServingChat(OpenAIServing):
 
     def response(self, rid, created, choices, use, composition) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=rid, object="chat.completion", created=created, model=self.model_name,
-                                      choices=choices, usage=use, composition=composition)
+                                      system_fingerprint=self.fingerprint, choices=choices, usage=use, composition=composition)
 
     def chunk(self, rid, created, choices, **extra) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(id=rid, object="chat.completion.chunk", created=created,
-                                            model=self.model_name, choices=choices, **extra)
+                                            model=self.model_name, system_fingerprint=self.fingerprint,
+                                            choices=choices, **extra)

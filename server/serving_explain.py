@@ -6,6 +6,7 @@ import asyncio
 
 import torch
 
+from composer.modes import CompositionError
 from index_store.store import diagnostics_doc
 from .protocol import ExplainRequest, ModelCard, ModelList, now
 from .serving import APIError, OpenAIServing, draining_error
@@ -32,13 +33,22 @@ class ServingExplain(OpenAIServing):
         return (self.text_prompt(body.prompt), None) if body.prompt is not None else self.chat_prompt(body.messages)
 
     async def explain(self, body: ExplainRequest) -> dict:
+        """The composition document for one prompt (the index diagnostics are ``GET /index``'s, not repeated).
+
+        Every refusal the caller can fix is a 400 naming the parameter: a bad composition (checked
+        before any work, and again as a ``CompositionError`` from planning, should one get past the
+        checks), or a prompt that is empty or longer than the server or the model's positions allow.
+        """
         self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
         comp = self.check_composition(body.composition)
         ids, fmask = self.explain_prompt(body)
-        if not ids or len(ids) > self.limits.max_prompt_tokens:
-            raise APIError(400, f"prompt must have 1..{self.limits.max_prompt_tokens} tokens", param="prompt")
+        param = "prompt" if body.prompt is not None else "messages"
+        limit = min(self.limits.max_prompt_tokens, self.max_positions)
+        if not ids or len(ids) > limit:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; /explain accepts 1..{limit}", param=param,
+                           code="context_length_exceeded" if ids else None)
         if self.engine.draining:
             raise draining_error()
         c, engine = self.c, self.engine
@@ -50,6 +60,7 @@ class ServingExplain(OpenAIServing):
             plan = engine.plan_for(gp, comp)
             return c.explain(gp, plan, node_weights=body.include_node_weights)
 
-        doc = await asyncio.get_running_loop().run_in_executor(None, engine.call, work)
-        doc["index"] = self.index_doc
-        return doc
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, engine.call, work)
+        except CompositionError as e:
+            raise APIError(400, str(e), param=e.param or "composition") from None

@@ -11,7 +11,7 @@ from composer.modes import CompositionParams
 from server.engine import Draining, Limits, QueueFull, Request, SamplingParams, SlotCache
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import ChunkView, SlotStore
-from server.engine.sampler import logprob_entry, next_token_logprobs, sample
+from server.engine.sampler import adjusted, logprob_entry, next_token_logprobs, sample
 from server.engine.scheduler import Scheduler, split_budget
 from server.engine.types import Row
 
@@ -146,18 +146,40 @@ def test_scheduler_wait_for_work_wakes_on_submit():
 def test_sampler_greedy_eos_masking_top_p_and_seeds():
     logp = F.log_softmax(torch.tensor([0.0, 3.0, 1.0, 2.9]), -1)
     greedy = SamplingParams(max_tokens=4, temperature=0)
-    assert sample(logp, greedy, {1}, 5, None) == 1
+    assert sample(logp, greedy, {1}, [0] * 5, None) == 1
     masked = SamplingParams(max_tokens=4, temperature=0, min_tokens=2)
-    assert sample(logp, masked, {1}, 1, None) == 3  # EOS masked below min_tokens
-    assert sample(logp, masked, {1}, 2, None) == 1
+    assert sample(logp, masked, {1}, [0], None) == 3  # EOS masked below min_tokens
+    assert sample(logp, masked, {1}, [0, 0], None) == 1
     nucleus = SamplingParams(max_tokens=4, temperature=1.0, top_p=0.5)
-    assert {sample(logp, nucleus, set(), 0, torch.Generator().manual_seed(s)) for s in range(40)} <= {1, 3}
+    assert {sample(logp, nucleus, set(), [], torch.Generator().manual_seed(s)) for s in range(40)} <= {1, 3}
     hot = SamplingParams(max_tokens=4, temperature=1.0)
-    draw = [sample(logp, hot, set(), 0, torch.Generator().manual_seed(3)) for _ in range(3)]
+    draw = [sample(logp, hot, set(), [], torch.Generator().manual_seed(3)) for _ in range(3)]
     assert len(set(draw)) == 1
-    e = logprob_entry(logp, 3, 2)
+    e = logprob_entry(logp, 3, 2, float(logp[3]))
     assert e["logprob"] == pytest.approx(float(logp[3])) and [t for t, _ in e["top"]] == [1, 3]
-    assert logprob_entry(logp, 3, None) is None
+    assert logprob_entry(logp, 3, None, 0.0) is None
+
+
+def test_penalties_and_logit_bias_as_openai_defines_them():
+    """logits[j] += bias[j] - c[j] * frequency - (c[j] > 0) * presence, over the generated tokens."""
+    logp = F.log_softmax(torch.tensor([0.0, 3.0, 1.0, 2.9]), -1)
+    p = SamplingParams(max_tokens=4, temperature=0, presence_penalty=0.5, frequency_penalty=0.25,
+                       logit_bias={0: 1.5})
+    want = logp + torch.tensor([1.5, 0, 0, 0]) - torch.tensor([0, 2 * 0.25 + 0.5, 0, 1 * 0.25 + 0.5])
+    assert torch.allclose(adjusted(logp, p, [1, 3, 1]), want)
+    assert sample(logp, SamplingParams(max_tokens=4, temperature=0), set(), [1, 3, 1], None) == 1
+    assert sample(logp, p, set(), [1, 3, 1], None) == 3 == int(want.argmax())  # 1, twice, now below 3
+    biased = SamplingParams(max_tokens=4, temperature=0, logit_bias={0: 100.0})
+    assert sample(logp, biased, set(), [], None) == 0
+    # with EOS masked (ignore_eos, min_tokens) the adjustments still apply, and logp is left as it was
+    before = logp.clone()
+    assert sample(logp, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={0: 100.0}),
+                  {1}, [], None) == 0
+    assert sample(logp, SamplingParams(max_tokens=4, temperature=0, min_tokens=3, presence_penalty=2.0), {0},
+                  [3], None) == 1
+    assert torch.equal(logp, before)
+    # a negative penalty favours repetition
+    assert sample(logp, SamplingParams(max_tokens=4, temperature=0, presence_penalty=-2.0), set(), [3], None) == 3
 
 
 def test_logit_mode_mixes_log_probabilities():

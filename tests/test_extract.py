@@ -274,7 +274,7 @@ def test_refusals_are_one_line_naming_the_file(const, tmp_path, capsys):
     for name, (code, err) in results.items():
         named, says = cases[name][4], cases[name][5]
         assert code == 2, (name, err)
-        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert err.startswith("constellation: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
         assert says in err and (named is None or str(named) in err), (name, err)
     assert not out.exists() and (existing / "keep.txt").read_text() == "mine"
     assert (base / "model.safetensors").exists()

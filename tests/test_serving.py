@@ -154,8 +154,9 @@ def test_completion_logprobs_offsets_and_alike_top_tokens():
     out = s.logprobs([lp(97, -0.5, [(97, -0.5), (0x301, -1.0), (0x302, -2.0)]), lp(98, -0.25)], offset0=7)
     assert out.model_dump() == {
         "tokens": ["a", "b"], "token_logprobs": [-0.5, -0.25],
-        # two ids that decode alike: the second is keyed by its raw token
-        "top_logprobs": [{"a": -0.5, "\ufffd": -1.0, "<0x302>": -2.0}, None], "text_offset": [7, 8]}
+        # two ids that decode alike: the second is keyed by its raw token; the chosen token is always
+        # there (logprobs=0: only it), as OpenAI documents ("up to logprobs + 1 elements")
+        "top_logprobs": [{"a": -0.5, "\ufffd": -1.0, "<0x302>": -2.0}, {"b": -0.25}], "text_offset": [7, 8]}
 
 
 def test_chat_logprobs_carry_bytes():
@@ -178,7 +179,7 @@ def test_chunks_keep_only_the_keys_they_were_built_with():
     body = CompletionRequest(prompt="a")
     choice = s.stream_choice(Event(0, text="hi"), {}, body)
     plain = json.loads(sse(s.chunk("cmpl-1", 5, [choice]))[6:])
-    assert list(plain) == ["id", "object", "created", "model", "choices"]
+    assert list(plain) == ["id", "object", "created", "model", "system_fingerprint", "choices"]
     assert plain["object"] == "text_completion" and plain["choices"][0]["logprobs"] is None
     with_usage = json.loads(sse(s.chunk("cmpl-1", 5, [choice], composition=None, usage=None))[6:])
     assert list(with_usage)[-2:] == ["composition", "usage"] and with_usage["usage"] is None
@@ -223,7 +224,7 @@ def test_a_whole_completion_response():
     assert r["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
     assert r["composition"] == {"mode": "constellation", "selected": ["legal", "medical"],
                                 "alpha": {"medical": 0.25, "legal": 0.5, "code": 0.125}, "entropy_bits": 0.333333}
-    assert list(r) == ["id", "object", "created", "model", "choices", "usage", "composition"]
+    assert list(r) == ["id", "object", "created", "model", "system_fingerprint", "choices", "usage", "composition"]
 
 
 def test_a_streamed_chat_with_usage():

@@ -30,6 +30,7 @@ from .kv_cache import SlotCache
 from .runner import ModelRunner, PrefillJob
 from .sampler import logprob_entry, next_token_logprobs, sample
 from .scheduler import Scheduler, split_budget
+from .scoring import prompt_logprobs
 from .types import Event, Limits, Request, Row, Sequence
 
 log = logging.getLogger("constellation.engine")
@@ -90,6 +91,12 @@ class Engine:
         if "error" in box:
             raise box["error"]
         return box["value"]
+
+    def score_prompt(self, ids: list[int], composition: CompositionParams, fingerprint_mask: list[int] | None,
+                     top: int):
+        """Each prompt token's log-probability under the prompt's composition (``scoring``), computed
+        on the engine thread between steps; blocks the caller."""
+        return self.call(lambda: prompt_logprobs(self.c, ids, composition, fingerprint_mask, top))
 
     def drain(self) -> None:
         with self.scheduler.lock:
@@ -168,7 +175,7 @@ class Engine:
     def _reap_cancelled(self) -> None:
         for seq in list(self.running):
             if seq.request.cancelled.is_set():
-                self._finish(seq, "cancelled", notify=False)
+                self._finish(seq, "abort", notify=False)  # vLLM's name
         for job in [j for j in self.prefilling if j.request.cancelled.is_set()]:
             self._drop(job)
 
@@ -262,7 +269,7 @@ class Engine:
     def _sample_and_emit(self, seq: Sequence, logits: list[torch.Tensor]) -> None:
         p = seq.request.params
         logp = next_token_logprobs(logits, [r.beta for r in seq.rows])
-        token = sample(logp, p, seq.eos, len(seq.tokens), seq.generator)
+        token = sample(logp, p, seq.eos, seq.tokens, seq.generator)
         now = time.perf_counter()
         if self.metrics:
             if seq.last_token_at:
@@ -271,21 +278,23 @@ class Engine:
                 self.metrics.ttft.observe(now - seq.request.arrival)
             self.metrics.generation_tokens.inc()
         seq.last_token_at = now
+        # an EOS is a completion token (usage, logprobs, max_tokens), as at OpenAI and vLLM, but no text
         eos_hit = token in seq.eos and not p.ignore_eos  # (masked while below min_tokens)
+        seq.tokens.append(token)
+        value = float(logp[token])
+        seq.cumulative_logprob += value
+        entry = logprob_entry(logp, token, p.logprobs, value)
         finish = None
         if eos_hit:
-            finish, entry = "stop", None  # the EOS token is not part of the output
-        else:
-            seq.tokens.append(token)
-            entry = logprob_entry(logp, token, p.logprobs)
-            if len(seq.tokens) >= p.max_tokens:
-                finish = "length"
-            elif seq.rows[0].length + 1 >= min(self.limits.max_seq_len - 1, self.g.mc.max_positions - 1):
-                finish = "length"
+            finish = "stop"
+        elif len(seq.tokens) >= p.max_tokens:
+            finish = "length"
+        elif seq.rows[0].length + 1 >= min(self.limits.max_seq_len - 1, self.g.mc.max_positions - 1):
+            finish = "length"
         delta = seq.detok.add(None if eos_hit else token, final=finish is not None)
         if seq.detok.stopped:
             finish = "stop"
-        seq.request.emit(Event(seq.index, delta, [] if eos_hit else [token], [entry] if entry else []))
+        seq.request.emit(Event(seq.index, delta, [token], [entry] if entry else []))
         if finish:
             self._finish(seq, finish)
 
@@ -296,7 +305,8 @@ class Engine:
         self.running.remove(seq)
         self.cache.release_all(seq.rows)
         if notify:
-            seq.request.emit(Event(seq.index, "", finish_reason=reason if error is None else "error", error=error))
+            seq.request.emit(Event(seq.index, "", finish_reason=reason if error is None else "error", error=error,
+                                   cumulative_logprob=seq.cumulative_logprob))
         if self.metrics and reason and error is None:
             self.metrics.success.labels(reason).inc()
             self.metrics.e2e.observe(time.perf_counter() - seq.request.arrival)

@@ -21,13 +21,28 @@ def next_token_logprobs(logits: list[torch.Tensor], betas: list[float | None]) -
     return F.log_softmax(mix, -1)
 
 
-def sample(logp: torch.Tensor, p: SamplingParams, eos: set[int], n_generated: int,
+def adjusted(logp: torch.Tensor, p: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """OpenAI's adjustments: ``logit_bias`` added, and for each token generated ``c`` times so far,
+    ``c * frequency_penalty + (c > 0) * presence_penalty`` subtracted (as vLLM: over the output
+    tokens, not the prompt). The logprobs a request reports stay the model's (before these)."""
+    scores = logp.clone()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=scores.device)
+        scores[ids] += torch.tensor(list(p.logit_bias.values()), dtype=scores.dtype, device=scores.device)
+    if generated and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=scores.device),
+                                minlength=scores.shape[0])[:scores.shape[0]].to(scores.dtype)
+        scores -= counts * p.frequency_penalty + (counts > 0).to(scores.dtype) * p.presence_penalty
+    return scores
+
+
+def sample(logp: torch.Tensor, p: SamplingParams, eos: set[int], generated: list[int],
            generator: torch.Generator | None) -> int:
     """Pick the next token from ``logp`` [V] under ``p`` (EOS masked while below ``min_tokens`` or
-    with ``ignore_eos``)."""
-    scores = logp
-    if p.ignore_eos or n_generated < p.min_tokens:
-        scores = logp.clone()
+    with ``ignore_eos``); ``generated``: the tokens so far."""
+    scores = adjusted(logp, p, generated) if p.adjusts_scores else logp
+    if p.ignore_eos or len(generated) < p.min_tokens:
+        scores = scores.clone() if scores is logp else scores
         for e in eos:
             if e < scores.shape[0]:
                 scores[e] = float("-inf")
@@ -43,11 +58,12 @@ def sample(logp: torch.Tensor, p: SamplingParams, eos: set[int], n_generated: in
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def logprob_entry(logp: torch.Tensor, token: int, top: int | None) -> dict | None:
-    """The chosen token's log-probability and the ``top`` most likely alternatives (None: not asked)."""
+def logprob_entry(logp: torch.Tensor, token: int, top: int | None, value: float) -> dict | None:
+    """The chosen token's log-probability ``value`` and the ``top`` most likely alternatives (None:
+    not asked)."""
     if top is None:
         return None
-    entry = {"token_id": token, "logprob": float(logp[token]), "top": []}
+    entry = {"token_id": token, "logprob": value, "top": []}
     if top > 0:
         t = torch.topk(logp, top)
         entry["top"] = [(int(i), float(v)) for v, i in zip(t.values, t.indices)]

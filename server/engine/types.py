@@ -38,6 +38,14 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: chosen token + top-k alternatives
+    # OpenAI's penalties over the tokens generated so far, and additive biases by token id
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def adjusts_scores(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 class QueueFull(Exception):
@@ -58,6 +66,7 @@ class Event:
     logprobs: list[dict] = field(default_factory=list)  # one per token: token, logprob, top
     finish_reason: str | None = None
     error: str | None = None
+    cumulative_logprob: float | None = None  # on the finishing event: the sum over the choice's tokens
 
 
 class NeedSignature(Exception):
@@ -141,3 +150,4 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
     finished: bool = False
+    cumulative_logprob: float = 0.0  # of the tokens generated (the model's log-probabilities, as reported)

@@ -16,10 +16,16 @@ function askKey() {
   $("key-box").hidden = false;
   $("api-key").focus();
 }
-$("save-key").addEventListener("click", () => {
+// the button and Enter in the box do the same: keep the key, then reload what the visible tab shows
+function saveKey() {
   sessionStorage.setItem(KEY, $("api-key").value.trim());
   $("key-box").hidden = true;
   hideError();
+  if (!$("view-index").hidden) { loadIndex(); $("tab-index").focus(); } else $("run").focus();
+}
+$("save-key").addEventListener("click", saveKey);
+$("api-key").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.isComposing) { e.preventDefault(); saveKey(); }
 });
 
 // ---- errors shown as readable messages -----------------------------------------------------------
@@ -142,62 +148,167 @@ async function stream(pane, mode) {
   pane.dataset.done = "true";
 }
 
-// ---- the composition panel from /explain --------------------------------------------------------------
-async function explain(mode) {
+// ---- the composition panels from /explain: one per mode shown ------------------------------------------
+async function explain(mode, panel) {
   const { kind } = body(mode, false);
   const req = { composition: composition(mode), include_node_weights: true };
   if (kind === "chat") req.messages = [{ role: "user", content: $("prompt").value }];
   else req.prompt = $("prompt").value;
+  panel.querySelector(".comp-mode").textContent = mode;
+  panel.dataset.mode = mode;
+  panel.dataset.done = "false";
   const resp = await fetch("/explain", { method: "POST", headers: headers(), body: JSON.stringify(req) });
-  if (!resp.ok) { await failure(resp); return null; }
+  if (!resp.ok) {
+    await failure(resp);
+    panel.querySelector(".comp-body").innerHTML = `<p class="muted">Composition unavailable (${resp.status}).</p>`;
+    panel.dataset.done = "error";
+    return null;
+  }
   const doc = await resp.json();
-  renderComposition(doc);
+  renderComposition(panel, doc, req.composition);
+  $("comp-intro").hidden = true;
+  panel.dataset.done = "true";
   return doc;
 }
 
-function renderComposition(doc) {
-  const bars = $("bars");
-  bars.innerHTML = "";
-  const max = Math.max(1e-9, ...Object.values(doc.alpha).map(Math.abs));
+const num = (v, digits) => (typeof v === "number" && isFinite(v) ? v.toFixed(digits) : "—");
+const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+// The weight each domain's specialist got in the composed model, per /explain: its node weights'
+// mean (``mean_node_weight``; logit mode: its beta). Alpha is only the prompt's projection on the
+// domain; in "weights" mode it is not what was used. null: this document does not say.
+function weightsUsed(doc) {
+  const mnw = doc.mean_node_weight || {};
+  if (Object.keys(mnw).length) return Object.fromEntries(doc.domains.map((d) => [d, mnw[d] ?? 0]));
+  if (doc.mode === "task_arithmetic" && typeof doc.lambda === "number")
+    return Object.fromEntries(doc.domains.map((d) => [d, doc.lambda]));
+  if (!(doc.selected || []).length) return Object.fromEntries(doc.domains.map((d) => [d, 0]));
+  return null;
+}
+
+// the heat strips' colour ramp: node weight 0 = white .. 1 = the accent blue
+function ramp(v) {
+  const t = Math.max(0, Math.min(1, v));
+  return [255 - Math.round(t * 219), 255 - Math.round(t * 169), 255 - Math.round(t * 56)];
+}
+function paint(cv, values) {
+  const ctx = cv.getContext("2d");
+  const img = ctx.createImageData(values.length, 1);
+  values.forEach((v, i) => {
+    const [r, g, b] = ramp(v);
+    img.data[4 * i] = r; img.data[4 * i + 1] = g; img.data[4 * i + 2] = b; img.data[4 * i + 3] = 255;
+  });
+  ctx.putImageData(img, 0, 0);
+}
+
+function renderComposition(panel, doc, asked) {
+  const out = panel.querySelector(".comp-body");
+  out.innerHTML = "";
+  const used = weightsUsed(doc);
+  const sel = doc.selected || [];
+  const requested = asked && asked.weights && Object.keys(asked.weights).length
+    ? ` · requested ${Object.entries(asked.weights).map(([d, v]) => `${d} ${v}`).join(", ")}` : "";
+  const summary = document.createElement("p");
+  summary.className = "comp-summary";
+  summary.textContent =
+    `mode ${doc.mode} · selected ${sel.join(", ") || "none"}${requested} · entropy ${num(doc.entropy_bits, 3)} bits` +
+    ` · fallback ${num(doc.fallback * 100, 1)}% of nodes · layers ${layersText(doc.composed_layers)}`;
+  out.appendChild(summary);
+
+  const key = document.createElement("p");
+  key.className = "bars-key";
+  key.innerHTML = `<span class="swatch w" aria-hidden="true"></span> weight used (mean node weight, 0–1)` +
+    ` <span class="swatch a" aria-hidden="true"></span> alpha (projection on the domain, scaled to the largest)`;
+  out.appendChild(key);
+
+  const bars = document.createElement("div");
+  bars.className = "bars";
+  bars.setAttribute("role", "list");
+  bars.setAttribute("aria-label", `weight used and alpha per domain, mode ${doc.mode}`);
+  const amax = Math.max(1e-9, ...Object.values(doc.alpha).map(Math.abs));
+  const wmax = Math.max(1, ...Object.values(used || {}).map(Math.abs));
   for (const d of doc.domains) {
     const a = doc.alpha[d];
-    const sel = doc.selected.includes(d);
+    const w = used ? used[d] : null;
+    const on = sel.includes(d);
     const row = document.createElement("div");
-    row.className = "bar" + (sel ? " selected" : "");
+    row.className = "bar" + (on ? " selected" : "");
     row.setAttribute("role", "listitem");
     row.dataset.domain = d;
     row.dataset.alpha = String(a);
-    const w = doc.mean_node_weight[d];
-    row.innerHTML = `<span>${d}${sel ? " ✓" : ""}</span>
-      <span class="track" aria-hidden="true"><span class="fill" style="display:block;width:${Math.max(0, a) / max * 100}%"></span></span>
-      <span class="val" title="${w !== undefined ? "mean node weight " + w.toFixed(3) : "not selected"}">${a.toFixed(4)}</span>`;
-    row.setAttribute("aria-label", `${d}: alpha ${a.toFixed(4)}${sel ? ", selected, mean node weight " + (w || 0).toFixed(3) : ""}`);
+    row.dataset.weight = w === null ? "" : String(w);
+    row.innerHTML = `<span class="name">${esc(d)}${on ? " ✓" : ""}</span>
+      <span class="tracks" aria-hidden="true">
+        <span class="track w"><span class="fill" style="width:${w === null ? 0 : Math.max(0, w) / wmax * 100}%"></span></span>
+        <span class="track a"><span class="fill" style="width:${Math.max(0, a) / amax * 100}%"></span></span>
+      </span>
+      <span class="val"><span class="wv">${w === null ? "—" : num(w, 3)}</span><span class="av">α ${num(a, 4)}</span></span>`;
+    row.setAttribute("aria-label",
+      `${d}${on ? ", selected" : ""}: weight used ${w === null ? "not reported" : num(w, 3)}, alpha ${num(a, 4)}`);
     bars.appendChild(row);
   }
-  $("comp-summary").textContent =
-    `mode ${doc.mode} · selected ${doc.selected.join(", ") || "none"} · mean node entropy ${doc.entropy_bits.toFixed(3)} bits` +
-    ` · fallback ${(doc.fallback * 100).toFixed(1)}% of nodes · layers ${layerRanges(doc.composed_layers)}`;
-  const heat = $("heat");
-  heat.innerHTML = "";
-  for (const [d, ws] of Object.entries(doc.node_weights || {})) {
+  out.appendChild(bars);
+
+  const strips = Object.entries(doc.node_weights || {});
+  if (!strips.length) {
+    const p = document.createElement("p");
+    p.className = "muted heat-none";
+    p.textContent = `No per-node weights in mode ${doc.mode}: every hidden dimension gets the same mix.`;
+    out.appendChild(p);
+    return;
+  }
+  let lo = Infinity, hi = -Infinity;
+  for (const [, ws] of strips) for (const v of ws) { if (v < lo) lo = v; if (v > hi) hi = v; }
+  out.appendChild(heatScale(lo, hi, strips.length, strips[0][1].length));
+  const heat = document.createElement("div");
+  heat.className = "heat";
+  heat.setAttribute("aria-label", "node weights across hidden dimensions");
+  for (const [d, ws] of strips) {
+    const mean = ws.reduce((s, v) => s + v, 0) / ws.length;
     const lbl = document.createElement("div");
     lbl.className = "lbl";
-    lbl.textContent = `${d}: node weights over ${ws.length} hidden dimensions (dark = high)`;
+    lbl.textContent = `${d}: node weight over ${ws.length} hidden dimensions · min ${num(Math.min(...ws), 3)}` +
+      ` · mean ${num(mean, 3)} · max ${num(Math.max(...ws), 3)}`;
     const cv = document.createElement("canvas");
     cv.width = ws.length; cv.height = 1;
     cv.dataset.domain = d;
     cv.setAttribute("role", "img");
-    cv.setAttribute("aria-label", `${d} node weights, mean ${(ws.reduce((s, v) => s + v, 0) / ws.length).toFixed(3)}`);
-    const ctx = cv.getContext("2d");
-    const img = ctx.createImageData(ws.length, 1);
-    ws.forEach((v, i) => {
-      const t = Math.max(0, Math.min(1, v));
-      img.data[4 * i] = 255 - Math.round(t * 219); img.data[4 * i + 1] = 255 - Math.round(t * 169);
-      img.data[4 * i + 2] = 255 - Math.round(t * 56); img.data[4 * i + 3] = 255;
-    });
-    ctx.putImageData(img, 0, 0);
+    cv.setAttribute("aria-label", `${d} node weights, mean ${num(mean, 3)}`);
+    paint(cv, ws);
     heat.appendChild(lbl); heat.appendChild(cv);
   }
+  out.appendChild(heat);
+}
+
+// The legend of the heat strips: the colour ramp over the fixed 0..1 scale, with this prompt's
+// smallest and largest node weight marked on it.
+function heatScale(lo, hi, k, d) {
+  const box = document.createElement("div");
+  box.className = "heat-scale";
+  box.dataset.min = String(lo);
+  box.dataset.max = String(hi);
+  box.setAttribute("role", "img");
+  box.setAttribute("aria-label", `heat strip scale: node weight from 0 (white) to 1 (blue); ` +
+    `this prompt ranges from ${num(lo, 3)} to ${num(hi, 3)}`);
+  const STEPS = 101;
+  const cv = document.createElement("canvas");
+  cv.className = "ramp";
+  cv.width = STEPS; cv.height = 1;
+  paint(cv, Array.from({ length: STEPS }, (_, i) => i / (STEPS - 1)));
+  const pos = (v) => `${Math.max(0, Math.min(1, v)) * 100}%`;
+  box.innerHTML = `<span class="end">0</span><span class="ramp-wrap"></span><span class="end">1</span>
+    <span class="range">node weight: the share of a hidden dimension's mix given to a specialist (unitless;
+    the selected specialists' shares of a dimension add up to 1) · this prompt: min <b class="min">${num(lo, 3)}</b>,
+    max <b class="max">${num(hi, 3)}</b> (${k} specialist${k === 1 ? "" : "s"} × ${d} dimensions)</span>`;
+  const wrap = box.querySelector(".ramp-wrap");
+  wrap.appendChild(cv);
+  for (const [cls, v] of [["mark lo", lo], ["mark hi", hi]]) {
+    const m = document.createElement("i");
+    m.className = cls;
+    m.style.left = pos(v);
+    wrap.appendChild(m);
+  }
+  return box;
 }
 
 // ---- buttons ------------------------------------------------------------------------------------------
@@ -205,12 +316,17 @@ async function run(side) {
   hideError();
   if (!$("prompt").value.trim()) { showError(400, "Type a prompt first."); return; }
   $("run").disabled = $("side").disabled = true;
-  $("pane-b").hidden = !side;
+  $("pane-b").hidden = $("comp-b").hidden = !side;
+  $("comp-a").hidden = $("comp-intro").hidden = false;
   $("outputs").classList.toggle("single", !side);
+  $("comps").classList.toggle("single", !side);
   try {
     const a = $("mode").value;
-    const jobs = [explain(a), stream($("pane-a"), a)];
-    if (side) jobs.push(stream($("pane-b"), $("compare").value));
+    const jobs = [explain(a, $("comp-a")), stream($("pane-a"), a)];
+    if (side) {
+      const b = $("compare").value;
+      jobs.push(explain(b, $("comp-b")), stream($("pane-b"), b));
+    }
     await Promise.all(jobs);
   } catch (e) {
     showError(0, String(e));
@@ -261,7 +377,12 @@ async function loadIndex() {
 
 init().catch((e) => showError(0, String(e)));
 
-// [0, 1, 2, 5] -> "0–2, 5": the composed decoder layers, compactly
+// [0, 1, 2, 5] -> "0–2, 5": the composed decoder layers, compactly (a string or {layers: [...]} as given)
+function layersText(v) {
+  if (Array.isArray(v)) return layerRanges(v);
+  if (v && Array.isArray(v.layers)) return layerRanges(v.layers);
+  return v === undefined || v === null ? "—" : String(v);
+}
 function layerRanges(layers) {
   const out = [];
   for (let k = 0; k < layers.length; k++) {
