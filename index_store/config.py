@@ -65,6 +65,12 @@ class RuntimeConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+class CatalogConfig(_Strict):
+    version: int = Field(0, ge=0, description="bumped by every `constellation specialist` change")
+    models_root: Path | None = Field(None, description="the admin API adds specialists from under this folder only")
+    keep: int = Field(3, ge=1, le=100, description="catalog snapshots kept in .catalog/ (the newest)")
+
+
 class ConstellationConfig(_Strict):
     generalist: GeneralistConfig
     specialists: dict[str, Path] = Field(min_length=1, description="domain = a full model folder or a PEFT "
@@ -72,6 +78,7 @@ class ConstellationConfig(_Strict):
     index: IndexConfig
     composition: CompositionConfig = CompositionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    catalog: CatalogConfig = CatalogConfig()
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("specialists")
@@ -91,6 +98,8 @@ class ConstellationConfig(_Strict):
             "generalist": self.generalist.model_copy(update={"path": r(self.generalist.path)}),
             "specialists": {k: r(p) for k, p in self.specialists.items()},
             "index": self.index.model_copy(update={"path": r(self.index.path), "probes": r(self.index.probes)}),
+            "catalog": self.catalog.model_copy(update={
+                "models_root": None if self.catalog.models_root is None else r(self.catalog.models_root)}),
         })
 
 

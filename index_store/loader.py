@@ -267,30 +267,25 @@ def fingerprints(g, tok, texts: list[str], max_tokens: int, batch_size: int, bar
     return torch.cat(out)
 
 
-def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -> dict:
-    """Fingerprint the probes with G, build centroids, basis and diagnostics; store atomically.
-
-    Returns the manifest written.
-    """
-    cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
-    t0 = time.perf_counter()
-    device = pick_device(cfg.runtime.device)
-    dtype = pick_dtype(cfg.runtime.dtype, device)
-    probes = load_probes(cfg.index.probes)
-    missing = [d for d in cfg.specialists if d not in probes]
-    if missing:
-        raise ProbeError(f"{cfg.index.probes}: no probes for specialist domain(s) {missing}")
-    g = load_model(cfg.generalist.path, device, dtype)
-    tok = load_tokenizer(cfg.generalist.path)
-    identity = model_identity(cfg.generalist.path)
-    order = list(cfg.specialists) + [d for d in probes if d not in cfg.specialists]
-    total = sum(len(probes[d]) for d in order)
-    cents = []
-    with _progress(total, "fingerprinting probes", quiet) as bar:
-        for dom in order:
+def centroids(g, tok, probes: dict[str, list[str]], order: list[str], cfg: ConstellationConfig,
+              reuse: dict[str, torch.Tensor] | None = None, quiet: bool = False) -> torch.Tensor:
+    """Each domain's raw centroid ``[len(order), d]`` (fp64): the mean fingerprint of its probes.
+    ``reuse``: centroids already known for domains whose probes did not change (a catalog change
+    fingerprints only the new domain's probes)."""
+    reuse = reuse or {}
+    todo = [d for d in order if d not in reuse]
+    out = dict(reuse)
+    with _progress(sum(len(probes[d]) for d in todo), "fingerprinting probes", quiet or not todo) as bar:
+        for dom in todo:
             fp = fingerprints(g, tok, probes[dom], cfg.index.max_tokens, cfg.index.batch_size, bar)
-            cents.append(fp.to(torch.float64).mean(0))
-    all_c = torch.stack(cents)
+            out[dom] = fp.to(torch.float64).mean(0)
+    return torch.stack([out[d] for d in order])
+
+
+def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]], order: list[str],
+                         all_c: torch.Tensor, identity: str, g) -> tuple[dict, dict]:
+    """Basis, diagnostics and manifest from the raw centroids of ``order`` (the specialists first,
+    then control domains): what ``build_index`` writes, and what a catalog change writes."""
     n = len(cfg.specialists)
     raw = all_c[:n]
     nf, kind = cfg.index.noise_fraction, cfg.index.basis
@@ -319,8 +314,33 @@ def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -
         "d": g.mc.d,
         "settings": {"basis": kind, "noise_fraction": nf, "seed": cfg.index.seed, "max_tokens": cfg.index.max_tokens},
         "diagnostics": diag,
-        "build_seconds": round(time.perf_counter() - t0, 3),
+        "catalog_version": cfg.catalog.version,
     }
-    tensors = {"basis": E, "centroids": used, "raw_centroids": all_c}
+    return {"basis": E, "centroids": used, "raw_centroids": all_c}, manifest
+
+
+def probe_order(cfg: ConstellationConfig, probes: dict[str, list[str]]) -> list[str]:
+    missing = [d for d in cfg.specialists if d not in probes]
+    if missing:
+        raise ProbeError(f"{cfg.index.probes}: no probes for specialist domain(s) {missing}")
+    return list(cfg.specialists) + [d for d in probes if d not in cfg.specialists]
+
+
+def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -> dict:
+    """Fingerprint the probes with G, build centroids, basis and diagnostics; store atomically.
+
+    Returns the manifest written.
+    """
+    cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
+    t0 = time.perf_counter()
+    device = pick_device(cfg.runtime.device)
+    dtype = pick_dtype(cfg.runtime.dtype, device)
+    probes = load_probes(cfg.index.probes)
+    order = probe_order(cfg, probes)
+    g = load_model(cfg.generalist.path, device, dtype)
+    tok = load_tokenizer(cfg.generalist.path)
+    all_c = centroids(g, tok, probes, order, cfg, quiet=quiet)
+    tensors, manifest = index_from_centroids(cfg, probes, order, all_c, model_identity(cfg.generalist.path), g)
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
     write_index(cfg.index.path, tensors, manifest)
     return manifest

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from server.cli_catalog import cmd_specialist_change, cmd_specialist_list
 from server.cli_parser import parser
 from server.summary import layer_ranges, load_summary
 
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from composer.weights import WeightsError
     from demo.generalist import DemoError
     from eval.run import EvalError
+    from index_store.catalog import CatalogError
     from index_store.config import ConfigError
     from index_store.loader import ProbeError
     from index_store.store import IndexStoreError
@@ -295,13 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {("index", "build"): cmd_index_build, ("index", "inspect"): cmd_index_inspect,
                 ("explain", None): cmd_explain, ("demo", "train"): cmd_demo_train,
                 ("demo", "build"): cmd_demo_build, ("demo", "report"): cmd_demo_report, ("serve", None): cmd_serve,
-                ("eval", None): cmd_eval, ("specialist", "extract"): cmd_specialist_extract}
+                ("eval", None): cmd_eval, ("specialist", "extract"): cmd_specialist_extract,
+                ("specialist", "add"): cmd_specialist_change, ("specialist", "replace"): cmd_specialist_change,
+                ("specialist", "remove"): cmd_specialist_change, ("specialist", "list"): cmd_specialist_list}
     try:
         sub = (getattr(args, "index_command", None) or getattr(args, "demo_command", None)
                or getattr(args, "specialist_command", None))
         return handlers[(args.command, sub)](args)
     except (ConfigError, WeightsError, ArchitectureError, IndexStoreError, ProbeError, BasisError,
-            CompositionError, DemoError, EvalError, ValueError) as e:  # ValueError: bad runtime settings
+            CompositionError, DemoError, EvalError, CatalogError, ValueError) as e:  # ValueError: bad runtime settings
         print(one_line(e), file=sys.stderr)
         return 2
     except OSError as e:  # a file that cannot be read or written

@@ -224,10 +224,12 @@ def _add_demo(sub) -> None:
 
 
 def _add_specialist(sub) -> None:
-    """``constellation specialist extract``."""
-    spec = sub.add_parser("specialist", help="tools for specialist checkpoints")
+    """``constellation specialist add | replace | remove | list | extract``."""
+    spec = sub.add_parser("specialist", help="change a constellation's specialists (its catalog), or extract an "
+                          "adapter from a full fine-tune")
     ssub = spec.add_subparsers(dest="specialist_command", metavar="SUBCOMMAND")
     ssub.required = True
+    _add_catalog(ssub)
     sx = ssub.add_parser(
         "extract", help="turn a full fine-tune into a PEFT LoRA adapter on the generalist (truncated SVD)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -259,3 +261,36 @@ def _add_specialist(sub) -> None:
     sx.add_argument("--max-tokens", type=int, default=256, help="tokens kept per held-out text (default 256)")
     sx.add_argument("--force", action="store_true", help="replace an existing ADAPTER_FOLDER (default: refuse)")
     sx.add_argument("--quiet", action="store_true", help="no progress bar on stderr (default: show it)")
+
+
+CATALOG_NOTE = ("The change is written as a new catalog snapshot beside CONFIG (.catalog/vNNNNNN: the merged "
+                "probes and the rebuilt index), then CONFIG is rewritten atomically to name it and bump "
+                "[catalog].version: a crash leaves the old or the new catalog, never a mix. Only the changed "
+                "domain's probes are fingerprinted. Running servers on CONFIG pick the new version up "
+                "(docs/catalog.md).")
+
+
+def _add_catalog(ssub) -> None:
+    """``constellation specialist add | replace | remove | list CONFIG ...``."""
+    for op, what in (("add", "add a specialist (a PEFT adapter or a full model folder) and its domain's probes"),
+                     ("replace", "replace a specialist's folder and/or its probes (same name)")):
+        a = ssub.add_parser(op, help=what, description=f"{what[0].upper()}{what[1:]}. {CATALOG_NOTE}",
+                            epilog=f"example:\n  constellation specialist {op} constellation.toml finance "
+                            "adapters/finance --probes finance-probes.json\n",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        a.add_argument("config", metavar="CONFIG", help="the constellation's config file")
+        a.add_argument("name", metavar="NAME", help="the domain's name (letters, digits, '-', '_')")
+        a.add_argument("path", metavar="FOLDER", nargs="?" if op == "replace" else None,
+                       help="the specialist: a PEFT LoRA adapter folder or a full model folder"
+                       + (" (default: keep the current one)" if op == "replace" else ""))
+        a.add_argument("--probes", metavar="FILE", required=op == "add",
+                       help='the domain\'s probe texts: a JSON list of strings, {"domains": {NAME: [...]}}, or a '
+                       f".txt file, one text per line (at least 4){'' if op == 'add' else '; default: keep them'}")
+        a.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    r = ssub.add_parser("remove", help="remove a specialist and its domain from the basis",
+                        description=f"Remove a specialist. {CATALOG_NOTE}")
+    r.add_argument("config", metavar="CONFIG", help="the constellation's config file")
+    r.add_argument("name", metavar="NAME", help="the specialist to remove")
+    ls = ssub.add_parser("list", help="the specialists: kind, path, rank, probes, catalog version")
+    ls.add_argument("config", metavar="CONFIG", help="the constellation's config file")
+    ls.add_argument("--json", action="store_true", help="print JSON")

@@ -1,0 +1,336 @@
+"""The catalog: which specialists a constellation composes, their probes and the index, as one
+versioned snapshot that changes atomically.
+
+A constellation is its config file (``constellation.toml``) and what it names. A change (add,
+replace or remove a specialist) writes a new snapshot beside the config::
+
+    .catalog/v000004/probes.json     every domain's probes after the change
+    .catalog/v000004/index/          the index built from them (store.write_index)
+
+complete and fsynced under a temporary name, then renamed into place; then the config file itself
+is rewritten (temporary file, fsync, rename) to name the new snapshot and bump
+``[catalog].version``. That rename is the commit point: a crash before it leaves the old config,
+whose snapshot is untouched; after it, the new config, whose snapshot is complete. Old snapshots
+are pruned after the commit (the newest ``[catalog].keep`` stay). Changes are serialised by an
+exclusive lock on ``.catalog/lock`` (``flock``), across processes on the same volume.
+
+Only the changed domain's probes are fingerprinted: the other centroids come from the current index
+(its probes are verified by hash). The basis is rebuilt from all centroids (``symmetric``: every
+axis moves; ``gram_schmidt``: the earlier axes stay, a new one is appended).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+import torch
+
+from composer.basis import BasisError
+
+from .config import ConfigError, ConstellationConfig, load_config
+from .store import _fsync_dir, read_index, write_index
+
+CATALOG = ".catalog"
+MIN_PROBES = 4
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class CatalogError(ValueError):
+    """A change the catalog refuses; nothing was written. ``status`` is the HTTP status the admin
+    API answers with (400 bad input, 404 unknown name, 409 conflict)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclass
+class Change:
+    """``op`` is ``add``, ``replace`` or ``remove``; ``probes``: the domain's probe texts."""
+
+    op: str
+    name: str
+    path: Path | None = None
+    probes: list[str] | None = None
+
+
+@dataclass
+class Result:
+    config: ConstellationConfig
+    manifest: dict
+    version: int
+    fingerprinted: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def failpoint(step: str) -> None:
+    """Crash here if ``CONSTELLATION_FAILPOINT`` names this step (the kill-at-each-step test)."""
+    if os.environ.get("CONSTELLATION_FAILPOINT") == step:
+        os._exit(86)
+
+
+STEPS = ("snapshot-tmp-written", "snapshot-renamed", "config-tmp-written", "config-renamed", "pruned")
+
+
+# ---- the config file, rewritten ------------------------------------------------------------------
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string is a JSON string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {type(v).__name__} values to TOML")
+
+
+def to_toml(raw: dict) -> str:
+    """A config (tables of scalars and arrays, as constellation.toml is) as TOML text."""
+    lines = ["# Managed by `constellation specialist` (catalog snapshots in .catalog/); edits are kept",
+             "# but comments are not."]
+    for table, body in raw.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{table}] is not a table")
+        lines += ["", f"[{table}]"]
+        lines += [f"{json.dumps(k) if not re.fullmatch(r'[A-Za-z0-9_-]+', k) else k} = {_toml_value(v)}"
+                  for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        failpoint("config-tmp-written")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def check_change(cfg: ConstellationConfig, change: Change, root_only: bool = False) -> None:
+    """Refuse a change that cannot be honoured, before any work (nothing written)."""
+    names = list(cfg.specialists)
+    if change.op not in ("add", "replace", "remove"):
+        raise CatalogError(f"unknown operation {change.op!r}")
+    if not NAME.match(change.name or ""):
+        raise CatalogError(f"name {change.name!r}: letters, digits, '-' or '_' (at most 64), starting with a "
+                           "letter or digit", param="name")
+    if change.op == "add" and change.name in names:
+        raise CatalogError(f"a specialist named '{change.name}' exists; send replace to replace it", 409, "name")
+    if change.op in ("replace", "remove") and change.name not in names:
+        raise CatalogError(f"no specialist named '{change.name}' (have: {', '.join(names)})", 404, "name")
+    if change.op == "remove":
+        if len(names) == 1:
+            raise CatalogError(f"'{change.name}' is the last specialist; a constellation needs one", 409, "name")
+        if cfg.composition.top_k > len(names) - 1 and "top_k" in cfg.composition.model_fields_set:
+            raise CatalogError(f"[composition].top_k = {cfg.composition.top_k} would exceed the {len(names) - 1} "
+                               "specialists left; lower it first", 409, "name")
+        return
+    if change.path is None and change.op == "replace":
+        change.path = cfg.specialists[change.name]  # replace the probes only
+    if change.path is None:
+        raise CatalogError("path: required (a PEFT adapter folder or a full model folder)", param="path")
+    path = Path(change.path).expanduser().resolve()
+    root = cfg.catalog.models_root
+    if root_only:
+        if root is None:
+            raise CatalogError("this server takes no specialist paths: set [catalog].models_root", 403, "path")
+        if not path.is_relative_to(root.resolve()):
+            raise CatalogError(f"path {change.path}: outside the models root {root}", 403, "path")
+    if not path.is_dir():
+        raise CatalogError(f"path {change.path}: folder not found", param="path")
+    probes = change.probes
+    if probes is None and change.op == "add":
+        raise CatalogError(f"probes: required to place a new domain (at least {MIN_PROBES} texts)", param="probes")
+    if probes is not None:
+        if not isinstance(probes, list) or not all(isinstance(t, str) and t.strip() for t in probes):
+            raise CatalogError("probes: a list of non-empty strings", param="probes")
+        if len(probes) < MIN_PROBES:
+            raise CatalogError(f"probes: {len(probes)} given, at least {MIN_PROBES} needed for a centroid",
+                               param="probes")
+
+
+def check_fits(cfg: ConstellationConfig, name: str, path: Path, g, tok) -> None:
+    """The specialist loads against the generalist ``g`` (an adapter's targets and shapes, a full
+    model's config and tokenizer), or CatalogError naming the problem."""
+    from composer.weights import WeightsError, check_same_config
+
+    from .loader import check_same_tokenizer, load_tokenizer
+    from .peft import is_adapter_folder, load_adapter
+
+    try:
+        if is_adapter_folder(path):
+            load_adapter(path, g, g.device, g.dtype)
+        else:
+            check_same_config(cfg.generalist.path, path, name)
+            check_same_tokenizer(tok, load_tokenizer(path), name, path)
+    except (WeightsError, ValueError) as e:
+        raise CatalogError(f"path {path}: does not fit the generalist: {e}", 422, "path") from None
+
+
+# ---- the change --------------------------------------------------------------------------------
+@contextmanager
+def locked(config_path: Path):
+    """Hold the catalog's lock: one change at a time, across processes."""
+    folder = config_path.parent / CATALOG
+    folder.mkdir(exist_ok=True)
+    with open(folder / "lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _relative(path: Path, base: Path) -> str:
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def apply(config_path: str | Path, change: Change, generalist=None, root_only: bool = False,
+          quiet: bool = True) -> Result:
+    """Apply ``change`` to the constellation at ``config_path`` and commit it (see the module doc).
+    ``generalist``: ``(g, tokenizer)`` already loaded (the server's), else loaded here when needed."""
+    from .loader import centroids, index_from_centroids, load_probes, probe_order
+
+    config_path = Path(config_path).expanduser().resolve()
+    t0 = time.perf_counter()
+    with locked(config_path):
+        cfg = load_config(config_path)
+        check_change(cfg, change, root_only)
+        raw = tomllib.loads(config_path.read_text())
+        probes = load_probes(cfg.index.probes)
+        manifest, tensors = read_index(cfg.index.path)
+        specialists = dict(raw.get("specialists", {}))
+        new_probes = dict(probes)
+        if change.op == "remove":
+            specialists.pop(change.name)
+            new_probes.pop(change.name, None)
+        else:
+            specialists[change.name] = _relative(Path(change.path).expanduser().resolve(), config_path.parent)
+            if change.probes is not None:
+                new_probes[change.name] = list(change.probes)
+        version = cfg.catalog.version + 1
+        snap_name = f"v{version:06d}"
+        raw = {**raw, "specialists": specialists}
+        raw["index"] = {**raw["index"], "path": f"{CATALOG}/{snap_name}/index",
+                        "probes": f"{CATALOG}/{snap_name}/probes.json"}
+        raw["catalog"] = {**raw.get("catalog", {}), "version": version}
+        new_cfg = ConstellationConfig.model_validate(raw).resolved(config_path.parent)
+        new_cfg.source = config_path
+        # centroids: the current index's for domains whose probes did not change
+        old_order = manifest["probe_domains"]
+        reuse = {d: tensors["raw_centroids"][i] for i, d in enumerate(old_order)
+                 if d in new_probes and probes.get(d) == new_probes[d]}
+        order = probe_order(new_cfg, new_probes)
+        g, tok = generalist or (None, None)
+        needs_g = change.op != "remove" and (g is None)
+        if needs_g:
+            g, tok = _load_generalist(new_cfg)
+        if change.op != "remove":
+            check_fits(new_cfg, change.name, Path(change.path).expanduser().resolve(), g, tok)
+        todo = [d for d in order if d not in reuse]
+        all_c = centroids(g, tok, new_probes, order, new_cfg, reuse, quiet) if todo else torch.stack(
+            [reuse[d] for d in order])
+        try:
+            new_tensors, new_manifest = index_from_centroids(new_cfg, new_probes, order, all_c,
+                                                             manifest["generalist_identity"], _Dims(manifest, g))
+        except BasisError as e:  # e.g. probes whose centroid another domain's already spans
+            raise CatalogError(f"probes: the new set of centroids has no basis ({e}); give the domain probes "
+                               "that set it apart", 422, "probes") from None
+        new_manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+        _write_snapshot(config_path.parent / CATALOG, snap_name, new_probes, new_tensors, new_manifest)
+        _write_atomically(config_path, to_toml(raw))  # the commit point
+        failpoint("config-renamed")
+        prune(config_path.parent / CATALOG, new_cfg.catalog.keep)
+        failpoint("pruned")
+    return Result(new_cfg, new_manifest, version, todo, time.perf_counter() - t0)
+
+
+class _Dims:
+    """What ``index_from_centroids`` reads of the generalist, from the manifest when G is not loaded."""
+
+    def __init__(self, manifest: dict, g):
+        arch = g.mc.architecture if g is not None else manifest["generalist_architecture"]
+        d = g.mc.d if g is not None else manifest["d"]
+        self.mc = type("MC", (), {"architecture": arch, "d": d})()
+
+
+def _load_generalist(cfg: ConstellationConfig):
+    from composer.weights import load_model
+
+    from .loader import load_tokenizer, pick_device, pick_dtype
+
+    device = pick_device(cfg.runtime.device)
+    g = load_model(cfg.generalist.path, device, pick_dtype(cfg.runtime.dtype, device))
+    return g, load_tokenizer(cfg.generalist.path)
+
+
+def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manifest: dict) -> Path:
+    """``folder/name`` complete (probes and index, fsynced) or not there at all."""
+    final = folder / name
+    if final.exists():  # left by a change that crashed before its commit: never committed, so unused
+        shutil.rmtree(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder))
+    try:
+        with open(tmp / "probes.json", "w") as f:
+            f.write(json.dumps({"domains": probes}, indent=1, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        write_index(tmp / "index", tensors, manifest)
+        _fsync_dir(tmp)
+        failpoint("snapshot-tmp-written")
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+        failpoint("snapshot-renamed")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` snapshots, and temporary folders of crashed changes."""
+    snaps = sorted(p for p in folder.glob("v[0-9]*") if p.is_dir())
+    for p in snaps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in folder.glob(".v*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def listing(cfg: ConstellationConfig, manifest: dict) -> list[dict]:
+    """The specialists as ``specialist list`` and ``GET /v1/specialists`` show them."""
+    from .loader import load_probes, probes_hash
+    from .peft import is_adapter_folder
+
+    probes = load_probes(cfg.index.probes)
+    out = []
+    for name, path in cfg.specialists.items():
+        adapter = is_adapter_folder(path)
+        rank = None
+        if adapter:
+            try:
+                rank = json.loads((path / "adapter_config.json").read_text()).get("r")
+            except (OSError, json.JSONDecodeError):
+                rank = None
+        out.append({"name": name, "kind": "adapter" if adapter else "full", "path": str(path), "rank": rank,
+                    "probes": len(probes.get(name, [])),
+                    "probes_sha256": probes_hash({name: probes.get(name, [])})})
+    return out
