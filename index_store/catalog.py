@@ -315,6 +315,29 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def read_probe_texts(path: str | Path, name: str, what: str = "probes_path") -> list[str]:
+    """A domain's probe texts: a JSON list, a probe file ``{"domains": {NAME: [...]}}``, or a .txt
+    file with one text per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise CatalogError(f"{what} {path}: file not found")
+    text = p.read_text()
+    if p.suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CatalogError(f"{what} {path}: not valid JSON ({e}); use a .txt file for one text per line") from None
+    if isinstance(data, dict):
+        doms = data.get("domains") if isinstance(data.get("domains"), dict) else {}
+        if name not in doms:
+            raise CatalogError(f"{what} {path}: no domains.{name} in it (has: {', '.join(doms) or 'none'})")
+        data = doms[name]
+    if not isinstance(data, list):
+        raise CatalogError(f"{what} {path}: expected a list of texts")
+    return data
+
+
 def listing(cfg: ConstellationConfig, manifest: dict) -> list[dict]:
     """The specialists as ``specialist list`` and ``GET /v1/specialists`` show them."""
     from .loader import load_probes, probes_hash

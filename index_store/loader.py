@@ -161,7 +161,7 @@ def adapter_specialist(g: Transformer, adapter) -> Transformer:
     return Transformer(g.mc, g.arch, params, adapter.lowrank)
 
 
-def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dtype):
+def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dtype, generalist=None):
     """Load G and the specialists (lean: shared tensors), checking config and tokenizer match.
 
     A specialist folder holding ``adapter_config.json`` is a PEFT LoRA adapter: it is checked
@@ -170,8 +170,11 @@ def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dty
     from .peft import is_adapter_folder, load_adapter
 
     t0 = time.perf_counter()
-    g = load_model(cfg.generalist.path, device, dtype).fuse()  # specialists built on it share the fused layout
-    tok = load_tokenizer(cfg.generalist.path)
+    if generalist is not None:  # (g, tokenizer) already loaded (a running server's catalog change)
+        g, tok = generalist
+    else:
+        g = load_model(cfg.generalist.path, device, dtype).fuse()  # specialists built on it share the fused layout
+        tok = load_tokenizer(cfg.generalist.path)
     specialists, diffs, adapters = {}, {}, {}
     for dom, folder in cfg.specialists.items():
         if is_adapter_folder(folder):
@@ -187,13 +190,21 @@ def load_models(cfg: ConstellationConfig, device: torch.device, dtype: torch.dty
     return g, tok, specialists, diffs, adapters, time.perf_counter() - t0
 
 
-def load_constellation(config: str | Path | ConstellationConfig) -> Loaded:
+def load_constellation(config: str | Path | ConstellationConfig, generalist: "Loaded | None" = None) -> Loaded:
+    """Load and verify a constellation. ``generalist``: a loaded constellation whose generalist
+    (weights, tokenizer, identity) is reused, so a catalog change loads only the specialists."""
     cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
     check_top_k(cfg)
-    device = pick_device(cfg.runtime.device)
-    dtype = pick_dtype(cfg.runtime.dtype, device)
-    g, tok, specialists, diffs, adapters, t_load = load_models(cfg, device, dtype)
-    identity = model_identity(cfg.generalist.path)
+    if generalist is not None:
+        g0 = generalist.constellation.g
+        device, dtype = g0.device, g0.dtype
+        reuse, identity = (g0, generalist.tokenizer), generalist.generalist_identity
+    else:
+        device = pick_device(cfg.runtime.device)
+        dtype = pick_dtype(cfg.runtime.dtype, device)
+        reuse, identity = None, None
+    g, tok, specialists, diffs, adapters, t_load = load_models(cfg, device, dtype, reuse)
+    identity = identity or model_identity(cfg.generalist.path)
     manifest, tensors = read_index(cfg.index.path)
     verify_against(manifest, cfg, identity, g.mc.d)
     settings = Settings(

@@ -24,6 +24,8 @@ from .engine import Engine, Limits
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ExplainRequest, ModelCard, ModelList)
+from .admin import PREFIX as ADMIN_PREFIX, add_admin_routes
+from .live_catalog import LiveCatalog
 from .serving import APIError, error_response
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
@@ -42,21 +44,33 @@ STATIC = Path(__file__).parent / "static"
 UI_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
-class Guard:
-    """Pure ASGI middleware: API key on every route but the probes; request body size cap."""
+def _bearer(scope) -> str:
+    auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    return auth[7:] if auth[:7].lower() == "bearer " else ""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.key, self.max_body = app, api_key, max_body
+
+class Guard:
+    """Pure ASGI middleware: the admin key on the admin API (404 without one configured), the API
+    key on every other route but the probes; request body size cap."""
+
+    def __init__(self, app, api_key: str | None, max_body: int, admin_key: str | None = None):
+        self.app, self.key, self.max_body, self.admin_key = app, api_key, max_body, admin_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX):
-            headers = dict(scope.get("headers") or [])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), self.key.encode()):
+        if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+            if self.admin_key is None:
+                resp = error_response(404, "the admin API is off (start the server with --admin-key)",
+                                      "not_found_error")
+                return await resp(scope, receive, send)
+            if not hmac.compare_digest(_bearer(scope).encode(), self.admin_key.encode()):
+                resp = error_response(401, "missing or invalid admin key (send 'Authorization: Bearer <admin key>')",
+                                      "authentication_error", code="invalid_admin_key")
+                return await resp(scope, receive, send)
+        elif self.key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIX):
+            if not hmac.compare_digest(_bearer(scope).encode(), self.key.encode()):
                 resp = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                       "authentication_error", code="invalid_api_key")
                 return await resp(scope, receive, send)
@@ -151,7 +165,7 @@ def add_api_routes(app: FastAPI, serving_completion: OpenAIServingCompletion, se
         return serving_explain.index()
 
 
-def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, domains: list[str], model_name: str) -> None:
+def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, catalog: LiveCatalog, model_name: str) -> None:
     """The playground's files, /metrics and the probes."""
 
     @app.get("/", include_in_schema=False)
@@ -184,7 +198,8 @@ def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, domains: list
             return error_response(503, "draining", "service_unavailable", code="draining")
         if not engine.alive():
             return error_response(503, "engine loop is not running", "service_unavailable")
-        return {"status": "ready", "model": model_name, "domains": domains, "modes": list(MODES),
+        return {"status": "ready", "model": model_name, "domains": list(engine.c.domains),
+                "catalog_version": catalog.version, "modes": list(MODES),
                 "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting}
 
 
@@ -223,20 +238,28 @@ def system_fingerprint(manifest: dict, dtype: str) -> str:
 
 
 def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, model_name: str = "constellation",
-               engine: Engine | None = None, engine_thread: bool = True) -> FastAPI:
+               engine: Engine | None = None, engine_thread: bool = True, admin_key: str | None = None,
+               catalog_poll_s: float | None = None) -> FastAPI:
     """The app. Its lifespan starts the engine on a background thread, unless ``engine_thread`` is
-    False: then the caller runs ``engine.run()`` itself (``constellation serve``, on the main thread)."""
+    False: then the caller runs ``engine.run()`` itself (``constellation serve``, on the main thread).
+    ``admin_key`` turns the admin API on; ``catalog_poll_s`` watches the config file for catalog
+    versions committed by other processes (replicas)."""
     c, tok = loaded.constellation, loaded.tokenizer
     metrics = Metrics(model_name)
     engine = engine or Engine(c, tok, limits, metrics)
     if engine.metrics is None:
         engine.metrics = metrics
 
+    catalog = LiveCatalog(loaded, engine, engine.metrics)
+
     @asynccontextmanager
     async def lifespan(app):
         if engine_thread:
             engine.start()
+        if catalog_poll_s:
+            catalog.watch(catalog_poll_s)
         yield
+        catalog.stop()
         engine.stop()
 
     # no /docs or /redoc: FastAPI's pages load their scripts from a public CDN (the schema stays at
@@ -245,12 +268,14 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
                   description="Per-query composition of domain specialists behind an OpenAI-compatible API.")
     app.state.engine = engine
     app.state.limits = limits
+    app.state.catalog = catalog
     add_exception_handlers(app)
     errors_in_schema(app)
-    args = (engine, c, tok, limits, model_name)
+    args = (engine, tok, limits, model_name)
     fp = system_fingerprint(loaded.manifest, str(c.g.dtype))
     add_api_routes(app, OpenAIServingCompletion(*args, fingerprint=fp), OpenAIServingChat(*args, fingerprint=fp),
-                   ServingExplain(*args, manifest=loaded.manifest))
-    add_ops_routes(app, engine, engine.metrics, c.domains, model_name)
-    app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
+                   ServingExplain(*args, catalog=catalog))
+    add_admin_routes(app, catalog)
+    add_ops_routes(app, engine, engine.metrics, catalog, model_name)
+    app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes, admin_key=admin_key)
     return app

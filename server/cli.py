@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.cli_catalog import cmd_specialist_change, cmd_specialist_list
+from server.cli_catalog import fmt_table, cmd_specialist_change, cmd_specialist_list
 from server.cli_parser import parser
 from server.summary import layer_ranges, load_summary
 
@@ -22,12 +22,6 @@ OPTIONS = {"mode": "--mode", "top_k": "--top-k", "weights": "--weights", "lambda
 class UsageError(ValueError):
     """A bad option or argument found by a command (argparse reports the ones it can check itself);
     the message starts with the option: ``--port 8000: ...``."""
-
-
-def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
-    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def checked_config(path, specialists: bool = True):
@@ -66,7 +60,7 @@ def cmd_index_inspect(args) -> int:
           f"architecture {doc['generalist_architecture']}")
     print("\nraw centroid cosine (paper Table 1):")
     rows = [[a] + [f"{v:.4f}" for v in row] for a, row in zip(doms, doc["raw_cosine"])]
-    print(_fmt_table(rows, ["", *doms]))
+    print(fmt_table(rows, ["", *doms]))
     print(f"\nmean collinearity      {doc['mean_collinearity']:.4f}")
     print(f"post-orth max |cos|    {doc['post_gs_max_abs_cos']:.2e}")
     print("Gram-Schmidt residual ratios (domain order): "
@@ -137,7 +131,7 @@ def cmd_explain(args) -> int:
         mw = doc["mean_node_weight"].get(d)
         rows.append([d, f"{doc['alpha'][d]:+.4f}", "yes" if d in doc["selected"] else "",
                      "" if mw is None else f"{mw:.4f}"])
-    print(_fmt_table(rows, ["domain", "alpha", "selected", "mean node weight"]))
+    print(fmt_table(rows, ["domain", "alpha", "selected", "mean node weight"]))
     print(f"entropy {doc['entropy_bits']:.3f} bits/node, gini {doc['gini']:.3f}, fallback {doc['fallback']:.3f}")
     if args.node_weights:
         for d, w in doc["node_weights"].items():
@@ -222,7 +216,7 @@ def cmd_serve(args) -> int:
 
             torch.set_num_threads(args.threads)
         return serve(config, args.host, args.port, args.api_key or None, limits, args.model_name, args.log_level,
-                     sockets=sockets)
+                     sockets=sockets, admin_key=args.admin_key or None, catalog_poll_s=args.catalog_poll or None)
     finally:
         for sock in sockets:
             sock.close()
@@ -255,7 +249,7 @@ def cmd_specialist_extract(args) -> int:
                          f"{m.rank}/{m.full_rank}", f"{m.energy:.6f}", f"{m.rel_error:.4e}"])
         else:
             rows.append([m.module, "dense", "x".join(map(str, m.shape)), "-", "-", "0"])
-    print(_fmt_table(rows, ["module", "kind", "shape", "rank", "energy", "rel. error"]))
+    print(fmt_table(rows, ["module", "kind", "shape", "rank", "energy", "rel. error"]))
     lora = [m for m in ex.modules if m.kind == "lora"]
     dense = len(ex.modules) - len(lora)
     print(f"{len(lora)} LoRA modules (r max {ex.config['r']}), {dense} modules saved whole; overall relative "

@@ -143,6 +143,12 @@ def _add_serve(sub) -> None:
     sv.add_argument("--api-key", default=os.environ.get("CONSTELLATION_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                     "(default: $CONSTELLATION_API_KEY; unset = no key)")
+    sv.add_argument("--admin-key", default=os.environ.get("CONSTELLATION_ADMIN_KEY"),
+                    help="turn on the admin API (/v1/specialists: add, replace, remove a specialist while serving), "
+                    "guarded by this key, not the API key (default: $CONSTELLATION_ADMIN_KEY; unset = off)")
+    sv.add_argument("--catalog-poll", type=seconds, default=2.0, metavar="SECONDS",
+                    help="how often to check the config file for a catalog version committed by another process "
+                    "(a replica, `constellation specialist`); 0 = never (default 2)")
     sv.add_argument("--model-name", default="constellation", help="the model id clients use (default constellation)")
     sv.add_argument("--max-running", type=positive_int, default=16,
                     help="batch rows decoded together, each with a KV slot of --max-seq-len (default 16)")

@@ -58,6 +58,7 @@ class Metrics:
         self.fallback = one(Counter, "composition_fallback", "Requests with at least one fallback node")
         self.batch_size = one(Histogram, "batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.requests_mode = per(Counter, "requests", "Requests by composition mode", "mode")
+        self.catalog_version = one(Gauge, "catalog_version", "The specialists' catalog being served (new requests)")
 
     def observe_plan(self, plan, domains: list[str], timings: dict[str, float]) -> None:
         for stage in ("fingerprint", "signature", "weights"):

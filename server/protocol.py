@@ -207,6 +207,18 @@ class ExplainRequest(BaseModel):
     model: str | None = None
 
 
+class SpecialistRequest(BaseModel):
+    """``POST /v1/specialists`` (admin API): add a specialist, or replace one of the same name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    path: str | None = Field(default=None, description="adapter or model folder under [catalog].models_root")
+    probes: list[str] | None = Field(default=None, description="the domain's probe texts (at least 4)")
+    probes_path: str | None = Field(default=None, description="a probe file under [catalog].models_root")
+    replace: bool = False
+
+
 # ---- responses ---------------------------------------------------------------------------------
 # Field order is the JSON key order. A non-streamed response is serialised with every field; a
 # streamed chunk with only the fields it was built with (``model_dump(exclude_unset=True)``), so a
@@ -331,6 +343,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "constellation"
+    catalog_version: int = 0  # Constellation extension: the specialists' catalog being served
 
 
 class ModelList(BaseModel):

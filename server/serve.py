@@ -85,7 +85,8 @@ API key: {note}
 
 
 def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits, model_name: str,
-          log_level: str = "info", sockets: list[socket.socket] | None = None) -> int:
+          log_level: str = "info", sockets: list[socket.socket] | None = None, admin_key: str | None = None,
+          catalog_poll_s: float | None = None) -> int:
     """Serve until SIGTERM (drain) or SIGINT, on ``sockets`` if given (from ``bind``, which the CLI
     calls before loading), else on HOST:PORT. The engine loop runs on this (the main) thread, which
     loaded the models, and uvicorn on a second one that never computes with torch: one OpenMP team
@@ -98,7 +99,8 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_constellation(config_path)
     print(load_summary(loaded), file=sys.stderr, flush=True)
-    app = create_app(loaded, limits, api_key, model_name, engine_thread=False)
+    app = create_app(loaded, limits, api_key, model_name, engine_thread=False, admin_key=admin_key,
+                     catalog_poll_s=catalog_poll_s)
     engine: Engine = app.state.engine
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
     server = DrainingServer(config, engine, limits.drain_timeout_s)

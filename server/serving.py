@@ -111,10 +111,15 @@ class OpenAIServing:
 
     id_prefix = "cmpl"
 
-    def __init__(self, engine: Engine, c, tok, limits: Limits, model_name: str, fingerprint: str = "fp_constellation"):
-        self.engine, self.c, self.tok, self.limits, self.model_name = engine, c, tok, limits, model_name
+    def __init__(self, engine: Engine, tok, limits: Limits, model_name: str, fingerprint: str = "fp_constellation"):
+        self.engine, self.tok, self.limits, self.model_name = engine, tok, limits, model_name
         self.fingerprint = fingerprint  # ``system_fingerprint``: the index, the weights' dtype, the version
         self.max_positions = min(limits.max_seq_len, self.c.g.mc.max_positions)
+
+    @property
+    def c(self):
+        """The current catalog's constellation (the engine swaps it when the catalog changes)."""
+        return self.engine.c
 
     # ---- request checks and prompts ----------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -217,8 +222,8 @@ class OpenAIServing:
         """A ``PlanSummary`` (plain Python, made on the engine thread) as the response extension."""
         if p is None:
             return None
-        return CompositionSummary(mode=p.mode, selected=[self.c.domains[i] for i in p.selected],
-                                  alpha={d: round(a, 6) for d, a in zip(self.c.domains, p.alpha)},
+        return CompositionSummary(mode=p.mode, selected=[p.domains[i] for i in p.selected],
+                                  alpha={d: round(a, 6) for d, a in zip(p.domains, p.alpha)},
                                   entropy_bits=round(p.mean_entropy_bits, 6))
 
     async def collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> dict[int, Collected]:

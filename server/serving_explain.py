@@ -15,18 +15,23 @@ from .serving import APIError, OpenAIServing, draining_error
 class ServingExplain(OpenAIServing):
     """The composition a prompt gets, without generating: the same functions generation runs."""
 
-    def __init__(self, engine, c, tok, limits, model_name: str, manifest: dict):
-        super().__init__(engine, c, tok, limits, model_name)
-        self.index_doc = diagnostics_doc(manifest)
+    def __init__(self, engine, tok, limits, model_name: str, catalog):
+        super().__init__(engine, tok, limits, model_name)
+        self.catalog = catalog  # server.live_catalog.LiveCatalog: the current manifest and version
         self.created = now()
 
     def models(self) -> ModelList:
         return ModelList(object="list", data=[ModelCard(id=self.model_name, object="model", created=self.created,
-                                                        owned_by="constellation")])
+                                                        owned_by="constellation",
+                                                        catalog_version=self.catalog.version)])
 
     def index(self) -> dict:
-        """The index diagnostics (as ``constellation index inspect --json``), for the playground's second tab."""
-        return self.index_doc
+        """The index diagnostics (as ``constellation index inspect --json``) and the catalog, for the
+        playground's second tab."""
+        doc = diagnostics_doc(self.catalog.manifest)
+        doc["catalog_version"] = self.catalog.version
+        doc["specialists"] = self.catalog.listing()
+        return doc
 
     def explain_prompt(self, body: ExplainRequest) -> tuple[list[int], list[int] | None]:
         """Token ids of the prompt or the templated messages, and the chat's fingerprint mask."""
@@ -51,14 +56,17 @@ class ServingExplain(OpenAIServing):
                            code="context_length_exceeded" if ids else None)
         if self.engine.draining:
             raise draining_error()
-        c, engine = self.c, self.engine
+        engine = self.engine
 
         def work():
+            c = engine.c  # the catalog current when the work runs
             t = torch.tensor([ids], dtype=torch.long, device=c.g.device)
             fm = None if fmask is None else torch.tensor([fmask], device=c.g.device)
             gp = c.generalist_pass(t, torch.ones_like(t), fingerprint_mask=fm)
             plan = engine.plan_for(gp, comp)
-            return c.explain(gp, plan, node_weights=body.include_node_weights)
+            doc = c.explain(gp, plan, node_weights=body.include_node_weights)
+            doc["catalog_version"] = self.catalog.version
+            return doc
 
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.call, work)

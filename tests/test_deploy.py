@@ -144,3 +144,38 @@ def test_deploy_guide_exists_and_walks_to_a_scaled_deployment():
     text = (ROOT / "docs/deploy.md").read_text()
     for step in ("nvidia", "docker compose", "kubectl apply -k", "HorizontalPodAutoscaler", "prometheus-adapter"):
         assert step.lower() in text.lower(), step
+
+
+def test_live_catalog_overlay_has_one_writer_and_validates():
+    """docs/catalog.md's arrangement: serving replicas read the config from the (read-only) volume
+    and poll it; one admin replica, never scaled, mounts it read-write with the admin key."""
+    import kubernetes_validate
+
+    over = K8S / "overlays/live-catalog"
+    kust = yaml.safe_load((over / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["../../base", "admin.yaml"]
+    docs = {d["kind"]: d for d in _docs(over / "admin.yaml")}
+    for d in docs.values():
+        kubernetes_validate.validate(d, "1.37.0", strict=True)
+    admin = docs["Deployment"]["spec"]
+    assert admin["replicas"] == 1 and admin["strategy"]["type"] == "Recreate"
+    c = admin["template"]["spec"]["containers"][0]
+    assert {e["name"] for e in c["env"]} == {"CONSTELLATION_API_KEY", "CONSTELLATION_ADMIN_KEY"}
+    assert not any(m.get("readOnly") for m in c["volumeMounts"] if m["name"] == "models")
+    assert docs["Service"]["spec"]["type"] == "ClusterIP"
+    # the serving replicas: the base Deployment with the patched args, the volume still read-only
+    base = next(d for d in _docs(K8S / "base/deployment.yaml"))
+    patch = next(d for d in _docs(over / "serving.yaml"))
+    merged = json.loads(json.dumps(base))
+    serving = merged["spec"]["template"]["spec"]["containers"][0]
+    serving["args"] = patch["spec"]["template"]["spec"]["containers"][0]["args"]
+    kubernetes_validate.validate(merged, "1.37.0", strict=True)
+    assert serving["args"][serving["args"].index("--config") + 1] == "/models/constellation.toml"
+    assert float(serving["args"][serving["args"].index("--catalog-poll") + 1]) > 0
+    assert all(m.get("readOnly") for m in serving["volumeMounts"] if m["name"] == "models")
+    assert next(d for d in _docs(over / "pvc.yaml"))["spec"]["accessModes"] == ["ReadWriteMany"]
+    # the flags the manifests pass are the server's
+    from server.cli_parser import parser
+
+    for args in (serving["args"], c["args"]):
+        parser().parse_args(["serve", *args])

@@ -177,6 +177,12 @@ def test_index_tab_keyboard_and_narrow_screen(browser, srv):
     page.wait_for_selector("#collinearity")
     assert page.evaluate("document.activeElement.id") == "tab-index"
     assert "Recommendation" in page.text_content("#index-doc")
+    # the catalog: its version and one row per specialist, as GET /index has them
+    doc = httpx.get(srv.url + "/index", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert page.text_content("#catalog-version") == str(doc["catalog_version"])
+    rows = page.eval_on_selector_all("#specialists tr td:first-child", "els => els.map(e => e.textContent)")
+    assert rows == [r["name"] for r in doc["specialists"]] == doc["domains"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # long paths wrap
     page.screenshot(path=str(ART / "4-index-diagnostics-375px.png"), full_page=True)
     page.keyboard.press("ArrowLeft")
     page.focus("#prompt")

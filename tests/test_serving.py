@@ -45,13 +45,14 @@ class FakeEngine:
 
     def __init__(self, events=(), exc=None):
         self.events, self.exc, self.requests = list(events), exc, []
+        self.c = _c()
 
     def submit(self, req):
         if self.exc:
             raise self.exc
         self.requests.append(req)
         req.summary = PlanSummary(mode="constellation", selected=[1, 0], alpha=[0.25, 0.5, 0.125],
-                                  mean_entropy_bits=1.0 / 3)
+                                  mean_entropy_bits=1.0 / 3, domains=list(self.c.domains))
         for e in self.events:
             req.emit(e)
 
@@ -67,7 +68,7 @@ def _c():
 
 
 def serving(cls, engine=None, limits=LIMITS):
-    return cls(engine or FakeEngine(), _c(), CharTokenizer(), limits, "constellation")
+    return cls(engine or FakeEngine(), CharTokenizer(), limits, "constellation")
 
 
 def lp(token_id, logprob, top=()):

@@ -54,6 +54,9 @@ class Engine:
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
         self.looping = False  # the loop is running, on whichever thread
+        self.pending: tuple[Constellation, threading.Event] | None = None  # a catalog waiting to swap in
+        self.swap_waits: list[int] = []  # per swap: decode steps run on the old catalog while it waited
+        self._waited = 0
         self.steps = 0  # decode steps run
         self.mixed_steps = 0  # of which through the mix kernel (rows with different compositions)
         self.prefill_steps = 0
@@ -97,6 +100,34 @@ class Engine:
         """Each prompt token's log-probability under the prompt's composition (``scoring``), computed
         on the engine thread between steps; blocks the caller."""
         return self.call(lambda: prompt_logprobs(self.c, ids, composition, fingerprint_mask, top))
+
+    def swap(self, constellation: Constellation, timeout: float | None = None) -> bool:
+        """Serve ``constellation`` (a new catalog on the same generalist) from now on. Requests that
+        are running finish on the catalog they started with; admission pauses until they have, then
+        the engine swaps between two steps and admits on the new one. Blocks until swapped (False
+        on timeout: the swap then still happens when the running requests finish)."""
+        if constellation.g is not self.g:
+            raise ValueError("a catalog swap keeps the generalist; this constellation has another one")
+        done = threading.Event()
+        with self.scheduler.lock:
+            self.pending = (constellation, done)
+            self.scheduler.lock.notify()
+        return done.wait(timeout)
+
+    def _swap_if_quiet(self) -> bool:
+        """Install the pending catalog once nothing runs on the current one; True while one waits."""
+        if self.pending is None:
+            return False
+        if self.running or self.prefilling:
+            self._waited += 1
+            return True
+        c, done = self.pending
+        self.swap_waits.append(self._waited)
+        self._waited = 0
+        self.c, self.pending = c, None
+        self.runner = ModelRunner(c, self.cache, self.plan_for)
+        done.set()
+        return False
 
     def drain(self) -> None:
         with self.scheduler.lock:
@@ -148,13 +179,15 @@ class Engine:
             self.looping = False
 
     def _iterate(self, poll_s: float | None) -> None:
-        busy = lambda: bool(self.running or self.prefilling or not self.jobs.empty())  # noqa: E731
+        busy = lambda: bool(self.running or self.prefilling or not self.jobs.empty()  # noqa: E731
+                            or self.pending is not None)
         while self.scheduler.wait_for_work(busy, poll_s):
             try:
                 while not self.jobs.empty():
                     self.jobs.get_nowait()()
                 self._reap_cancelled()
-                self._admit()
+                if not self._swap_if_quiet():
+                    self._admit()
                 if self.prefilling:
                     self._prefill_step()
                 if self.running:

@@ -175,7 +175,7 @@ class ModelRunner:
             job.sig = SignatureWork(need.k)
             return
         job.records = []
-        job.request.plan, job.request.summary = plan, PlanSummary.of(plan)
+        job.request.plan, job.request.summary = plan, PlanSummary.of(plan, self.c.domains)
         c, g = self.c, self.g
         if plan.kind == "logit":
             comps = [(None, _one_hot(len(c.domains), c.d, None))] + [

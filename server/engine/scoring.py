@@ -42,4 +42,4 @@ def prompt_logprobs(c: Constellation, ids: list[int], composition: CompositionPa
             if tops is not None:
                 entry["top"] = list(zip(tops.indices[r].tolist(), tops.values[r].tolist()))
             entries.append(entry)
-    return entries, PlanSummary.of(plan)
+    return entries, PlanSummary.of(plan, c.domains)

@@ -105,11 +105,12 @@ class PlanSummary:
     selected: list[int]
     alpha: list[float]
     mean_entropy_bits: float
+    domains: list[str]  # of the catalog the plan was made on (``selected`` indexes it)
 
     @classmethod
-    def of(cls, plan: Plan) -> "PlanSummary":
+    def of(cls, plan: Plan, domains: list[str]) -> "PlanSummary":
         return cls(plan.mode, [int(i) for i in plan.selected], [float(a) for a in plan.alpha.tolist()],
-                   plan.mean_entropy_bits)
+                   plan.mean_entropy_bits, list(domains))
 
 
 @dataclass

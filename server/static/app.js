@@ -362,7 +362,13 @@ async function loadIndex() {
   if (!resp.ok) { await failure(resp); el.textContent = "Unavailable."; return; }
   const doc = await resp.json();
   const ds = doc.domains;
-  let html = `<p>Raw centroid cosine (paper Table 1 layout) — basis <b>${doc.basis}</b>, d = ${doc.d}</p><table id="collinearity"><tr><th></th>` +
+  const esc = (t) => String(t).replace(/[&<>"]/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[ch]);
+  const mib = (b) => (b / 1048576).toFixed(1);
+  let html = `<p>Catalog version <b id="catalog-version">${doc.catalog_version ?? 0}</b> — the specialists composed now</p>` +
+    `<div class="scroll"><table id="specialists"><tr><th>specialist</th><th>kind</th><th>rank</th><th>probes</th><th>resident MiB</th><th>path</th></tr>` +
+    (doc.specialists || []).map((r) => `<tr><td>${esc(r.name)}</td><td>${esc(r.kind)}</td><td>${r.rank ?? "—"}</td>` +
+      `<td>${r.probes}</td><td>${mib(r.resident_bytes || 0)}</td><td class="path">${esc(r.path)}</td></tr>`).join("") + "</table></div>";
+  html += `<p>Raw centroid cosine (paper Table 1 layout) — basis <b>${doc.basis}</b>, d = ${doc.d}</p><table id="collinearity"><tr><th></th>` +
     ds.map((d) => `<th scope="col">${d}</th>`).join("") + "</tr>";
   doc.raw_cosine.forEach((row, i) => {
     html += `<tr><th scope="row">${ds[i]}</th>` + row.map((v) => `<td>${v.toFixed(4)}</td>`).join("") + "</tr>";
