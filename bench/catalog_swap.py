@@ -6,10 +6,9 @@ A private copy of the constellation (the demo by default; its models are linked,
 served by ``constellation serve --admin-key`` (bench.served). ``--streams`` greedy streams decode;
 once they run, the admin API removes the last specialist, and after that adds it back (its probes
 fingerprinted again). For each change it reports: the admin call's duration (apply: check, probes,
-index, snapshot, commit; then load and swap), how long the engine waited for the running streams
-before swapping, the streams' median and worst inter-token gap while the change was being built,
-and the time to first token of a request sent right after the call started (it is admitted on the
-new catalog, after the swap).
+index, snapshot, commit; then load and swap), the running streams' median inter-token gap and their
+worst gap while the call ran, and the time to first token of a request sent 50 ms after the call
+started (admitted on the old catalog or, once the swap is pending, right after it).
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ class Constellation:
         basis: torch.Tensor,
         settings: Settings,
         differences: dict[str, Difference] | None = None,
+        share_factors: bool = True,
     ):
         self.g = generalist
         self.domains = list(specialists)
@@ -112,12 +113,13 @@ class Constellation:
         self.varied = [i for i in span if any(
             src[name] is not self.sources[i][0][name] for src in self.sources[i][1:] for name in src)
             or any(self.lowrank[i][1:])]
-        self.stacks = self._stack_adapters()
+        self.stacks = self._stack_adapters(share_factors)
         self._materialized: OrderedDict[str, dict[int, LayerParams]] = OrderedDict()
 
-    def _stack_adapters(self) -> dict[int, dict[str, Stack]]:
-        """Stack every adapter's factors per (block, weight) for batching; the specialists' own
-        factors become views into the stacks, so the adapters are held once."""
+    def _stack_adapters(self, share: bool = True) -> dict[int, dict[str, Stack]]:
+        """Stack every adapter's factors per (block, weight) for batching; with ``share`` the
+        specialists' own factors become views into the stacks, so the adapters are held once
+        (a union of catalogs, ``composer.union``, leaves its catalogs' specialists as they are)."""
         stacks: dict[int, dict[str, Stack]] = {}
         for i in self.varied:
             names = sorted({name for lr in self.lowrank[i][1:] for name in lr})
@@ -126,7 +128,7 @@ class Constellation:
                 entries = [(s, lr[name]) for s, lr in enumerate(self.lowrank[i]) if name in lr]
                 st = Stack.build(entries)
                 stacks[i][name] = st
-                for k, (s, lr) in enumerate(entries):
+                for k, (s, lr) in enumerate(entries if share else []):
                     spec = self.specialists[s - 1]
                     spec.set_lowrank(self.g.arch.layer_name(i, name), st.view(k, lr.rank))
         return stacks

@@ -51,10 +51,12 @@ def alone(client, prompt: str) -> str:
                                      extra_body={"ignore_eos": True}).choices[0].text
 
 
-def run_streams_during(client, url: str, change) -> tuple[list[str], list[str | None], dict]:
-    """16 greedy streams; once each has its first chunk, ``change()`` runs (an admin call)."""
-    texts, errors = [""] * 16, [None] * 16
-    started = [threading.Event() for _ in range(16)]
+def run_streams_during(client, engine, change, then) -> tuple[list[str], list[str | None], object, object]:
+    """16 greedy streams decoding when ``change()`` (an admin call) swaps the catalog in, and
+    ``then()`` (a request on the new catalog) sent right after the swap, while they still run.
+    (The streams start once the change is built, just before the swap: on this small model the
+    engine would finish them before the build does.)"""
+    texts, errors, late = [""] * 16, [None] * 16, []
 
     def stream(i):
         try:
@@ -62,20 +64,32 @@ def run_streams_during(client, url: str, change) -> tuple[list[str], list[str | 
                                                    temperature=0, stream=True, extra_body={"ignore_eos": True}):
                 if chunk.choices:
                     texts[i] += chunk.choices[0].text
-                started[i].set()
         except Exception as e:  # noqa: BLE001
             errors[i] = repr(e)
-            started[i].set()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for e in started:
-        assert e.wait(60)
-    answer = change()
-    for t in threads:
+    late_thread = threading.Thread(target=lambda: late.append(then()))
+    real_swap = engine.swap
+
+    def swap_with_streams_running(c, timeout=None):
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(engine.running) < 16:
+            assert time.monotonic() < deadline, "the streams did not start"
+            time.sleep(0.001)
+        done = real_swap(c, timeout)
+        late_thread.start()
+        return done
+
+    engine.swap = swap_with_streams_running
+    try:
+        answer = change()
+    finally:
+        engine.swap = real_swap
+    for t in threads + [late_thread]:
         t.join(120)
-    return texts, errors, answer
+    return texts, errors, answer, late[0] if late else None
 
 
 def test_add_replace_remove_with_16_streams_running(live):
@@ -93,13 +107,17 @@ def test_add_replace_remove_with_16_streams_running(live):
         ("remove", lambda: httpx.delete(url + "/v1/specialists/science", headers=ADMIN, timeout=120)),
     ]
     expected = before
+    engine = app.state.engine
     for version, (op, change) in enumerate(steps, start=1):
-        got, errors, r = run_streams_during(client, url, change)
+        union_steps = engine.union_steps
+        got, errors, r, late = run_streams_during(client, engine, change, lambda: alone(client, PROMPTS[5]))
         assert r.status_code == 200, (op, r.text)
         assert errors == [None] * 16, (op, errors)
         assert got == expected, op  # each as it ran alone on the catalog it started with
-        # the swap waited for streams that were running on the old catalog
-        assert len(app.state.engine.swap_waits) == version and app.state.engine.swap_waits[-1] > 0, op
+        # the late request decoded beside the old catalog's streams (one batch, through a union) ...
+        assert engine.union_steps > union_steps, op
+        # ... and gave what it gives alone on the new catalog
+        assert late == alone(client, PROMPTS[5]), op
         doc = r.json()
         assert doc["catalog_version"] == version
         names = [s["name"] for s in doc["specialists"]]
@@ -176,3 +194,83 @@ def test_a_change_through_one_replica_reaches_the_other(built, tmp_path):
         r = client.completions.create(model="constellation", prompt=PROMPTS[0], max_tokens=1)
         assert "science" in r.model_extra["composition"]["alpha"]
         print(f"replica lag: {lag:.2f} s")
+
+
+def test_adapters_on_other_layers_join_while_every_mode_streams(built, tmp_path):
+    """PEFT adapters, layers = "auto", in-pass per-block signatures: the added adapter changes
+    blocks the running catalog never composed (the union starts lower), and streams in the
+    constellation, logit, task-arithmetic and weights modes keep exactly their output."""
+    from peft_fixtures import make_peft_adapter
+
+    src = built("llama", domains=("medical", "legal")).parent
+    root = tmp_path / "p"
+    (root / "models").mkdir(parents=True)
+    shutil.copytree(src / "models" / "generalist", root / "models" / "generalist")
+    shutil.copy(src / "probes.json", root / "probes.json")
+    g = root / "models" / "generalist"
+    for k, (name, layers) in enumerate((("medical", [4, 5]), ("legal", [3, 5]), ("code", [1, 2]))):
+        make_peft_adapter(g, root / "models" / name, seed=10 + k, target_modules=["q_proj", "v_proj", "down_proj"],
+                          r=4, layers_to_transform=layers)
+    conf = root / "constellation.toml"
+    conf.write_text('[generalist]\npath = "models/generalist"\n\n[specialists]\nmedical = "models/medical"\n'
+                    'legal = "models/legal"\n\n[index]\npath = "index"\nprobes = "probes.json"\n\n[composition]\n'
+                    'top_k = 2\nlayers = "auto"\nsignature = "generalist"\n\n[runtime]\ndevice = "cpu"\n'
+                    'dtype = "float32"\n\n[catalog]\nmodels_root = "models"\n')
+    from index_store.loader import build_index
+    build_index(conf, quiet=True)
+    app = create_app(load_constellation(conf), Limits(max_running=16, max_prompt_tokens=64, max_new_tokens=100,
+                                                      max_seq_len=128), admin_key="admin-secret")
+    modes = [{"mode": "constellation"}, {"mode": "logit"}, {"mode": "task_arithmetic"},
+             {"mode": "weights", "weights": {"medical": 0.7, "legal": 0.3}}]
+    with LoopbackServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def run(i):
+            return client.completions.create(model="constellation", prompt=PROMPTS[i], max_tokens=TOKENS,
+                                             temperature=0, extra_body={"ignore_eos": True,
+                                                                        "composition": modes[i % 4]}).choices[0].text
+
+        before = [run(i) for i in range(8)]
+        texts = [""] * 8
+        started = [threading.Event() for _ in range(8)]
+
+        def stream(i):
+            for chunk in client.completions.create(model="constellation", prompt=PROMPTS[i], max_tokens=TOKENS,
+                                                   temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True, "composition": modes[i % 4]}):
+                if chunk.choices:
+                    texts[i] += chunk.choices[0].text
+                started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        engine = app.state.engine
+        first_before, real_swap = engine.c.first, engine.swap
+
+        late = [None] * 4
+
+        def run_late():  # every mode, on the new catalog, beside the old catalog's streams
+            for i in range(4):
+                late[i] = run(i)
+
+        late_thread = threading.Thread(target=run_late)
+
+        def swap_once_streaming(c, timeout=None):  # the streams start just before the swap and the
+            for t in threads:                      # late requests right after it: they overlap
+                t.start()
+            deadline = time.monotonic() + 60
+            while len(engine.running) < 8:  # all decoding (the engine is faster than the clients)
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            done = real_swap(c, timeout)
+            late_thread.start()
+            return done
+
+        engine.swap = swap_once_streaming
+        r = httpx.post(url + "/v1/specialists", headers=ADMIN, timeout=120, json={
+            "name": "code", "path": str(root / "models" / "code"), "probes": fixtures.probe_texts(0)["code"]})
+        assert r.status_code == 200, r.text
+        for t in threads + [late_thread]:
+            t.join(120)
+        assert engine.union_steps > 0 and engine.c.first < first_before
+        assert texts == before
+        assert late == [run(i) for i in range(4)]

@@ -25,6 +25,7 @@ import torch
 
 from composer.constellation import Constellation, GeneralistPass
 from composer.modes import CompositionParams, Plan
+from .catalogs import CatalogSwitch
 from .detokenizer import Detokenizer
 from .kv_cache import SlotCache
 from .runner import ModelRunner, PrefillJob
@@ -36,7 +37,7 @@ from .types import Event, Limits, Request, Row, Sequence
 log = logging.getLogger("constellation.engine")
 
 
-class Engine:
+class Engine(CatalogSwitch):
     def __init__(self, constellation: Constellation, tokenizer, limits: Limits, metrics=None,
                  eos_ids: set[int] | None = None):
         self.c, self.g, self.tok, self.limits, self.metrics = constellation, constellation.g, tokenizer, limits, metrics
@@ -55,8 +56,11 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
         self.looping = False  # the loop is running, on whichever thread
         self.pending: tuple[Constellation, threading.Event] | None = None  # a catalog waiting to swap in
-        self.swap_waits: list[int] = []  # per swap: decode steps run on the old catalog while it waited
+        self.swap_waits: list[int] = []  # per swap: loop iterations it waited for prompts being prefilled
         self._waited = 0
+        self.runners: dict[int, ModelRunner] = {}  # old catalogs' runners, while their sequences decode
+        self._union: tuple | None = None  # (catalogs' ids, Union, its runner, row weights mapped into it)
+        self.union_steps = 0  # decode steps that ran several catalogs' rows together
         self.steps = 0  # decode steps run
         self.mixed_steps = 0  # of which through the mix kernel (rows with different compositions)
         self.prefill_steps = 0
@@ -100,34 +104,6 @@ class Engine:
         """Each prompt token's log-probability under the prompt's composition (``scoring``), computed
         on the engine thread between steps; blocks the caller."""
         return self.call(lambda: prompt_logprobs(self.c, ids, composition, fingerprint_mask, top))
-
-    def swap(self, constellation: Constellation, timeout: float | None = None) -> bool:
-        """Serve ``constellation`` (a new catalog on the same generalist) from now on. Requests that
-        are running finish on the catalog they started with; admission pauses until they have, then
-        the engine swaps between two steps and admits on the new one. Blocks until swapped (False
-        on timeout: the swap then still happens when the running requests finish)."""
-        if constellation.g is not self.g:
-            raise ValueError("a catalog swap keeps the generalist; this constellation has another one")
-        done = threading.Event()
-        with self.scheduler.lock:
-            self.pending = (constellation, done)
-            self.scheduler.lock.notify()
-        return done.wait(timeout)
-
-    def _swap_if_quiet(self) -> bool:
-        """Install the pending catalog once nothing runs on the current one; True while one waits."""
-        if self.pending is None:
-            return False
-        if self.running or self.prefilling:
-            self._waited += 1
-            return True
-        c, done = self.pending
-        self.swap_waits.append(self._waited)
-        self._waited = 0
-        self.c, self.pending = c, None
-        self.runner = ModelRunner(c, self.cache, self.plan_for)
-        done.set()
-        return False
 
     def drain(self) -> None:
         with self.scheduler.lock:
@@ -276,7 +252,7 @@ class Engine:
         for i, rows in enumerate(per_choice):
             gen = None if req.params.seed is None else torch.Generator().manual_seed(int(req.params.seed) + i)
             seqs.append(Sequence(req, i, rows, job.request.plan.kind == "logit", gen, self.eos,
-                                 Detokenizer(self.tok, req.params.stop)))
+                                 Detokenizer(self.tok, req.params.stop), catalog=self.c))
         self.running.extend(seqs)
         for seq in seqs:
             self._sample_and_emit(seq, [lg.clone() for lg in job.logits])
@@ -289,7 +265,11 @@ class Engine:
     def _decode(self) -> None:
         rows = sorted((r for s in self.running for r in s.rows), key=lambda r: r.slot)
         owner = {id(r): s for s in self.running for r in s.rows}
-        logits, same = self.runner.decode(rows, [owner[id(r)].tokens[-1] for r in rows])
+        runner, weights = self._decoder(self.running, rows)
+        logits, same = runner.decode(rows, [owner[id(r)].tokens[-1] for r in rows], weights)
+        self.union_steps += weights is not None
+        if weights is None and self._union is not None:
+            self._union = None  # one catalog again
         self.steps += 1
         self.mixed_steps += 0 if same else 1
         if self.metrics:

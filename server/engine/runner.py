@@ -258,9 +258,12 @@ class ModelRunner:
 
     # ---- decoding ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[Row], last_tokens: list[int]) -> tuple[torch.Tensor, bool]:
+    def decode(self, rows: list[Row], last_tokens: list[int], weights: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, bool]:
         """One step for rows in slots 0..B-1: next-token logits ``[B, V]`` (fp32, CPU) and whether
-        every row shared one composition."""
+        every row shared one composition. ``weights``: the rows' source weights in this runner's
+        constellation, when they differ from ``row.weights`` (rows of several catalogs, through a
+        ``composer.union.Union``)."""
         g = self.g
         B = len(rows)
         assert [r.slot for r in rows] == list(range(B)), "slot cache not compact"
@@ -269,20 +272,19 @@ class ModelRunner:
         span = int(lengths.max()) + 1
         mask = (torch.arange(span, device=g.device)[None, :] <= lengths[:, None])[:, None, None, :]
         ctx = g.positional_context(lengths[:, None], mask, DecodeView(self.cache, lengths, span))
-        override, same = self._override(rows)
+        override, same = self._override(weights if weights is not None else [r.weights for r in rows])
         x = g.run_blocks(g.embed(tokens, ctx), ctx, 0, g.mc.n_layers, override)
         logits = g.logits(g.final_norm(x))[:, 0].float().cpu()  # sampling runs on the CPU (seeded generators)
         for r in rows:
             r.length += 1
         return logits, same
 
-    def _override(self, rows: list[Row]) -> tuple[dict, bool]:
+    def _override(self, ws: list[torch.Tensor]) -> tuple[dict, bool]:
         """The composed blocks for this batch: materialized when every row shares one composition,
         mixed per row otherwise. Kept while the batch's rows (their weight tensors) stay the same."""
-        key = tuple(id(r.weights) for r in rows)
+        key = tuple(id(w) for w in ws)
         if self._batch is not None and self._batch[0] == key:
             return self._batch[2], self._batch[3]
-        ws = [r.weights for r in rows]
         same = all(torch.equal(w, ws[0]) for w in ws[1:])
         override = self.c.materialized_for(ws[0], cache=True) if same else self.c.mixed_weights(stack_rows(ws))
         self._batch = (key, ws, override, same)  # ws keeps the tensors (and so their ids) alive

@@ -152,3 +152,4 @@ class Sequence:
     last_token_at: float = 0.0
     finished: bool = False
     cumulative_logprob: float = 0.0  # of the tokens generated (the model's log-probabilities, as reported)
+    catalog: object = None  # the Constellation its rows' weights were planned on (it decodes on it)
