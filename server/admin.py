@@ -19,14 +19,14 @@ from fastapi import FastAPI
 from index_store.catalog import CatalogError, Change, read_probe_texts
 from .live_catalog import LiveCatalog
 from .protocol import SpecialistRequest
-from .serving import APIError
+from .serving import APIError, draining_error
 
 PREFIX = "/v1/specialists"
 
 
 def _api_error(e: CatalogError) -> APIError:
-    type_ = {403: "permission_error", 404: "not_found_error", 409: "conflict_error"}.get(e.status,
-                                                                                      "invalid_request_error")
+    type_ = {403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+             503: "service_unavailable"}.get(e.status, "invalid_request_error")
     return APIError(e.status, str(e), type_, e.param)
 
 
@@ -42,8 +42,13 @@ def add_admin_routes(app: FastAPI, catalog: LiveCatalog) -> None:
     async def specialists():
         return catalog.doc()
 
+    def refuse_while_draining():
+        if catalog.engine.draining:
+            raise draining_error()
+
     @app.post(PREFIX)
     async def add_specialist(body: SpecialistRequest):
+        refuse_while_draining()
         probes = body.probes
         if body.probes_path is not None:
             if probes is not None:
@@ -63,4 +68,5 @@ def add_admin_routes(app: FastAPI, catalog: LiveCatalog) -> None:
 
     @app.delete(PREFIX + "/{name}")
     async def remove_specialist(name: str):
+        refuse_while_draining()
         return await _run(catalog.change, Change("remove", name))

@@ -21,6 +21,7 @@ from index_store.catalog import CatalogError, Change, apply, listing
 from index_store.config import load_config
 
 log = logging.getLogger("constellation.catalog")
+SWAP_TIMEOUT_S = 60.0
 
 
 class LiveCatalog:
@@ -90,9 +91,12 @@ class LiveCatalog:
         from index_store.loader import load_constellation
 
         new = load_constellation(cfg, generalist=self.loaded)
-        self.engine.swap(new.constellation)
-        self.loaded = new
+        swapped = self.engine.swap(new.constellation, timeout=SWAP_TIMEOUT_S)
+        self.loaded = new  # committed: the engine serves it from its next quiet step on
         self._gauge()
+        if not swapped:
+            raise CatalogError(f"catalog version {self.version} is committed, but the engine has not swapped to it "
+                               f"within {SWAP_TIMEOUT_S:.0f} s (it does once no prompt is being prefilled)", 503)
 
     def _gauge(self) -> None:
         if self.metrics is not None:

@@ -61,7 +61,7 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def examples(host: str, port: int, model: str, api_key: str | None) -> str:
+def examples(host: str, port: int, model: str, api_key: str | None, admin: bool = False) -> str:
     """The start-up banner: pasteable examples. The key itself is never printed (the banner ends up
     in logs): the examples read it from $CONSTELLATION_API_KEY."""
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -70,9 +70,10 @@ def examples(host: str, port: int, model: str, api_key: str | None) -> str:
     key = 'os.environ["CONSTELLATION_API_KEY"]' if api_key else '"unused"'
     note = ("required; the examples read it from $CONSTELLATION_API_KEY (export it first)" if api_key
             else "none; every client is accepted")
+    admin_note = ("\nadmin API: on at /v1/specialists (its own key; docs/catalog.md)" if admin else "")
     return f"""
 Constellation is serving '{model}' at {base}
-API key: {note}
+API key: {note}{admin_note}
 
   curl {base}/v1/chat/completions{auth} -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What causes bilateral lung infiltrates?"}}], "max_tokens": 48}}'
@@ -117,7 +118,7 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
             time.sleep(0.05)
         if server.started:
             bound = sockets[0].getsockname()[1] if sockets else port
-            print(examples(host, bound, model_name, api_key), file=sys.stderr, flush=True)
+            print(examples(host, bound, model_name, api_key, admin_key is not None), file=sys.stderr, flush=True)
 
     web_thread = threading.Thread(target=web, name="uvicorn")
     web_thread.start()
