@@ -112,6 +112,7 @@ def to_toml(raw: dict) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -134,16 +135,20 @@ def check_change(cfg: ConstellationConfig, change: Change, root_only: bool = Fal
         raise CatalogError(f"name {change.name!r}: letters, digits, '-' or '_' (at most 64), starting with a "
                            "letter or digit", param="name")
     if change.op == "add" and change.name in names:
-        raise CatalogError(f"a specialist named '{change.name}' exists; send replace to replace it", 409, "name")
+        raise CatalogError(f"a specialist named '{change.name}' exists; replace it instead (`constellation "
+                           'specialist replace`, or "replace": true)', 409, "name")
     if change.op in ("replace", "remove") and change.name not in names:
         raise CatalogError(f"no specialist named '{change.name}' (have: {', '.join(names)})", 404, "name")
     if change.op == "remove":
         if len(names) == 1:
             raise CatalogError(f"'{change.name}' is the last specialist; a constellation needs one", 409, "name")
         if cfg.composition.top_k > len(names) - 1 and "top_k" in cfg.composition.model_fields_set:
-            raise CatalogError(f"[composition].top_k = {cfg.composition.top_k} would exceed the {len(names) - 1} "
-                               "specialists left; lower it first", 409, "name")
+            raise CatalogError(f"{cfg.source}: [composition].top_k = {cfg.composition.top_k} would exceed the "
+                               f"{len(names) - 1} specialists left; lower it in the config first (servers read it "
+                               "when they start)", 409)
         return
+    if change.op == "replace" and change.path is None and change.probes is None:
+        raise CatalogError("nothing to replace: give a new folder and/or new probes", param="path")
     if change.path is None and change.op == "replace":
         change.path = cfg.specialists[change.name]  # replace the probes only
     if change.path is None:
@@ -183,7 +188,8 @@ def check_fits(cfg: ConstellationConfig, name: str, path: Path, g, tok) -> None:
             check_same_config(cfg.generalist.path, path, name)
             check_same_tokenizer(tok, load_tokenizer(path), name, path)
     except (WeightsError, ValueError) as e:
-        raise CatalogError(f"path {path}: does not fit the generalist: {e}", 422, "path") from None
+        kind = "PEFT adapter" if is_adapter_folder(path) else "full model (no adapter_config.json: not an adapter)"
+        raise CatalogError(f"path {path}: as a {kind}, it does not fit the generalist: {e}", 422, "path") from None
 
 
 # ---- the change --------------------------------------------------------------------------------
@@ -224,7 +230,8 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
             specialists.pop(change.name)
             new_probes.pop(change.name, None)
         else:
-            specialists[change.name] = _relative(Path(change.path).expanduser().resolve(), config_path.parent)
+            # as given (absolute, symlinks kept), relative to the config's folder when inside it
+            specialists[change.name] = _relative(Path(change.path).expanduser().absolute(), config_path.parent)
             if change.probes is not None:
                 new_probes[change.name] = list(change.probes)
         version = cfg.catalog.version + 1
@@ -290,7 +297,10 @@ def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manife
         shutil.rmtree(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder))
     try:
+        # as the constellation's folder (mkdtemp makes 0700: servers running as another user could not read it)
+        os.chmod(tmp, folder.parent.stat().st_mode & 0o777)
         with open(tmp / "probes.json", "w") as f:
+            os.fchmod(f.fileno(), 0o644)
             f.write(json.dumps({"domains": probes}, indent=1, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

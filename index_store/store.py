@@ -64,6 +64,7 @@ def write_index(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        os.chmod(tmp, path.parent.stat().st_mode & 0o777)  # as its parent (mkdtemp makes 0700)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         manifest = dict(manifest)
         manifest["format_version"] = FORMAT_VERSION

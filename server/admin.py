@@ -37,6 +37,13 @@ async def _run(fn, *args):
         raise _api_error(e) from None
 
 
+def under_root(catalog: LiveCatalog, path: str) -> Path:
+    """A path from a request: a relative one is taken under ``[catalog].models_root`` (the server's
+    working directory means nothing to a client)."""
+    p, root = Path(path).expanduser(), catalog.loaded.config.catalog.models_root
+    return p if p.is_absolute() or root is None else root / p
+
+
 def add_admin_routes(app: FastAPI, catalog: LiveCatalog) -> None:
     @app.get(PREFIX)
     async def specialists():
@@ -53,17 +60,17 @@ def add_admin_routes(app: FastAPI, catalog: LiveCatalog) -> None:
         if body.probes_path is not None:
             if probes is not None:
                 raise APIError(400, "send one of 'probes' or 'probes_path'", param="probes_path")
+            path = under_root(catalog, body.probes_path).resolve()
             root = catalog.loaded.config.catalog.models_root
-            path = Path(body.probes_path).expanduser().resolve()
             if root is None or not path.is_relative_to(root.resolve()):
-                raise APIError(403, f"probes_path {body.probes_path}: outside the models root", "permission_error",
-                               "probes_path")
+                raise APIError(403, f"probes_path {body.probes_path}: outside the models root {root}",
+                               "permission_error", "probes_path")
             try:
                 probes = read_probe_texts(path, body.name)
             except CatalogError as e:
                 raise _api_error(e) from None
-        change = Change("replace" if body.replace else "add", body.name, Path(body.path) if body.path else None,
-                        probes)
+        change = Change("replace" if body.replace else "add", body.name,
+                        under_root(catalog, body.path) if body.path else None, probes)
         return await _run(catalog.change, change)
 
     @app.delete(PREFIX + "/{name}")

@@ -272,8 +272,13 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
     add_exception_handlers(app)
     errors_in_schema(app)
     args = (engine, tok, limits, model_name)
-    fp = system_fingerprint(loaded.manifest, str(c.g.dtype))
-    add_api_routes(app, OpenAIServingCompletion(*args, fingerprint=fp), OpenAIServingChat(*args, fingerprint=fp),
+    dtype = str(c.g.dtype)
+
+    def fingerprint() -> str:  # the catalog served now: it changes with the catalog
+        return system_fingerprint(catalog.manifest, dtype)
+
+    add_api_routes(app, OpenAIServingCompletion(*args, fingerprint=fingerprint),
+                   OpenAIServingChat(*args, fingerprint=fingerprint),
                    ServingExplain(*args, catalog=catalog))
     add_admin_routes(app, catalog)
     add_ops_routes(app, engine, engine.metrics, catalog, model_name)

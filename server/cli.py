@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             CompositionError, DemoError, EvalError, CatalogError, ValueError) as e:  # ValueError: bad runtime settings
         print(one_line(e), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # a file that cannot be read or written
         print(one_line(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e), file=sys.stderr)
         return 2

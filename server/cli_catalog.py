@@ -15,13 +15,25 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_specialist_change(args) -> int:
-    from index_store.catalog import Change, apply, read_probe_texts
+    from index_store.catalog import NAME, CatalogError, Change, apply, read_probe_texts
 
     op = args.specialist_command
+    if not NAME.match(args.name):
+        raise CatalogError(f"NAME {args.name!r}: letters, digits, '-' or '_' (at most 64), starting with a letter or "
+                           "digit")
     probes = read_probe_texts(args.probes, args.name, "--probes") if getattr(args, "probes", None) else None
     path = getattr(args, "path", None)
     change = Change(op, args.name, Path(path) if path else None, probes)
-    r = apply(args.config, change, quiet=getattr(args, "quiet", False))
+    try:
+        r = apply(args.config, change, quiet=getattr(args, "quiet", False))
+    except CatalogError as e:  # the API's words for what the CLI calls the arguments
+        where = {"probes": f"--probes {getattr(args, 'probes', None)}", "path": "FOLDER", "name": "NAME"}.get(e.param)
+        if where is None or (e.param == "probes" and not getattr(args, "probes", None)):
+            raise
+        msg = str(e)
+        for head in (e.param + ": ", e.param + " "):
+            msg = msg.removeprefix(head)
+        raise CatalogError(f"{where}: {msg}", e.status, e.param) from None
     diag = r.manifest["diagnostics"]
     print(f"{op} {args.name}: catalog version {r.version}; specialists: {', '.join(r.config.specialists)}")
     print(f"fingerprinted: {', '.join(r.fingerprinted) or 'nothing (centroids reused)'}; {r.seconds:.1f} s")

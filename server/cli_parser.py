@@ -271,16 +271,23 @@ def _add_specialist(sub) -> None:
 
 CATALOG_NOTE = ("The change is written as a new catalog snapshot beside CONFIG (.catalog/vNNNNNN: the merged "
                 "probes and the rebuilt index), then CONFIG is rewritten atomically to name it and bump "
-                "[catalog].version: a crash leaves the old or the new catalog, never a mix. Only the changed "
-                "domain's probes are fingerprinted. Running servers on CONFIG pick the new version up "
-                "(docs/catalog.md).")
+                "[catalog].version: a crash leaves the old or the new catalog, never a mix. Running servers on "
+                "CONFIG pick the new version up (docs/catalog.md).")
+FINGERPRINT_NOTE = " Only the changed domain's probes are fingerprinted; the other centroids are reused."
+
+
+def _wrapped(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 100)
 
 
 def _add_catalog(ssub) -> None:
     """``constellation specialist add | replace | remove | list CONFIG ...``."""
     for op, what in (("add", "add a specialist (a PEFT adapter or a full model folder) and its domain's probes"),
                      ("replace", "replace a specialist's folder and/or its probes (same name)")):
-        a = ssub.add_parser(op, help=what, description=f"{what[0].upper()}{what[1:]}. {CATALOG_NOTE}",
+        a = ssub.add_parser(op, help=what, description=_wrapped(f"{what[0].upper()}{what[1:]}. {CATALOG_NOTE}"
+                                                                 + FINGERPRINT_NOTE),
                             epilog=f"example:\n  constellation specialist {op} constellation.toml finance "
                             "adapters/finance --probes finance-probes.json\n",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,7 +301,7 @@ def _add_catalog(ssub) -> None:
                        f".txt file, one text per line (at least 4){'' if op == 'add' else '; default: keep them'}")
         a.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     r = ssub.add_parser("remove", help="remove a specialist and its domain from the basis",
-                        description=f"Remove a specialist. {CATALOG_NOTE}")
+                        description=f"Remove a specialist (its domain's probes go too). {CATALOG_NOTE}")
     r.add_argument("config", metavar="CONFIG", help="the constellation's config file")
     r.add_argument("name", metavar="NAME", help="the specialist to remove")
     ls = ssub.add_parser("list", help="the specialists: kind, path, rank, probes, catalog version")

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -111,10 +111,16 @@ class OpenAIServing:
 
     id_prefix = "cmpl"
 
-    def __init__(self, engine: Engine, tok, limits: Limits, model_name: str, fingerprint: str = "fp_constellation"):
+    def __init__(self, engine: Engine, tok, limits: Limits, model_name: str,
+                 fingerprint: Callable[[], str] = lambda: "fp_constellation"):
         self.engine, self.tok, self.limits, self.model_name = engine, tok, limits, model_name
-        self.fingerprint = fingerprint  # ``system_fingerprint``: the index, the weights' dtype, the version
+        self._fingerprint = fingerprint  # the current catalog's: its index, the weights' dtype, the version
         self.max_positions = min(limits.max_seq_len, self.c.g.mc.max_positions)
+
+    @property
+    def fingerprint(self) -> str:
+        """``system_fingerprint`` of the catalog being served now."""
+        return self._fingerprint()
 
     @property
     def c(self):

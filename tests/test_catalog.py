@@ -43,6 +43,7 @@ def probes_of(conf: Path, name: str) -> list[str]:
 
 
 def test_remove_then_add_back_reproduces_the_index_bit_for_bit(fresh):
+    fresh.chmod(0o640)
     before_cfg = load_config(fresh)
     m0, t0 = read_index(before_cfg.index.path)
     science = probes_of(fresh, "science")
@@ -57,6 +58,12 @@ def test_remove_then_add_back_reproduces_the_index_bit_for_bit(fresh):
     for k in ("basis", "centroids", "raw_centroids"):
         assert torch.equal(t2[k], t0[k]), k
     assert load_constellation(fresh).constellation.domains == list(DOMAINS)
+    # the folder is written as given, relative to the config; the file keeps its mode, the snapshot
+    # folders take the constellation folder's (servers may run as another user)
+    assert 'science = "models/science"' in fresh.read_text()
+    assert fresh.stat().st_mode & 0o777 == 0o640
+    snap = load_config(fresh).index.path.parent
+    assert snap.stat().st_mode & 0o777 == fresh.parent.stat().st_mode & 0o777
     # comments go, but every setting stays
     after = load_config(fresh)
     assert after.composition == before_cfg.composition and after.runtime == before_cfg.runtime
@@ -110,6 +117,7 @@ def test_refused_changes_leave_everything_as_it_was(fresh, built, tmp_path):
         (Change("add", "x", fresh.parent / "models" / "science", ["ok", "", "a", "b"]), False, 400, "non-empty"),
         (Change("add", "x", foreign, texts), False, 422, "does not fit"),
         (Change("add", "x", fresh.parent / "models" / "science", texts), False, 422, "no basis"),  # = science's
+        (Change("replace", "science", None, None), False, 400, "nothing to replace"),
         (Change("add", "x", outside, texts), True, 403, "models_root"),
     ]
     before = state(fresh)
@@ -192,3 +200,18 @@ def test_the_cli_lists_and_refuses_in_one_line(fresh):
     assert p.returncode == 2 and "no domains.finance" in p.stderr
     p = run_cli("specialist", "replace", str(fresh), "legal", "--probes", str(fresh.parent / "probes.json"))
     assert p.returncode == 0 and "catalog version 1" in p.stdout and "fingerprinted: nothing" in p.stdout
+    # the CLI's words: NAME, FOLDER, --probes FILE
+    few = fresh.parent / "few.txt"
+    few.write_text("one\ntwo\n")
+    p = run_cli("specialist", "add", str(fresh), "fin ance", str(fresh.parent / "models" / "legal"), "--probes", str(few))
+    assert p.returncode == 2 and p.stderr.startswith("constellation: NAME 'fin ance'")
+    p = run_cli("specialist", "add", str(fresh), "finance", str(fresh.parent / "models" / "legal"), "--probes", str(few))
+    assert p.returncode == 2 and f"--probes {few}: 2 given" in p.stderr
+    enough = fresh.parent / "enough.txt"
+    enough.write_text("one\ntwo\nthree\nfour\n")
+    p = run_cli("specialist", "add", str(fresh), "finance", "/nope", "--probes", str(enough))
+    assert p.returncode == 2 and "FOLDER: /nope: folder not found" in p.stderr, p.stderr
+    # a reader that goes away early is not an error
+    p = subprocess.run(f"{sys.executable} -m server.cli specialist list {fresh} --json | head -c 5", shell=True,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.stderr == "" and len(p.stdout) == 5

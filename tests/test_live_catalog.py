@@ -108,6 +108,7 @@ def test_add_replace_remove_with_16_streams_running(live):
     ]
     expected = before
     engine = app.state.engine
+    fingerprints = {client.completions.create(model="constellation", prompt="x", max_tokens=1).system_fingerprint}
     for version, (op, change) in enumerate(steps, start=1):
         union_steps = engine.union_steps
         got, errors, r, late = run_streams_during(client, engine, change, lambda: alone(client, PROMPTS[5]))
@@ -128,6 +129,8 @@ def test_add_replace_remove_with_16_streams_running(live):
         assert httpx.get(url + "/ready").json()["catalog_version"] == version
         assert httpx.get(url + "/index").json()["catalog_version"] == version
         assert client.models.retrieve("constellation").model_extra["catalog_version"] == version
+        fingerprints.add(after.system_fingerprint)  # it names the catalog served
+        assert len(fingerprints) == version + 1, op
         assert httpx.post(url + "/explain", json={"prompt": PROMPTS[0]}).json()["catalog_version"] == version
         assert f'constellation_catalog_version{{model_name="constellation"}} {float(version)}' in \
             httpx.get(url + "/metrics").text
@@ -152,6 +155,9 @@ def test_the_admin_api_refuses_and_changes_nothing(live, tmp_path):
         ({"name": "x y", "path": str(root / "science"), "probes": texts}, 400, "name"),
         ({"name": "x", "path": str(root / "science"), "probes_path": "/etc/passwd"}, 403, "probes_path"),
         ({"name": "x", "path": str(root / "science"), "probes": texts, "frobnicate": 1}, 400, "frobnicate"),
+        # a relative path is under models_root (not the server's working directory): the path passes
+        ({"name": "x", "path": "science", "probes": texts[:2]}, 400, "probes"),
+        ({"name": "x", "path": "../../elsewhere", "probes": texts}, 403, "path"),
     ]
     for body, status, param in cases:
         r = httpx.post(url + "/v1/specialists", headers=ADMIN, json=body)
