@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.prefill_stall import _stream
 from bench.serve_bench import PROMPTS
 
 ADMIN = {"Authorization": "Bearer bench-admin"}
@@ -50,14 +51,6 @@ def private_copy(config: Path, dst: Path) -> Path:
             f'models_root = "{list(cfg.specialists.values())[-1].resolve().parent}"\n')  # where the links point
     (dst / "constellation.toml").write_text(text)
     return dst / "constellation.toml"
-
-
-async def _stream(client, prompt, tokens, stamps):
-    s = await client.completions.create(model="constellation", prompt=prompt, max_tokens=tokens, temperature=0,
-                                        stream=True, extra_body={"ignore_eos": True})
-    async for ch in s:
-        if ch.choices and ch.choices[0].text:
-            stamps.append(time.perf_counter())
 
 
 async def _change(url, streams, tokens, request):

@@ -34,8 +34,6 @@ from pathlib import Path
 
 import tomllib
 
-import torch
-
 from composer.basis import BasisError
 
 from .config import ConfigError, ConstellationConfig, load_config
@@ -221,25 +219,12 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
     with locked(config_path):
         cfg = load_config(config_path)
         check_change(cfg, change, root_only)
-        raw = tomllib.loads(config_path.read_text())
         probes = load_probes(cfg.index.probes)
         manifest, tensors = read_index(cfg.index.path)
-        specialists = dict(raw.get("specialists", {}))
-        new_probes = dict(probes)
-        if change.op == "remove":
-            specialists.pop(change.name)
-            new_probes.pop(change.name, None)
-        else:
-            # as given (absolute, symlinks kept), relative to the config's folder when inside it
-            specialists[change.name] = _relative(Path(change.path).expanduser().absolute(), config_path.parent)
-            if change.probes is not None:
-                new_probes[change.name] = list(change.probes)
         version = cfg.catalog.version + 1
         snap_name = f"v{version:06d}"
-        raw = {**raw, "specialists": specialists}
-        raw["index"] = {**raw["index"], "path": f"{CATALOG}/{snap_name}/index",
-                        "probes": f"{CATALOG}/{snap_name}/probes.json"}
-        raw["catalog"] = {**raw.get("catalog", {}), "version": version}
+        raw, new_probes = _changed(tomllib.loads(config_path.read_text()), probes, change, config_path.parent,
+                                   snap_name, version)
         new_cfg = ConstellationConfig.model_validate(raw).resolved(config_path.parent)
         new_cfg.source = config_path
         # centroids: the current index's for domains whose probes did not change
@@ -254,11 +239,11 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
         if change.op != "remove":
             check_fits(new_cfg, change.name, Path(change.path).expanduser().resolve(), g, tok)
         todo = [d for d in order if d not in reuse]
-        all_c = centroids(g, tok, new_probes, order, new_cfg, reuse, quiet) if todo else torch.stack(
-            [reuse[d] for d in order])
+        all_c = centroids(g, tok, new_probes, order, new_cfg, reuse, quiet)  # fingerprints ``todo`` only
         try:
             new_tensors, new_manifest = index_from_centroids(new_cfg, new_probes, order, all_c,
-                                                             manifest["generalist_identity"], _Dims(manifest, g))
+                                                             manifest["generalist_identity"],
+                                                             manifest["generalist_architecture"])
         except BasisError as e:  # e.g. probes whose centroid another domain's already spans
             raise CatalogError(f"probes: the new set of centroids has no basis ({e}); give the domain probes "
                                "that set it apart", 422, "probes") from None
@@ -271,13 +256,23 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
     return Result(new_cfg, new_manifest, version, todo, time.perf_counter() - t0)
 
 
-class _Dims:
-    """What ``index_from_centroids`` reads of the generalist, from the manifest when G is not loaded."""
-
-    def __init__(self, manifest: dict, g):
-        arch = g.mc.architecture if g is not None else manifest["generalist_architecture"]
-        d = g.mc.d if g is not None else manifest["d"]
-        self.mc = type("MC", (), {"architecture": arch, "d": d})()
+def _changed(raw: dict, probes: dict, change: Change, folder: Path, snap_name: str, version: int
+             ) -> tuple[dict, dict]:
+    """The config (as parsed TOML) and the probes after ``change``, naming snapshot ``snap_name``."""
+    specialists, new_probes = dict(raw.get("specialists", {})), dict(probes)
+    if change.op == "remove":
+        specialists.pop(change.name)
+        new_probes.pop(change.name, None)
+    else:
+        # as given (absolute, symlinks kept), relative to the config's folder when inside it
+        specialists[change.name] = _relative(Path(change.path).expanduser().absolute(), folder)
+        if change.probes is not None:
+            new_probes[change.name] = list(change.probes)
+    raw = {**raw, "specialists": specialists,
+           "index": {**raw["index"], "path": f"{CATALOG}/{snap_name}/index",
+                     "probes": f"{CATALOG}/{snap_name}/probes.json"},
+           "catalog": {**raw.get("catalog", {}), "version": version}}
+    return raw, new_probes
 
 
 def _load_generalist(cfg: ConstellationConfig):

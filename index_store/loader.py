@@ -294,7 +294,7 @@ def centroids(g, tok, probes: dict[str, list[str]], order: list[str], cfg: Const
 
 
 def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]], order: list[str],
-                         all_c: torch.Tensor, identity: str, g) -> tuple[dict, dict]:
+                         all_c: torch.Tensor, identity: str, architecture: str) -> tuple[dict, dict]:
     """Basis, diagnostics and manifest from the raw centroids of ``order`` (the specialists first,
     then control domains): what ``build_index`` writes, and what a catalog change writes."""
     n = len(cfg.specialists)
@@ -321,8 +321,8 @@ def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]],
         "probe_counts": {d: len(probes[d]) for d in order},
         "probes_sha256": probes_hash(probes),
         "generalist_identity": identity,
-        "generalist_architecture": g.mc.architecture,
-        "d": g.mc.d,
+        "generalist_architecture": architecture,
+        "d": int(all_c.shape[1]),
         "settings": {"basis": kind, "noise_fraction": nf, "seed": cfg.index.seed, "max_tokens": cfg.index.max_tokens},
         "diagnostics": diag,
         "catalog_version": cfg.catalog.version,
@@ -351,7 +351,8 @@ def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -
     g = load_model(cfg.generalist.path, device, dtype)
     tok = load_tokenizer(cfg.generalist.path)
     all_c = centroids(g, tok, probes, order, cfg, quiet=quiet)
-    tensors, manifest = index_from_centroids(cfg, probes, order, all_c, model_identity(cfg.generalist.path), g)
+    tensors, manifest = index_from_centroids(cfg, probes, order, all_c, model_identity(cfg.generalist.path),
+                                             g.mc.architecture)
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
     write_index(cfg.index.path, tensors, manifest)
     return manifest

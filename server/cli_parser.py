@@ -35,42 +35,32 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def _checked(text: str, conv, ok, expected: str):
+    """``conv(text)`` if it parses and ``ok`` accepts it, else argparse's one-line error."""
+    try:
+        v = conv(text)
+    except ValueError:
+        v = None
+    if v is None or not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got '{text}'")
+    return v
+
+
 def port(text: str) -> int:
     """A TCP port: 1..65535, or 0 for one the system picks (the banner prints which)."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535 (or 0: any free port), got '{text}'")
-    return v
+    return _checked(text, int, lambda v: 0 <= v <= 65535, "a port number from 1 to 65535 (or 0: any free port)")
 
 
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got '{text}'")
-    return v
+    return _checked(text, int, lambda v: v >= 1, "an integer of at least 1")
 
 
 def finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
-    return v
+    return _checked(text, float, math.isfinite, "a finite number")
 
 
 def seconds(text: str) -> float:
-    v = finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got '{text}'")
-    return v
+    return _checked(text, float, lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -45,7 +45,8 @@ class CatalogSwitch:
         c, done = self.pending
         self.swap_waits.append(self._waited)
         self._waited = 0
-        self.runners[id(self.c)] = self.runner  # for its sequences still decoding
+        if any(s.catalog is self.c for s in self.running):  # its sequences still decoding keep it
+            self.runners[id(self.c)] = self.runner
         self.c, self.pending = c, None
         self.runner = ModelRunner(c, self.cache, self.plan_for)
         done.set()
