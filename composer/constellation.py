@@ -18,7 +18,7 @@ from . import decompose
 from .kernels import ComposedParams, MixedParams, stack_rows
 from .lowrank import Stack
 from .model import Context, KVCache, LayerParams, Transformer
-from .modes import CompositionParams, ModeInput, Plan, validate
+from .modes import Calibrated, CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
 from .signatures import SIGNATURES, PassRecord, in_pass_signatures
 from .weights import Difference, diff_params, specialist_difference
@@ -32,6 +32,7 @@ class Settings:
     signature: str = "generalist"  # see composer.signatures.SIGNATURES
     task_lambda: float = 0.5
     default_mode: str = "constellation"
+    calibrated: Calibrated = field(default_factory=Calibrated)  # the index's weighting, sharpness, strengths
 
 
 def composed_layers(layers: int | str, n: int, differences: dict[str, Difference]) -> list[int]:
@@ -218,7 +219,7 @@ class Constellation:
 
     # ---- planning ------------------------------------------------------------------------------
     def validate(self, params: CompositionParams):
-        return validate(params, self.domains, self.settings.default_mode)
+        return validate(params, self.domains, self.settings.default_mode, self.settings.calibrated)
 
     def plan(self, gp: GeneralistPass, row: int = 0, params: CompositionParams | None = None,
              joint: bool = False) -> Plan:
@@ -230,7 +231,7 @@ class Constellation:
             alpha=gp.alpha[row], domains=self.domains, d=self.d, top_k=self.settings.top_k,
             task_lambda=self.settings.task_lambda,
             signatures=lambda idx: torch.stack([self.signature(gp, i)[row] for i in idx], dim=-2),
-            params=params, joint=joint,
+            params=params, joint=joint, calibrated=self.settings.calibrated,
         )
         plan = mode.build(mi)
         gp.timings["weights"] = time.perf_counter() - t0 - (gp.timings.get("signature", 0.0) - before)
@@ -337,7 +338,7 @@ class Constellation:
             "entropy_bits": plan.mean_entropy_bits,
             "gini": plan.gini,
             "fallback": plan.fallback_fraction,
-            "top_k": len(plan.selected) if plan.mode in ("constellation", "logit") else self.settings.top_k,
+            "top_k": len(plan.selected) if plan.mode in ("constellation", "paper", "logit") else self.settings.top_k,
             "layers": self.settings.layers,
             "composed_layers": [int(i) for i in self.layers],
             "policy": self.settings.policy,

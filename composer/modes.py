@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from . import decompose
+from .weightings import WEIGHTINGS, Weighting, WeightingError, get_weighting, node_split
 
 
 class CompositionError(ValueError):
@@ -35,6 +36,34 @@ class CompositionParams(BaseModel):
     weights: dict[str, float] | None = Field(default=None, description="per-domain weights for mode 'weights'")
     lambda_: float | None = Field(default=None, alias="lambda", ge=-10, le=10,
                                   description="task-arithmetic lambda, or the logit mode's scale")
+    weighting: str | None = Field(default=None, description="how alpha becomes node weights (mode "
+                                  "'constellation'; default: the index's calibrated weighting)")
+    sharpness: StrictFloat | None = Field(default=None, description="the weighting's power or temperature "
+                                    "(default: the value calibrated at index build)")
+    strength: dict[str, StrictFloat] | None = Field(default=None, description="per-domain strength gamma "
+                                              "overriding the calibrated ones (1 = the specialist as trained)")
+
+
+# CompositionParams fields besides `mode`, and how an error names them
+PARAM_FIELDS = ("top_k", "weights", "lambda_", "weighting", "sharpness", "strength")
+STRENGTH_MAX = 8.0
+
+
+def _shown(f: str) -> str:
+    return "lambda" if f == "lambda_" else f
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What ``index build`` calibrated (index_store.calibrate): the default weighting, each
+    weighting's sharpness, each domain's strength. Empty = the paper's rule, strength 1."""
+
+    weighting: str = "paper"
+    sharpness: dict[str, float] = field(default_factory=dict)  # weighting -> value
+    strength: dict[str, float] = field(default_factory=dict)  # domain -> gamma (absent: 1)
+
+    def sharpness_for(self, name: str) -> float | None:
+        return self.sharpness.get(name, WEIGHTINGS[name].default)
 
 
 @dataclass
@@ -47,6 +76,7 @@ class ModeInput:
     signatures: Callable[[list[int]], torch.Tensor]  # indices -> [k, d] activation signatures
     params: CompositionParams
     joint: bool = False  # evaluation contrast: joint normalisation (DESIGN §3.5)
+    calibrated: Calibrated = field(default_factory=Calibrated)
 
 
 @dataclass
@@ -132,11 +162,17 @@ def _sources(n: int, d: int, lead: tuple[int, ...] = ()) -> torch.Tensor:
     return torch.zeros(*lead, 1 + n, d, dtype=torch.float32)
 
 
-def _mix(mi: ModeInput, mode: str, selected: list[int], coef: torch.Tensor) -> Plan:
-    nw = decompose.node_weights(coef, mi.signatures(selected), joint=mi.joint)
+def _mix(mi: ModeInput, mode: str, selected: list[int], coef: torch.Tensor,
+         weighting: Weighting = WEIGHTINGS["paper"], gamma: torch.Tensor | None = None) -> Plan:
+    """Node weights of the selected specialists; with strengths ``gamma`` (not all 1) the source
+    weights are ``gamma_i * w_ij`` and the generalist takes the rest, ``1 - sum_i gamma_i w_ij``."""
+    nw = node_split(weighting, coef, lambda: mi.signatures(selected), len(selected), mi.d, mi.joint)
     w = _sources(len(mi.domains), mi.d, tuple(nw.weights.shape[:-2]))
+    scaled = gamma is not None and not bool((gamma == 1).all())
     for row, i in enumerate(selected):
-        w[..., 1 + i, :] = nw.weights[..., row, :]
+        w[..., 1 + i, :] = nw.weights[..., row, :] * (float(gamma[row]) if scaled else 1.0)
+    if scaled:
+        w[..., 0, :] = (1.0 - (gamma.to(torch.float64)[:, None] * nw.weights.to(torch.float64)).sum(-2)).float()
     return Plan(mode, "params", mi.alpha, selected, coef, nw.weights, nw.fallback, w)
 
 
@@ -145,8 +181,23 @@ def _k(mi: ModeInput) -> int:
 
 
 def _constellation(mi: ModeInput) -> Plan:
+    p, cal = mi.params, mi.calibrated
+    wt = get_weighting(p.weighting or cal.weighting)
+    s = p.sharpness if p.sharpness is not None else cal.sharpness_for(wt.name)
     sel = decompose.top_k(mi.alpha, _k(mi))
-    return _mix(mi, "constellation", sel, mi.alpha[sel])
+    strength = {**cal.strength, **(p.strength or {})}
+    gamma = torch.tensor([float(strength.get(mi.domains[i], 1.0)) for i in sel], dtype=torch.float64)
+    plan = _mix(mi, "constellation", sel, wt.coefficients(mi.alpha[sel], s), wt, gamma)
+    plan.extra.update(weighting=wt.name, sharpness=s,
+                      strength={mi.domains[i]: float(g) for i, g in zip(sel, gamma)})
+    return plan
+
+
+def _paper(mi: ModeInput) -> Plan:
+    sel = decompose.top_k(mi.alpha, _k(mi))
+    plan = _mix(mi, "paper", sel, mi.alpha[sel])
+    plan.extra.update(weighting="paper", sharpness=None)
+    return plan
 
 
 def _generalist(mi: ModeInput) -> Plan:
@@ -209,8 +260,13 @@ def _logit(mi: ModeInput) -> Plan:
     return p
 
 
-register(Mode("constellation", "per-query node-level composition of the top-K specialists",
-              "Constellation-Indexed Model Composition (seed 001), DESIGN §3-4", ("top_k",), _constellation,
+register(Mode("constellation", "per-query node-level composition of the top-K specialists, weighted by the "
+              "index's calibrated weighting, sharpness and per-domain strengths (docs/weightings.md)",
+              "Constellation-Indexed Model Composition (seed 001), DESIGN §3-4; calibration: this project",
+              ("top_k", "weighting", "sharpness", "strength"), _constellation, uses_signatures=True))
+register(Mode("paper", "the paper's rule exactly: r_ij = max(alpha_i, 0) * a_ij normalised per node, the "
+              "specialists' weights summing to 1 (no calibration)",
+              "Constellation-Indexed Model Composition (seed 001), DESIGN §3.5", ("top_k",), _paper,
               uses_signatures=True))
 register(Mode("generalist", "the generalist unchanged", "baseline", (), _generalist, generalist_only=True))
 register(Mode("routed", "the top-1 domain's specialist for the last L layers (a router's choice)",
@@ -236,20 +292,21 @@ def get_mode(name: str) -> Mode:
                                "composition.mode") from None
 
 
-def validate(params: CompositionParams, domains: list[str], default_mode: str) -> Mode:
+def validate(params: CompositionParams, domains: list[str], default_mode: str,
+             calibrated: Calibrated | None = None) -> Mode:
     """Refuse what cannot be honoured before any work: unknown mode or domain, a parameter the mode
-    does not use (so a typo'd intent is not silently ignored), top_k beyond the specialists."""
+    does not use (so a typo'd intent is not silently ignored), top_k beyond the specialists, a
+    weighting's sharpness out of its range or given to a weighting without one."""
     if params.mode is not None and not params.mode:  # "" is no mode: not silently the default
         raise CompositionError(f"composition.mode is empty; omit it for the default ('{default_mode}') or choose "
                                f"from {', '.join(MODES)}", "composition.mode")
     mode = get_mode(params.mode or default_mode)
-    for f in ("top_k", "weights", "lambda_"):
+    for f in PARAM_FIELDS:
         if getattr(params, f) is not None and f not in mode.params:
-            shown = "lambda" if f == "lambda_" else f
             raise CompositionError(
-                f"composition.{shown} does not apply to mode '{mode.name}' "
-                f"(it takes: {', '.join('lambda' if p == 'lambda_' else p for p in mode.params) or 'nothing'})",
-                f"composition.{shown}",
+                f"composition.{_shown(f)} does not apply to mode '{mode.name}' "
+                f"(it takes: {', '.join(_shown(p) for p in mode.params) or 'nothing'})",
+                f"composition.{_shown(f)}",
             )
     for f in mode.required:
         if not getattr(params, f):
@@ -269,6 +326,7 @@ def validate(params: CompositionParams, domains: list[str], default_mode: str) -
                                    f"relative); got {bad}", "composition.weights")
         if params.weights and not any(v > 0 for v in params.weights.values()):
             raise CompositionError("composition.weights needs at least one positive weight", "composition.weights")
+    _validate_weighting(params, domains, calibrated or Calibrated())
     if params.top_k is not None and params.top_k > len(domains):
         raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(domains)} specialists of "
                                "this constellation", "composition.top_k")
@@ -277,3 +335,30 @@ def validate(params: CompositionParams, domains: list[str], default_mode: str) -
         raise CompositionError(f"composition.weights names unknown domain(s) {unknown}; "
                                f"this constellation has {domains}", "composition.weights")
     return mode
+
+
+def _validate_weighting(params: CompositionParams, domains: list[str], cal: Calibrated) -> None:
+    try:
+        wt = get_weighting(params.weighting or cal.weighting)
+    except WeightingError as e:
+        raise CompositionError(str(e), "composition.weighting") from None
+    if params.sharpness is not None:
+        if wt.sharpness is None:
+            why = "" if params.weighting else (" (this index's default weighting: it was built without "
+                                               "calibration, so give composition.weighting too)")
+            raise CompositionError(f"weighting '{wt.name}' takes no sharpness{why}; choose a weighting with one: "
+                                   f"{', '.join(n for n, w in WEIGHTINGS.items() if w.sharpness)}",
+                                   "composition.sharpness")
+        lo, hi = wt.bounds
+        if not (math.isfinite(params.sharpness) and lo <= params.sharpness <= hi):
+            raise CompositionError(f"composition.sharpness={params.sharpness} is outside [{lo:g}, {hi:g}] for "
+                                   f"weighting '{wt.name}' (its {wt.sharpness})", "composition.sharpness")
+    if params.strength is not None:
+        unknown = [k for k in params.strength if k not in domains]
+        if unknown:
+            raise CompositionError(f"composition.strength names unknown domain(s) {unknown}; this constellation "
+                                   f"has {domains}", "composition.strength")
+        bad = {k: v for k, v in params.strength.items() if not (math.isfinite(v) and 0 <= v <= STRENGTH_MAX)}
+        if bad:
+            raise CompositionError(f"composition.strength values must be finite and in [0, {STRENGTH_MAX:g}]; "
+                                   f"got {bad}", "composition.strength")

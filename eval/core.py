@@ -1,17 +1,9 @@
 """Evaluation building blocks, all through the composition code the server runs (DESIGN §6).
 
-Loss of a text = mean next-token NLL over real tokens (no padding in inputs or labels).
+Loss of a text = mean next-token NLL over real tokens (no padding in inputs or labels); the same
+function index calibration uses.
 """
 
-from __future__ import annotations
+from composer.loss import token_nll
 
-import torch
-import torch.nn.functional as F
-
-
-def token_nll(logits: torch.Tensor, ids: torch.Tensor, am: torch.Tensor, log_probs: bool = False) -> torch.Tensor:
-    """Mean next-token NLL per row over real tokens: ``[B]``."""
-    lp = logits[:, :-1].float() if log_probs else F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
-    m = (am[:, 1:] * am[:, :-1]).float()
-    return (nll * m).sum(1) / m.sum(1).clamp_min(1.0)
+__all__ = ["token_nll"]

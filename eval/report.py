@@ -18,9 +18,56 @@ def _wr(d: dict) -> str:
     return f"{100 * d['rate']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}] (n={d['n']})"
 
 
+def _ci(d) -> str:
+    if not d or d.get("mean") is None:
+        return "—"
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+
+
+def _loss(part: dict, k: str) -> str:
+    ci = part.get("mean_loss_ci95", {}).get(k)
+    v = part["mean_loss"][k]
+    return f"{v:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def _win_table(part: dict) -> list[str]:
-    rows = ["| constellation vs | win rate [95% CI] | mean loss of the alternative |", "| --- | --- | ---: |"]
-    return rows + [f"| {k} | {_wr(v)} | {_fmt(part['mean_loss'][k], pct=False)} |" for k, v in part["win_rate"].items()]
+    rows = ["| constellation vs | win rate [95% CI] | mean loss of the alternative [95% CI] | "
+            "constellation − alternative, mean per probe [95% CI] |", "| --- | --- | ---: | ---: |"]
+    rows += [f"| {k} | {_wr(v)} | {_loss(part, k)} | {_ci(part.get('loss_difference', {}).get(k))} |"
+             for k, v in part["win_rate"].items()]
+    return rows + [f"| *(the constellation itself)* | | {_loss(part, 'constellation')} | |"]
+
+
+def _targets(r: dict) -> list[str]:
+    L = ["## Targets\n", "| target | measured | met | short by |", "| --- | --- | :---: | ---: |"]
+    for t in r.get("targets", []):
+        if "router" in t:
+            got = (f"{t['value']:.4f} vs router {t['router']:.4f} (difference {_ci(t['difference'])})")
+            short = f"{t['short_by']:.4f} nats" if not t["met"] else ""
+        else:
+            got = f"{100 * t['value']:.1f}% [{100 * t['ci95'][0]:.0f}–{100 * t['ci95'][1]:.0f}]"
+            short = f"{100 * t['short_by']:.1f} points" if not t["met"] else ""
+        L.append(f"| {t['target']} | {got} | {'yes' if t['met'] else 'no'} | {short} |")
+    return L + [""]
+
+
+def _weightings(w: dict) -> list[str]:
+    L = ["## Weightings, taken apart\n",
+         "Every row is measured on these probes; every sharpness was calibrated on the index probes only "
+         "(`index build`, or the same calibration rerun for the other weightings), except the sweep rows, "
+         "which show the default weighting at each value of its grid. Cross win vs TA is on the report half.\n",
+         "| composition | single: win vs own specialist | single: win vs generalist | single: mean loss [95% CI] | "
+         "cross: win vs best single | cross: win vs TA | cross: mean loss [95% CI] | entropy (bits) |",
+         "| --- | --- | --- | ---: | --- | --- | ---: | ---: |"]
+
+    def ml(d):
+        return "—" if not d else f"{d['mean']:.4f} [{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}]"
+    for name, v in w["rows"].items():
+        L.append(f"| {name} | {_wr(v['single_win_vs_own'])} | {_wr(v['single_win_vs_generalist'])} | "
+                 f"{ml(v['single_mean_loss'])} | {_wr(v.get('cross_win_vs_best_single'))} | "
+                 f"{_wr(v.get('cross_win_vs_task_arithmetic'))} | {ml(v.get('cross_mean_loss'))} | "
+                 f"{_fmt(v['single_mean_entropy_bits'], pct=False)} |")
+    return L + [""]
 
 
 def plots(results: dict, domains: list[str], out: Path) -> None:
@@ -125,6 +172,15 @@ def write_report(r: dict, out: Path) -> None:
     s = c["settings"]
     add(f"- settings: basis {s['basis']}, top_k {s['top_k']}, L {s['layers']}, policy {s['policy']}, "
         f"signature {s['signature']}")
+    cal = c.get("calibration") or {}
+    if "weighting" in cal:
+        w = cal["weighting"]
+        sh = cal["sharpness"].get(w)
+        add(f"- calibrated at index build on held-out index probes ({cal['folds']} folds): weighting {w}"
+            + (f", sharpness {sh:g}" if sh is not None else "") + "; strength "
+            + ", ".join(f"{d} {g:g}" for d, g in cal["strength"].items()))
+    else:
+        add("- not calibrated: the paper's rule, strength 1")
     p = r["probes"]
     add(f"- probes: single-domain `{p['single']}` ({p['single_n']}), cross-domain `{p['cross']}` ({p['cross_n']})")
     ov = p["overlap_with_index_probes"]
@@ -137,6 +193,7 @@ def write_report(r: dict, out: Path) -> None:
     add("Win rates are the fraction of probes where the constellation's loss (mean next-token NLL over real "
         "tokens) is strictly lower; brackets are 95% bootstrap intervals.\n")
 
+    L.extend(_targets(r))
     add("## Pass 1 — index diagnostics (paper Table 1 layout)\n")
     add("| | " + " | ".join(doms) + " |")
     add("| --- |" + " ---: |" * len(doms))
@@ -205,6 +262,8 @@ def write_report(r: dict, out: Path) -> None:
         for pt in ns["points"]:
             add(f"| {pt['s']} | {_wr(pt['win_rate_vs_task_arithmetic'])} |")
         add("\n![noise sweep](noise_sweep.png)\n")
+    if r.get("weightings"):
+        L.extend(_weightings(r["weightings"]))
     if r.get("ablations"):
         add("## Ablations\n")
         add("Each row changes one setting; baselines (generalist, task arithmetic at the chosen lambda) are the "
@@ -228,5 +287,6 @@ def headline(r: dict) -> str:
     if "cross_domain" in r:
         rows += [(f"cross: vs {k}", _wr(v)) for k, v in r["cross_domain"]["win_rate"].items()]
     rows += [("mean collinearity", f"{r['index']['mean_collinearity']:.4f}")]
+    rows += [(f"target {t['target']}", "met" if t["met"] else "missed") for t in r.get("targets", [])]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)

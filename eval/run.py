@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from composer import basis as basis_mod
 from composer.constellation import Constellation
 from composer.modes import CompositionParams
+from .ablations import NOISE, run_ablations, sweep_noise, weighting_ablations
 from .core import token_nll
+from .passes import correlation, cross_domain, retrieval, single_domain, targets
+from .stats import LAMBDAS, choose_lambda, mean, pearson, rate_ci, split_halves, wins
 
-LAMBDAS = (0.3, 0.5, 1.0)
-NOISE = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
-BOOTSTRAP = 1000
+__all__ = ["NOISE", "LAMBDAS", "choose_lambda", "correlation", "cross_domain", "mean", "pearson", "rate_ci",
+           "retrieval", "single_domain", "split_halves", "wins", "measure", "run", "variants"]
 
 
 class EvalError(ValueError):
@@ -57,10 +57,12 @@ class Row:
     sig_norm: list[float]  # ||a_i|| of every specialist
     losses: dict[str, float]
     plan: dict | None = None  # constellation plan summary
+    entropy: dict[str, float] = field(default_factory=dict)  # every variant's mean entropy (bits)
 
 
 def variants(c: Constellation) -> dict[str, CompositionParams]:
     v = {"generalist": CompositionParams(mode="generalist"), "constellation": CompositionParams(mode="constellation"),
+         "paper": CompositionParams(mode="paper"), "routed": CompositionParams(mode="routed"),
          "uniform": CompositionParams(mode="uniform"), "logit": CompositionParams(mode="logit")}
     for d in c.domains:
         v[f"spec:{d}"] = CompositionParams(mode="weights", weights={d: 1.0})
@@ -89,163 +91,17 @@ def measure(loaded, c: Constellation, items: list[tuple[str, list[str]]], which:
                 logits = c.composed_logits(gp, plans, "mix")
                 for b, v in enumerate(token_nll(logits, ids, am, log_probs=plans[0].kind == "logit").tolist()):
                     out[b].losses[name] = v
+                    out[b].entropy[name] = plans[b].mean_entropy_bits
                 if name == "constellation":
                     for b, p in enumerate(plans):
                         out[b].plan = {"selected": [c.domains[i] for i in p.selected],
                                        "weights": {c.domains[i]: float(p.node_weights[..., r, :].mean())
                                                    for r, i in enumerate(p.selected)},
-                                       "entropy": p.mean_entropy_bits, "gini": p.gini, "fallback": p.fallback_fraction}
+                                       "entropy": p.mean_entropy_bits, "gini": p.gini, "fallback": p.fallback_fraction,
+                                       "weighting": p.extra.get("weighting"), "sharpness": p.extra.get("sharpness")}
             rows.extend(out)
             bar.update(len(chunk))
     return rows
-
-
-# ---- statistics --------------------------------------------------------------------------------------
-def wins(rows: list[Row], a: str, b) -> list[int]:
-    """Per-probe strict wins of variant ``a`` over ``b`` (a name, or a function of the row)."""
-    get = b if callable(b) else (lambda r: r.losses[b])
-    return [int(r.losses[a] < get(r)) for r in rows]
-
-
-def rate_ci(w: list[int], seed: int = 0) -> dict:
-    if not w:
-        return {"rate": None, "ci95": [None, None], "n": 0}
-    rng = random.Random(seed)
-    n = len(w)
-    boots = sorted(sum(w[rng.randrange(n)] for _ in range(n)) / n for _ in range(BOOTSTRAP))
-    return {"rate": sum(w) / n, "ci95": [boots[int(0.025 * BOOTSTRAP)], boots[int(0.975 * BOOTSTRAP) - 1]], "n": n}
-
-
-def pearson(x: list[float], y: list[float]) -> float | None:
-    n = len(x)
-    if n < 3:
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
-
-
-def mean(v):
-    v = list(v)
-    return sum(v) / len(v) if v else None
-
-
-def split_halves(rows: list[Row]) -> tuple[list[Row], list[Row]]:
-    """Deterministic halves: even positions choose lambda, odd positions report."""
-    return rows[0::2], rows[1::2]
-
-
-def choose_lambda(select: list[Row], report: list[Row]) -> dict:
-    best = min(LAMBDAS, key=lambda lam: (mean(r.losses[f"ta:{lam}"] for r in select), lam))
-    oracle = lambda r: min(r.losses[f"ta:{lam}"] for lam in LAMBDAS)  # noqa: E731 - the paper's per-probe pick
-    return {"lambda": best, "select_n": len(select), "report_n": len(report),
-            "select_mean_loss": {str(lam): mean(r.losses[f"ta:{lam}"] for r in select) for lam in LAMBDAS},
-            "win_rate": rate_ci(wins(report, "constellation", f"ta:{best}")),
-            "win_rate_vs_per_probe_oracle_lambda": rate_ci(wins(report, "constellation", oracle))}
-
-
-# ---- the passes ---------------------------------------------------------------------------------------
-def retrieval(rows: list[Row], domains: list[str]) -> dict:
-    per = {}
-    for d in domains:
-        rs = [r for r in rows if r.domains == [d]]
-        if not rs:
-            continue
-        ranks = [sorted(range(len(domains)), key=lambda i: -r.alpha[i]) for r in rs]
-        k = domains.index(d)
-        per[d] = {"n": len(rs), "top1": mean(int(o[0] == k) for o in ranks),
-                  "top3": mean(int(k in o[:3]) for o in ranks)}
-    n = sum(p["n"] for p in per.values())
-    return {"top1": sum(p["top1"] * p["n"] for p in per.values()) / n if n else None,
-            "top3": sum(p["top3"] * p["n"] for p in per.values()) / n if n else None, "per_domain": per}
-
-
-def correlation(rows: list[Row], domains: list[str]) -> dict:
-    xs, ys = [], []
-    for r in rows:
-        for i, d in enumerate(domains):
-            xs.append(r.alpha[i] * r.sig_norm[i])
-            ys.append(r.losses[f"spec:{d}"])
-    return {"pearson_r": pearson(xs, ys), "pairs": len(xs),
-            "signal": "alpha_i x ||a_i|| (activation signature norm)", "target": "loss of specialist i"}
-
-
-def single_domain(rows: list[Row], domains: list[str]) -> dict:
-    spec = [r for r in rows if len(r.domains) == 1 and r.domains[0] in domains]
-    oracle = lambda r: r.losses[f"spec:{r.domains[0]}"]  # noqa: E731
-    sel, rep = split_halves(spec)
-    ta = choose_lambda(sel, rep)
-    out = {
-        "n": len(spec),
-        "win_rate": {"generalist": rate_ci(wins(spec, "constellation", "generalist")),
-                     "uniform": rate_ci(wins(spec, "constellation", "uniform")),
-                     "oracle": rate_ci(wins(spec, "constellation", oracle)),
-                     "task_arithmetic": ta["win_rate"]},
-        "task_arithmetic": ta,
-        "mean_loss": {"constellation": mean(r.losses["constellation"] for r in spec),
-                      "generalist": mean(r.losses["generalist"] for r in spec),
-                      "uniform": mean(r.losses["uniform"] for r in spec),
-                      "oracle": mean(oracle(r) for r in spec),
-                      "task_arithmetic": mean(r.losses[f"ta:{ta['lambda']}"] for r in spec)},
-        "gini": mean(r.plan["gini"] for r in spec),
-        "mean_entropy_bits": mean(r.plan["entropy"] for r in spec),
-        "per_domain": {},
-    }
-    for d in domains:
-        rs = [r for r in spec if r.domains[0] == d]
-        if rs:
-            out["per_domain"][d] = {
-                "n": len(rs), "win_vs_generalist": rate_ci(wins(rs, "constellation", "generalist"))["rate"],
-                "win_vs_oracle": rate_ci(wins(rs, "constellation", oracle))["rate"],
-                "loss": {k: mean(r.losses[v] for r in rs) for k, v in
-                         (("generalist", "generalist"), ("constellation", "constellation"), ("oracle", f"spec:{d}"))},
-                "entropy_bits": mean(r.plan["entropy"] for r in rs)}
-    controls = [r for r in rows if len(r.domains) == 1 and r.domains[0] not in domains]
-    if controls:
-        out["controls"] = {"n": len(controls),
-                           "win_vs_generalist": rate_ci(wins(controls, "constellation", "generalist")),
-                           "mean_loss": {"constellation": mean(r.losses["constellation"] for r in controls),
-                                         "generalist": mean(r.losses["generalist"] for r in controls)}}
-    return out
-
-
-def cross_domain(rows: list[Row], domains: list[str]) -> dict:
-    best_single = lambda r: min(r.losses[f"spec:{d}"] for d in domains)  # noqa: E731
-    sel, rep = split_halves(rows)
-    ta = choose_lambda(sel, rep)
-    return {
-        "n": len(rows),
-        "win_rate": {"generalist": rate_ci(wins(rows, "constellation", "generalist")),
-                     "best_single": rate_ci(wins(rows, "constellation", best_single)),
-                     "task_arithmetic": ta["win_rate"],
-                     "logit": rate_ci(wins(rows, "constellation", "logit"))},
-        "task_arithmetic": ta,
-        "mean_loss": {"constellation": mean(r.losses["constellation"] for r in rows),
-                      "generalist": mean(r.losses["generalist"] for r in rows),
-                      "best_single": mean(best_single(r) for r in rows),
-                      "logit": mean(r.losses["logit"] for r in rows),
-                      "task_arithmetic": mean(r.losses[f"ta:{ta['lambda']}"] for r in rows)},
-        "mean_entropy_bits": mean(r.plan["entropy"] for r in rows),
-    }
-
-
-# ---- variants of the constellation for sweeps and ablations --------------------------------------------
-def with_basis(c: Constellation, E: torch.Tensor) -> Constellation:
-    return Constellation(c.g, dict(zip(c.domains, c.specialists)), E, c.settings, c.differences)
-
-
-def with_settings(c: Constellation, **kw) -> Constellation:
-    return Constellation(c.g, dict(zip(c.domains, c.specialists)), c.basis, replace(c.settings, **kw), c.differences)
-
-
-def gs_in_order(raw: torch.Tensor, order: list[int]) -> torch.Tensor:
-    E = basis_mod.gram_schmidt(raw[order])[0]
-    out = torch.empty_like(E)
-    for pos, i in enumerate(order):
-        out[i] = E[pos]
-    return out
 
 
 def index_probe_texts(loaded) -> set[str]:
@@ -276,7 +132,10 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
                           "generalist": manifest.get("generalist_architecture"), "d": c.d,
                           "settings": {"top_k": c.settings.top_k, "layers": c.settings.layers,
                                        "policy": c.settings.policy, "signature": c.settings.signature,
-                                       "basis": manifest["settings"]["basis"]}},
+                                       "basis": manifest["settings"]["basis"]},
+                          "calibration": {k: v for k, v in (manifest.get("calibration") or {}).items()
+                                          if k in ("weighting", "sharpness", "strength", "loss", "reference_loss",
+                                                   "folds", "items", "skipped", "uncalibrated")}},
         "probes": {"single": str((probe_paths or {}).get("single", "")), "cross": str((probe_paths or {}).get("cross", "")),
                    "single_n": len(items), "cross_n": len(cross or []),
                    "overlap_with_index_probes": {"single": overlap_single, "cross": overlap_cross},
@@ -290,6 +149,7 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
     }
     if crows:
         results["cross_domain"] = cross_domain(crows, domains)
+    results["targets"] = targets(results)
     from index_store.store import read_index
 
     _, tensors = read_index(loaded.config.index.path)
@@ -298,6 +158,7 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
         results["noise_sweep"] = sweep_noise(loaded, c, raw_c, cross or [], crows, quiet,
                                              int(manifest["settings"]["seed"]))
     if ablations:
+        results["weightings"] = weighting_ablations(loaded, c, items, cross or [], srows, crows, quiet)
         results["ablations"] = run_ablations(loaded, c, raw_c, items, cross or [], srows, crows, quiet)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["per_probe"] = {"single": [_row_doc(r) for r in srows], "cross": [_row_doc(r) for r in crows]}
@@ -316,64 +177,3 @@ def _row_doc(r: Row) -> dict:
             "losses": r.losses, "plan": r.plan}
 
 
-def sweep_noise(loaded, c, raw_c, cross, crows, quiet, seed: int) -> dict:
-    if not crows:
-        return {"skipped": "no cross-domain probes"}
-    lam = cross_domain(crows, c.domains)["task_arithmetic"]["lambda"]
-    out = {"lambda": lam, "points": []}
-    kind = loaded.manifest["settings"]["basis"]
-    for s in NOISE:
-        E = basis_mod.make_basis(basis_mod.add_noise(raw_c, s, seed), kind)
-        cv = with_basis(c, E)
-        rows = measure(loaded, cv, cross, {"constellation": CompositionParams(mode="constellation")},
-                       f"noise s={s}", quiet)
-        for r, base in zip(rows, crows):
-            r.losses[f"ta:{lam}"] = base.losses[f"ta:{lam}"]
-        _, report = split_halves(rows)  # the half task arithmetic is reported on
-        out["points"].append({"s": s, "win_rate_vs_task_arithmetic": rate_ci(wins(report, "constellation", f"ta:{lam}"))})
-    return out
-
-
-def run_ablations(loaded, c, raw_c, items, cross, srows, crows, quiet) -> dict:
-    """Each variant's constellation vs the default run's generalist (single) and task arithmetic (cross)."""
-    lam = cross_domain(crows, c.domains)["task_arithmetic"]["lambda"] if crows else None
-    n = len(c.domains)
-    orders = [list(range(n)), list(range(n))[::-1], list(range(1, n)) + [0]]
-    cases: dict[str, tuple[str, Constellation, bool]] = {
-        "basis=symmetric": ("basis", with_basis(c, basis_mod.symmetric(raw_c)), False)}
-    for o in orders:
-        cases["basis=gram_schmidt order=" + ",".join(c.domains[i] for i in o)] = ("basis", with_basis(c, gs_in_order(raw_c, o)), False)
-    for p in ("residual", "shape"):
-        cases[f"policy={p}"] = ("policy", with_settings(c, policy=p), False)
-    for sgn in ("generalist", "trunk", "full"):
-        cases[f"signature={sgn}"] = ("signature", with_settings(c, signature=sgn), False)
-    for k in range(1, n + 1):
-        cases[f"K={k}"] = ("K", with_settings(c, top_k=k), False)
-    skipped = {}
-    for L in (1, 2, 4, 8):
-        if L <= c.g.mc.n_layers:
-            cases[f"L={L}"] = ("L", with_settings(c, layers=L), False)
-        else:
-            skipped[f"L={L}"] = {"group": "L", "skipped": f"the model has {c.g.mc.n_layers} layers"}
-    cases["normalisation=two-stage"] = ("normalisation", c, False)
-    cases["normalisation=joint"] = ("normalisation", c, True)
-    out = {}
-    for name, (group, cv, joint) in cases.items():
-        one = {"constellation": CompositionParams(mode="constellation")}
-        s = measure(loaded, cv, items, one, name, quiet, joint=joint)
-        for r, base in zip(s, srows):
-            r.losses["generalist"] = base.losses["generalist"]
-        spec = [r for r in s if r.domains[0] in c.domains]
-        doc = {"group": group,
-               "retrieval_top1": retrieval(s, c.domains)["top1"],
-               "single_win_vs_generalist": rate_ci(wins(spec, "constellation", "generalist")),
-               "single_mean_loss": mean(r.losses["constellation"] for r in spec),
-               "mean_entropy_bits": mean(r.plan["entropy"] for r in spec)}
-        if crows:
-            x = measure(loaded, cv, cross, one, name + " (cross)", quiet, joint=joint)
-            for r, base in zip(x, crows):
-                r.losses[f"ta:{lam}"] = base.losses[f"ta:{lam}"]
-            doc["cross_win_vs_task_arithmetic"] = rate_ci(wins(split_halves(x)[1], "constellation", f"ta:{lam}"))
-        out[name] = doc
-    out.update(skipped)
-    return out

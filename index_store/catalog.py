@@ -212,6 +212,7 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
           quiet: bool = True) -> Result:
     """Apply ``change`` to the constellation at ``config_path`` and commit it (see the module doc).
     ``generalist``: ``(g, tokenizer)`` already loaded (the server's), else loaded here when needed."""
+    from .calibrate import carried
     from .loader import centroids, index_from_centroids, load_probes, probe_order
 
     config_path = Path(config_path).expanduser().resolve()
@@ -247,6 +248,9 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
         except BasisError as e:  # e.g. probes whose centroid another domain's already spans
             raise CatalogError(f"probes: the new set of centroids has no basis ({e}); give the domain probes "
                                "that set it apart", 422, "probes") from None
+        if "calibration" in manifest:
+            new_manifest["calibration"] = carried(manifest["calibration"], list(new_cfg.specialists),
+                                                  None if change.op == "remove" else change.name)
         new_manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
         _write_snapshot(config_path.parent / CATALOG, snap_name, new_probes, new_tensors, new_manifest)
         _write_atomically(config_path, to_toml(raw))  # the commit point

@@ -33,6 +33,8 @@ class IndexConfig(_Strict):
     seed: int = 0
     max_tokens: int = Field(256, ge=1, le=32768, description="probe tokens fingerprinted (truncation)")
     batch_size: int = Field(8, ge=1, le=1024)
+    calibrate: bool = Field(True, description="calibrate the weighting's sharpness and the per-domain strengths "
+                            "on held-out index probes at build (loads the specialists; docs/weightings.md)")
 
 
 class CompositionConfig(_Strict):

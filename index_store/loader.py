@@ -14,6 +14,8 @@ import torch
 from composer import basis as basis_mod
 from composer.constellation import Constellation, GeneralistPass, Settings, share_with_generalist
 from composer.model import Transformer
+from composer.modes import Calibrated
+from composer.weightings import WEIGHTINGS
 from composer.weights import (WeightsError, check_same_config, load_model, load_state_dict, normalize_names,
                               safetensor_files)
 from .config import ConstellationConfig, check_top_k, load_config
@@ -207,11 +209,7 @@ def load_constellation(config: str | Path | ConstellationConfig, generalist: "Lo
     identity = identity or model_identity(cfg.generalist.path)
     manifest, tensors = read_index(cfg.index.path)
     verify_against(manifest, cfg, identity, g.mc.d)
-    settings = Settings(
-        top_k=cfg.composition.top_k, layers=cfg.composition.layers, policy=cfg.composition.policy,
-        signature=cfg.composition.signature, task_lambda=cfg.composition.task_arithmetic_lambda,
-        default_mode=cfg.composition.mode,
-    )
+    settings = settings_of(cfg, calibrated_of(manifest, cfg.index.path))
     if isinstance(settings.layers, int) and settings.layers > g.mc.n_layers:
         raise ValueError(f"{cfg.source}: [composition].layers = {settings.layers} exceeds the generalist's "
                          f"{g.mc.n_layers} decoder layers")
@@ -231,6 +229,27 @@ def load_constellation(config: str | Path | ConstellationConfig, generalist: "Lo
         "trunk_exact": c.trunk_exact,
     }
     return Loaded(cfg, c, tok, manifest, identity, report)
+
+
+def settings_of(cfg: ConstellationConfig, calibrated: Calibrated | None = None) -> Settings:
+    return Settings(
+        top_k=cfg.composition.top_k, layers=cfg.composition.layers, policy=cfg.composition.policy,
+        signature=cfg.composition.signature, task_lambda=cfg.composition.task_arithmetic_lambda,
+        default_mode=cfg.composition.mode, calibrated=calibrated or Calibrated(),
+    )
+
+
+def calibrated_of(manifest: dict, where) -> Calibrated:
+    """The index's calibration as the composition uses it (the paper's rule if there is none)."""
+    cal = manifest.get("calibration") or {}
+    if "weighting" not in cal:
+        return Calibrated()
+    if cal["weighting"] not in WEIGHTINGS or any(w not in WEIGHTINGS for w in cal.get("sharpness", {})):
+        raise IndexStoreError(f"{where}: the index was calibrated with weighting(s) this version does not know "
+                              f"({cal['weighting']}, {list(cal.get('sharpness', {}))}); rebuild it with "
+                              "`constellation index build`")
+    return Calibrated(cal["weighting"], {k: float(v) for k, v in cal.get("sharpness", {}).items()},
+                      {k: float(v) for k, v in cal.get("strength", {}).items()})
 
 
 def verify_against(manifest: dict, cfg: ConstellationConfig, identity: str, d: int) -> None:
@@ -253,11 +272,14 @@ def verify_against(manifest: dict, cfg: ConstellationConfig, identity: str, d: i
             raise IndexStoreError(f"{where}: index was built from different probes than {cfg.index.probes} "
                                   "(probe-set hash differs); rebuild with `constellation index build`")
     built = manifest.get("settings", {})
-    for key in ("basis", "noise_fraction", "seed", "max_tokens"):
+    for key in ("basis", "noise_fraction", "seed", "max_tokens", "calibrate"):
         want = getattr(cfg.index, key)
+        if key not in built:
+            raise IndexStoreError(f"{where}: index was built by an older version, before [index].{key} existed; "
+                                  "rebuild it with `constellation index build`")
         if built.get(key) != want:
-            raise IndexStoreError(f"{where}: index was built with index.{key} = {built.get(key)!r} but the "
-                                  f"config says {want!r}; rebuild with `constellation index build`")
+            raise IndexStoreError(f"{where}: index was built with [index].{key} = {json.dumps(built.get(key))} "
+                                  f"but the config says {json.dumps(want)}; rebuild with `constellation index build`")
 
 
 # ---- building -----------------------------------------------------------------------------------
@@ -279,10 +301,11 @@ def fingerprints(g, tok, texts: list[str], max_tokens: int, batch_size: int, bar
 
 
 def centroids(g, tok, probes: dict[str, list[str]], order: list[str], cfg: ConstellationConfig,
-              reuse: dict[str, torch.Tensor] | None = None, quiet: bool = False) -> torch.Tensor:
+              reuse: dict[str, torch.Tensor] | None = None, quiet: bool = False,
+              keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Each domain's raw centroid ``[len(order), d]`` (fp64): the mean fingerprint of its probes.
     ``reuse``: centroids already known for domains whose probes did not change (a catalog change
-    fingerprints only the new domain's probes)."""
+    fingerprints only the new domain's probes). ``keep``: filled with each domain's fingerprints."""
     reuse = reuse or {}
     todo = [d for d in order if d not in reuse]
     out = dict(reuse)
@@ -290,6 +313,8 @@ def centroids(g, tok, probes: dict[str, list[str]], order: list[str], cfg: Const
         for dom in todo:
             fp = fingerprints(g, tok, probes[dom], cfg.index.max_tokens, cfg.index.batch_size, bar)
             out[dom] = fp.to(torch.float64).mean(0)
+            if keep is not None:
+                keep[dom] = fp
     return torch.stack([out[d] for d in order])
 
 
@@ -323,7 +348,8 @@ def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]],
         "generalist_identity": identity,
         "generalist_architecture": architecture,
         "d": int(all_c.shape[1]),
-        "settings": {"basis": kind, "noise_fraction": nf, "seed": cfg.index.seed, "max_tokens": cfg.index.max_tokens},
+        "settings": {"basis": kind, "noise_fraction": nf, "seed": cfg.index.seed, "max_tokens": cfg.index.max_tokens,
+                     "calibrate": cfg.index.calibrate},
         "diagnostics": diag,
         "catalog_version": cfg.catalog.version,
     }
@@ -338,9 +364,9 @@ def probe_order(cfg: ConstellationConfig, probes: dict[str, list[str]]) -> list[
 
 
 def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -> dict:
-    """Fingerprint the probes with G, build centroids, basis and diagnostics; store atomically.
-
-    Returns the manifest written.
+    """Fingerprint the probes with G, build centroids, basis and diagnostics; with
+    ``[index].calibrate`` (default) load the specialists and calibrate the weighting on held-out
+    index probes (index_store.calibrate); store atomically. Returns the manifest written.
     """
     cfg = config if isinstance(config, ConstellationConfig) else load_config(config)
     t0 = time.perf_counter()
@@ -348,11 +374,19 @@ def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -
     dtype = pick_dtype(cfg.runtime.dtype, device)
     probes = load_probes(cfg.index.probes)
     order = probe_order(cfg, probes)
-    g = load_model(cfg.generalist.path, device, dtype)
-    tok = load_tokenizer(cfg.generalist.path)
-    all_c = centroids(g, tok, probes, order, cfg, quiet=quiet)
+    if cfg.index.calibrate:
+        g, tok, specialists, diffs, _, _ = load_models(cfg, device, dtype)
+    else:
+        g, tok = load_model(cfg.generalist.path, device, dtype), load_tokenizer(cfg.generalist.path)
+    fps: dict[str, torch.Tensor] = {}
+    all_c = centroids(g, tok, probes, order, cfg, quiet=quiet, keep=fps)
     tensors, manifest = index_from_centroids(cfg, probes, order, all_c, model_identity(cfg.generalist.path),
                                              g.mc.architecture)
+    if cfg.index.calibrate:
+        from .calibrate import calibrate
+
+        c = Constellation(g, specialists, tensors["basis"], settings_of(cfg), diffs or None)
+        manifest["calibration"] = calibrate(c, tok, probes, fps, cfg, quiet=quiet)
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
     write_index(cfg.index.path, tensors, manifest)
     return manifest

@@ -154,4 +154,5 @@ def diagnostics_doc(manifest: dict) -> dict:
         "generalist_architecture": manifest.get("generalist_architecture"),
         "d": manifest["d"],
         "format_version": manifest["format_version"],
+        "calibration": manifest.get("calibration"),
     }

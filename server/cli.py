@@ -9,14 +9,15 @@ from pathlib import Path
 
 from server.cli_catalog import fmt_table, cmd_specialist_change, cmd_specialist_list
 from server.cli_parser import parser
-from server.summary import layer_ranges, load_summary
+from server.summary import calibration_lines, layer_ranges, load_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # a composition parameter (CompositionError.param, pydantic's field) -> the explain option that set it
-OPTIONS = {"mode": "--mode", "top_k": "--top-k", "weights": "--weights", "lambda": "--lambda", "lambda_": "--lambda"}
+OPTIONS = {"mode": "--mode", "top_k": "--top-k", "weights": "--weights", "lambda": "--lambda", "lambda_": "--lambda",
+           "weighting": "--weighting", "sharpness": "--sharpness", "strength": "--strength"}
 
 
 class UsageError(ValueError):
@@ -38,6 +39,10 @@ def cmd_index_build(args) -> int:
     from index_store.loader import build_index
 
     cfg = checked_config(args.config, specialists=False)
+    if cfg.index.calibrate:  # calibration composes the specialists
+        from index_store.config import check_paths
+
+        check_paths(cfg, True)
     manifest = build_index(cfg, quiet=args.quiet)
     diag = manifest["diagnostics"]
     print(f"index written: {cfg.index.path}")
@@ -45,6 +50,8 @@ def cmd_index_build(args) -> int:
           f"probes: {sum(manifest['probe_counts'].values())}  ({manifest['build_seconds']:.1f} s)")
     print(f"mean collinearity {diag['mean_collinearity']:.4f}; post-GS max |cos| {diag['post_gs_max_abs_cos']:.1e}; "
           f"{diag['recommendation_text']}")
+    for line in calibration_lines(manifest.get("calibration"), domains=manifest["domains"]):
+        print(line)
     return 0
 
 
@@ -68,6 +75,8 @@ def cmd_index_inspect(args) -> int:
     for c, info in doc["controls"].items():
         print(f"control '{c}': cosine " + ", ".join(f"{d} {info['cosine'][d]:.3f}" for d in doms))
     print(f"recommendation: {doc['recommendation']} ({doc['recommendation_text']})")
+    for line in calibration_lines(doc["calibration"], detail=True, domains=doc["domains"]):
+        print(line)
     return 0
 
 
@@ -78,25 +87,40 @@ def default_config() -> Path:
     return demo_config()
 
 
+def _json_option(value: str | None, option: str):
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{option}: not valid JSON ({e})") from None
+
+
 def composition_params(args):
     """``explain``'s composition options as ``CompositionParams``; problems name the option."""
     from pydantic import ValidationError
 
     from composer.modes import CompositionParams
 
-    weights = None
-    if args.weights is not None:
-        try:
-            weights = json.loads(args.weights)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--weights: not valid JSON ({e})") from None
+    weights, strength = _json_option(args.weights, "--weights"), _json_option(args.strength, "--strength")
     try:
-        return CompositionParams(mode=args.mode, top_k=args.top_k, weights=weights, **{"lambda": args.lambda_})
+        return CompositionParams(mode=args.mode, top_k=args.top_k, weights=weights, weighting=args.weighting,
+                                 sharpness=args.sharpness, strength=strength, **{"lambda": args.lambda_})
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:])
         raise UsageError(f"{OPTIONS.get(str(first['loc'][0]), first['loc'][0])}: "
                          f"{where + ': ' if where else ''}{first['msg']}") from None
+
+
+def _calibration(cfg):
+    from index_store.loader import calibrated_of
+    from index_store.store import IndexStoreError, read_manifest
+
+    try:
+        return calibrated_of(read_manifest(cfg.index.path), cfg.index.path)
+    except (IndexStoreError, OSError):
+        return None  # loading reports what is wrong with the index
 
 
 def cmd_explain(args) -> int:
@@ -108,8 +132,8 @@ def cmd_explain(args) -> int:
         raise UsageError("PROMPT: the prompt is empty (as /explain, explain needs text to fingerprint)")
     cfg = checked_config(args.config)
     params = composition_params(args)
-    try:
-        validate(params, list(cfg.specialists), cfg.composition.mode)  # before minutes of loading
+    try:  # before minutes of loading; against the index's calibration when there is an index to read
+        validate(params, list(cfg.specialists), cfg.composition.mode, _calibration(cfg))
     except CompositionError as e:
         option = OPTIONS.get(str(e.param).removeprefix("composition."))
         raise UsageError(f"{option}: {e}" if option else str(e)) from None
@@ -133,6 +157,14 @@ def cmd_explain(args) -> int:
                      "" if mw is None else f"{mw:.4f}"])
     print(fmt_table(rows, ["domain", "alpha", "selected", "mean node weight"]))
     print(f"entropy {doc['entropy_bits']:.3f} bits/node, gini {doc['gini']:.3f}, fallback {doc['fallback']:.3f}")
+    if doc.get("weighting"):
+        from composer.weightings import WEIGHTINGS
+
+        sharp = doc.get("sharpness")
+        print(f"weighting {doc['weighting']}"
+              + ("" if sharp is None else f", {WEIGHTINGS[doc['weighting']].sharpness} {sharp:g}")
+              + ("; strength " + ", ".join(f"{d} {g:g}" for d, g in doc["strength"].items())
+                 if doc.get("strength") else ""))
     if args.node_weights:
         for d, w in doc["node_weights"].items():
             print(f"{d}: " + " ".join(f"{v:.3f}" for v in w))

@@ -95,14 +95,16 @@ def _group(sub, name: str, dest: str, **kw):
 def _add_index(sub) -> None:
     """``constellation index build | inspect``."""
     isub = _group(sub, "index", "index_command", help="build or inspect a constellation index")
-    b = isub.add_parser("build", help="fingerprint the probes with the generalist and store the index",
+    b = isub.add_parser("build", help="fingerprint the probes, calibrate the weighting, store the index",
                         description="Fingerprint every probe with the generalist, build the domain centroids, "
-                        "the orthonormal basis ([index].basis) and the diagnostics, and store them "
-                        "atomically at [index].path (an existing index is replaced only when the new one "
-                        "is complete).")
+                        "the orthonormal basis ([index].basis) and the diagnostics; with [index].calibrate "
+                        "(default) load the specialists and calibrate the composition's weighting sharpness "
+                        "and per-domain strengths on held-out index probes (cross-fitted; about 2 minutes on "
+                        "the demo, docs/weightings.md); store it all atomically at [index].path (an existing "
+                        "index is replaced only when the new one is complete).")
     b.add_argument("config", metavar="CONFIG", help="constellation config file (TOML)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    i = isub.add_parser("inspect", help="print an index's diagnostics (verifies its checksums first)")
+    i = isub.add_parser("inspect", help="print an index's diagnostics and calibration (verifies its checksums first)")
     i.add_argument("index_dir", metavar="INDEX_DIR", help="the index folder")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -117,11 +119,18 @@ def _add_explain(sub) -> None:
     e.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--node-weights", action="store_true", help="include the K x d node weights")
-    e.add_argument("--mode", help="composition mode: constellation, generalist, routed, uniform, task_arithmetic, "
-                   "weights or logit (default: the config's [composition].mode); checked before the models load")
+    e.add_argument("--mode", help="composition mode: constellation, paper, generalist, routed, uniform, "
+                   "task_arithmetic, weights or logit (default: the config's [composition].mode); checked before "
+                   "the models load")
     e.add_argument("--top-k", type=positive_int, help="override [composition].top_k")
     e.add_argument("--weights", help='per-domain weights for --mode weights, JSON, e.g. \'{"legal": 1}\'')
     e.add_argument("--lambda", dest="lambda_", type=finite_float, help="task-arithmetic lambda / logit scale")
+    e.add_argument("--weighting", help="constellation mode: paper, power, softmax or alpha_only (default: the "
+                   "index's calibrated weighting)")
+    e.add_argument("--sharpness", type=finite_float, help="constellation mode: the weighting's power or temperature "
+                   "(default: the value calibrated at index build)")
+    e.add_argument("--strength", help='constellation mode: per-domain strengths overriding the calibrated ones, '
+                   'JSON, e.g. \'{"legal": 1}\'')
 
 
 def _add_serve(sub) -> None:

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from composer.modes import CompositionParams
 
@@ -238,6 +238,18 @@ class CompositionSummary(BaseModel):
     selected: list[str]
     alpha: dict[str, float]
     entropy_bits: float
+    # constellation and paper modes: how alpha became weights (docs/weightings.md); absent in other modes
+    weighting: str | None = None
+    sharpness: float | None = None
+    strength: dict[str, float] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        out = handler(self)
+        if self.weighting is None:
+            for k in ("weighting", "sharpness", "strength"):
+                out.pop(k, None)
+        return out
 
 
 class CompletionLogProbs(BaseModel):

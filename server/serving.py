@@ -230,7 +230,7 @@ class OpenAIServing:
             return None
         return CompositionSummary(mode=p.mode, selected=[p.domains[i] for i in p.selected],
                                   alpha={d: round(a, 6) for d, a in zip(p.domains, p.alpha)},
-                                  entropy_bits=round(p.mean_entropy_bits, 6))
+                                  entropy_bits=round(p.mean_entropy_bits, 6), **(p.weighting or {}))
 
     async def collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> dict[int, Collected]:
         out = {i: Collected() for i in range(req.n)}

@@ -28,5 +28,53 @@ def load_summary(loaded) -> str:
     exact = [d for d, ok in r["trunk_exact"].items() if not ok]
     note = (f"; specialists differing outside the composed layers (signature=trunk approximates): {exact}"
             if exact else "")
+    cal = loaded.constellation.settings.calibrated
+    from composer.weightings import WEIGHTINGS
+
+    sharp = cal.sharpness_for(cal.weighting)
+    weighting = f"weighting {cal.weighting}" + (
+        "" if sharp is None else f" ({WEIGHTINGS[cal.weighting].sharpness} {sharp:g})") + (
+        " (strength " + ", ".join(f"{d} {g:g}" for d, g in cal.strength.items()) + ")" if cal.strength else "")
     return (f"loaded on {r['device']} ({r['dtype']}) in {r['load_seconds']:.1f} s; specialists: {kinds}; "
-            f"composed layers {layer_ranges(r['composed_layers'])}; resident: {parts}{note}")
+            f"composed layers {layer_ranges(r['composed_layers'])}; {weighting}; resident: {parts}{note}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def calibration_lines(cal: dict | None, detail: bool = False, domains: list[str] | None = None) -> list[str]:
+    """What ``index build`` calibrated (docs/weightings.md), for ``index build`` and ``index inspect``;
+    ``domains``: the index's specialists now (strengths in their order; a note if the calibration was
+    measured on another catalog)."""
+    if not cal:
+        return ["calibration: none (built with [index].calibrate = false): the paper's rule, strength 1"]
+    if "skipped" in cal:
+        return [f"calibration: skipped ({cal['skipped']}): the paper's rule, strength 1"]
+    from composer.weightings import WEIGHTINGS
+
+    items = cal["items"]
+    w = cal["weighting"]
+    refs = cal["reference_loss"]
+    s = cal["sharpness"].get(w)
+    measured = cal.get("domains")
+    order = [d for d in (domains or measured or []) if d in cal["strength"]] or list(cal["strength"])
+    other = (f"; measured on the catalog of {', '.join(measured)}, before a catalog change"
+             if measured and domains and list(measured) != list(domains) else "")
+    lines = [
+        f"calibration on held-out index probes ({cal['folds']} folds: {items['single']} probes, "
+        f"{items['control']} controls, {items['pair']} joined pairs; {cal['seconds']:.0f} s{other}):",
+        f"  default weighting {w}" + (f", {WEIGHTINGS[w].sharpness} {_fmt(s)}" if s is not None else "")
+        + f"; mean loss {cal['loss'][w]['all']:.4f} (paper's rule {refs['paper']['all']:.4f}, "
+        f"router {refs['routed']['all']:.4f}, generalist {refs['generalist']['all']:.4f})",
+        "  strength: " + ", ".join(f"{d} {cal['strength'][d]:g}" for d in order)
+        + (f"  (uncalibrated since a catalog change: {', '.join(cal['uncalibrated'])}; rebuild the index to "
+           "recalibrate)" if cal.get("uncalibrated") else ""),
+    ]
+    if detail:
+        for name, curve in cal.get("sharpness_curves", {}).items():
+            lines.append(f"  {name} {WEIGHTINGS[name].sharpness}: "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in curve.items()))
+        for d, curve in (cal.get("strength_curves") or {}).items():
+            lines.append(f"  strength {d}: " + ", ".join(f"{k} {v:.4f}" for k, v in curve.items()))
+    return lines

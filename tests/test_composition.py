@@ -123,11 +123,11 @@ def test_task_arithmetic_matches_its_formula(lastL_constellation):
         assert (got[name] - want).abs().max().item() <= 1e-5, name
 
 
-def test_constellation_plan_follows_the_design(lastL_constellation):
+def test_paper_plan_follows_the_design(lastL_constellation):
     c = lastL_constellation.constellation
     ids, am = lastL_constellation.encode(PROMPTS[:1])
     gp = c.generalist_pass(ids, am)
-    plan = c.plan(gp, 0, CompositionParams(top_k=2))
+    plan = c.plan(gp, 0, CompositionParams(mode="paper", top_k=2))
     a = gp.alpha[0]
     assert plan.selected == sorted(range(3), key=lambda i: -float(a[i]))[:2]
     sig = torch.stack([c.signature(gp, i)[0] for i in plan.selected]).double()

@@ -147,6 +147,25 @@ def test_eval_losses_are_the_composition_codes(evaluated):
     assert r["single_domain"]["win_rate"]["generalist"]["rate"] == pytest.approx(rate)
     # ablation K=3 with the default settings equals the main run
     assert r["ablations"]["K=3"]["single_mean_loss"] == pytest.approx(r["single_domain"]["mean_loss"]["constellation"])
+    # the weightings' rows: the default's equals the main run; each other weighting at its index-calibrated value
+    rows = r["weightings"]["rows"]
+    assert rows["calibrated (the default)"]["single_mean_loss"]["mean"] == pytest.approx(
+        r["single_domain"]["mean_loss"]["constellation"])
+    assert rows["router, K=1 (mode routed)"]["single_mean_loss"]["mean"] == pytest.approx(
+        r["single_domain"]["mean_loss"]["routed"])
+    found = r["weightings"]["calibrated on the index probes"]["sharpness"]
+    for w, s in found.items():
+        if w != "paper" and w != r["constellation"]["calibration"]["weighting"]:
+            assert any(k.startswith(f"weighting={w} ") and f" {s:g}," in k for k in rows), (w, s, list(rows))
+    # targets: each a measured value against its threshold, the router's loss beside the constellation's
+    t = {x["target"]: x for x in r["targets"]}
+    assert t["single_domain: win vs oracle >= 55%"]["value"] == r["single_domain"]["win_rate"]["oracle"]["rate"]
+    assert t["single_domain: mean loss below the K = 1 router's"]["met"] == (
+        r["single_domain"]["mean_loss"]["constellation"] < r["single_domain"]["mean_loss"]["routed"])
+    d = r["single_domain"]["loss_difference"]["generalist"]
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "## Weightings, taken apart" in report
 
 
 def test_specialists_equal_to_the_generalist_never_win(built, tmp_path):

@@ -89,7 +89,7 @@ def test_changed_probes_or_settings_are_refused(fresh):
     build_index(fresh, quiet=True)
     load_constellation(fresh)
     fresh.write_text(fresh.read_text().replace('basis = "symmetric"', 'basis = "gram_schmidt"'))
-    with pytest.raises(IndexStoreError, match="index.basis"):
+    with pytest.raises(IndexStoreError, match=r"\[index\]\.basis"):
         load_constellation(fresh)
     text = fresh.read_text()
     fresh.write_text(text.replace('legal = "models/legal"\ncode = "models/code"', 'code = "models/code"\nlegal = "models/legal"'))

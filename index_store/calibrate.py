@@ -1,0 +1,236 @@
+"""Calibrating the composition on held-out index probes, at ``index build`` (docs/weightings.md).
+
+Nothing here sees an evaluation probe: everything is measured on the index probes, cross-fitted.
+The probes of every domain are split into F folds (F = 4, fewer if a domain has fewer probes); for
+fold f the centroids and the basis are rebuilt from the other folds only, so the alphas of fold f's
+probes are what a new prompt would get. The calibration set is
+
+- every index probe (each specialist domain's, and the control domains', e.g. ``general``), and
+- synthetic two-domain prompts: a probe of domain a and one of domain b from the same fold, joined
+  by a blank line (the index has no cross-domain probes; without them calibration would learn only
+  to route).
+
+The objective is the mean loss (next-token NLL per token, ``composer.loss``) over that set.
+
+1. **Strength** ``gamma_k`` per specialist domain: the loss of ``theta_G + gamma * (theta_S_k -
+   theta_G)`` on domain k's own probes, for each gamma of a grid; the argmin. It corrects a
+   specialist trained too little (gamma > 1) or too much (gamma < 1) for the text of its domain.
+2. **Sharpness** of each weighting asked for (default: ``softmax``), with the strengths of step 1,
+   over its grid on the whole set; the weighting with the lowest loss (the paper's rule included)
+   becomes the index's default.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from composer import basis as basis_mod
+from composer.loss import token_nll
+from composer.modes import CompositionParams, Plan
+from composer.weightings import WEIGHTINGS
+
+FOLDS = 4
+STRENGTHS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5)
+DEFAULT_WEIGHTINGS = ("softmax",)
+
+
+@dataclass
+class Item:
+    text: str
+    domains: list[str]  # the probe's domain, or the two domains of a synthetic pair
+    fold: int
+    kind: str  # "single" (a specialist domain's probe), "control", "pair"
+
+
+def n_folds(probes: dict[str, list[str]], specialists: list[str]) -> int:
+    return min(FOLDS, min(len(probes[d]) for d in specialists))
+
+
+def calibration_items(probes: dict[str, list[str]], specialists: list[str], folds: int) -> list[Item]:
+    """Every probe (fold = its position mod F) and, per fold, one joined pair per pair of specialist
+    domains (at most a quarter as many pairs as the fold has specialist probes, at least one)."""
+    out = [Item(t, [d], j % folds, "single" if d in specialists else "control")
+           for d, texts in probes.items() for j, t in enumerate(texts)]
+    pairs = list(itertools.combinations(specialists, 2))
+    for f in range(folds):
+        in_fold = {d: [t for j, t in enumerate(probes[d]) if j % folds == f] for d in specialists}
+        cap = max(1, sum(len(v) for v in in_fold.values()) // 4)
+        for k, (a, b) in enumerate(pairs[:cap]):
+            ta, tb = in_fold[a][k % len(in_fold[a])], in_fold[b][(k + 1) % len(in_fold[b])]
+            first, second = (a, b) if k % 2 == 0 else (b, a)
+            texts = (ta, tb) if first == a else (tb, ta)
+            out.append(Item(texts[0] + "\n\n" + texts[1], [first, second], f, "pair"))
+    return out
+
+
+def fold_basis(fps: dict[str, torch.Tensor], specialists: list[str], fold: int, folds: int, cfg) -> torch.Tensor:
+    """The basis from every specialist domain's probes outside ``fold`` (noise as configured)."""
+    cents = []
+    for d in specialists:
+        keep = [j for j in range(fps[d].shape[0]) if j % folds != fold]
+        cents.append(fps[d][keep].to(torch.float64).mean(0))
+    raw = basis_mod.add_noise(torch.stack(cents), cfg.index.noise_fraction, cfg.index.seed)
+    return basis_mod.make_basis(raw, cfg.index.basis)
+
+
+@dataclass
+class Batch:
+    c: object  # the constellation with this fold's basis
+    gp: object
+    ids: torch.Tensor
+    am: torch.Tensor
+    items: list[Item]
+
+
+def _batches(c, tok, items: list[Item], fps, cfg, folds: int, bar) -> list[Batch]:
+    from .loader import tokenize
+
+    out = []
+    for f in range(folds):
+        cf = copy.copy(c)  # shares the models; only the basis differs
+        cf.basis = fold_basis(fps, c.domains, f, folds, cfg)
+        for kind in ("single", "control", "pair"):
+            group = [it for it in items if it.fold == f and it.kind == kind]
+            for s in range(0, len(group), cfg.index.batch_size):
+                chunk = group[s:s + cfg.index.batch_size]
+                ids, am = tokenize(tok, [it.text for it in chunk], cfg.index.max_tokens * 2, c.g.device)
+                out.append(Batch(cf, cf.generalist_pass(ids, am), ids, am, chunk))
+                bar.update(len(chunk))
+    return out
+
+
+def _losses(b: Batch, plans: list[Plan]) -> list[float]:
+    return token_nll(b.c.composed_logits(b.gp, plans, "mix"), b.ids, b.am).tolist()
+
+
+def _scaled(c, b: Batch, row: int, domain: str, gamma: float) -> Plan:
+    """The specialist of ``domain`` alone at strength ``gamma``: G + gamma * (S - G)."""
+    i = c.domains.index(domain)
+    w = torch.zeros(1 + len(c.domains), c.d)
+    w[0] = 1.0 - gamma
+    w[1 + i] = gamma
+    return Plan("scaled", "params", b.gp.alpha[row], [i], source_weights=w)
+
+
+def _mean(v) -> float:
+    v = list(v)
+    return sum(v) / len(v)
+
+
+def strengths(c, batches: list[Batch], bar) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Step 1: each specialist domain's strength (argmin of its probes' mean loss over STRENGTHS)."""
+    per: dict[str, dict[float, list[float]]] = {d: {g: [] for g in STRENGTHS} for d in c.domains}
+    for b in batches:
+        if b.items[0].kind != "single":
+            continue
+        for g in STRENGTHS:
+            plans = [_scaled(c, b, r, it.domains[0], g) for r, it in enumerate(b.items)]
+            for it, v in zip(b.items, _losses(b, plans)):
+                per[it.domains[0]][g].append(v)
+            bar.update(len(b.items))
+    curves = {d: {str(g): _mean(v) for g, v in gs.items()} for d, gs in per.items()}
+    # argmin; among equal losses the value closest to 1 (the specialist as trained)
+    best = {d: min(STRENGTHS, key=lambda g: (curves[d][str(g)], abs(g - 1.0))) for d in c.domains}
+    return best, curves
+
+
+def _params(name: str, s: float | None, strength: dict[str, float]) -> CompositionParams:
+    if name == "paper":
+        return CompositionParams(mode="constellation", weighting="paper", strength=strength)
+    return CompositionParams(mode="constellation", weighting=name, sharpness=s, strength=strength)
+
+
+def mean_loss(batches: list[Batch], params: CompositionParams, bar=None) -> dict[str, float]:
+    """Mean loss of one composition over the calibration set, in all and per item kind."""
+    by: dict[str, list[float]] = {"single": [], "control": [], "pair": []}
+    for b in batches:
+        plans = [b.c.plan(b.gp, r, params) for r in range(len(b.items))]
+        for it, v in zip(b.items, _losses(b, plans)):
+            by[it.kind].append(v)
+        if bar is not None:
+            bar.update(len(b.items))
+    out = {k: _mean(v) for k, v in by.items() if v}
+    out["all"] = _mean(x for v in by.values() for x in v)
+    return out
+
+
+def sharpness(batches: list[Batch], weightings, strength: dict[str, float], bar) -> dict[str, dict]:
+    """Step 2: each weighting's loss over its grid; ``{name: {"best": s, "curve": {s: loss}}}``."""
+    out = {}
+    for name in weightings:
+        w = WEIGHTINGS[name]
+        grid = w.grid if w.sharpness else (None,)
+        curve = {str(s): mean_loss(batches, _params(name, s, strength), bar) for s in grid}
+        best = min(grid, key=lambda s: curve[str(s)]["all"])
+        out[name] = {"best": best, "curve": curve}
+    return out
+
+
+def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor], cfg,
+              weightings=DEFAULT_WEIGHTINGS, strength: dict[str, float] | None = None, quiet: bool = False) -> dict:
+    """The manifest's ``calibration`` section (see the module doc). ``fps``: every specialist
+    domain's probe fingerprints ``[n, d]`` in probe order. ``strength`` given: step 1 is skipped."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    specialists = list(c.domains)
+    folds = n_folds(probes, specialists)
+    if folds < 2:
+        return {"skipped": "calibration needs at least 2 index probes per specialist domain (cross-fitting)"}
+    items = calibration_items(probes, specialists, folds)
+    names = ["paper"] + [w for w in weightings if w != "paper"]
+    n_single = sum(it.kind == "single" for it in items)
+    total = len(items) * (1 + 3 + sum(len(WEIGHTINGS[w].grid) or 1 for w in names)) \
+        + (0 if strength is not None else n_single * len(STRENGTHS))
+    with tqdm(total=total, desc="calibrating the weighting", unit="pass", file=sys.stderr, disable=quiet) as bar:
+        try:
+            batches = _batches(c, tok, items, fps, cfg, folds, bar)
+        except basis_mod.BasisError as e:
+            return {"skipped": f"a fold's centroids have no basis ({e})"}
+        curves = None
+        if strength is None:
+            strength, curves = strengths(c, batches, bar)
+        found = sharpness(batches, names, strength, bar)
+        refs = {"generalist": mean_loss(batches, CompositionParams(mode="generalist"), bar),
+                "routed": mean_loss(batches, CompositionParams(mode="routed"), bar),
+                "paper": mean_loss(batches, CompositionParams(mode="paper"), bar)}
+    loss = {n: f["curve"][str(f["best"])]["all"] for n, f in found.items()}
+    chosen = min(names, key=lambda n: (loss[n], n != "softmax"))
+    doc = {
+        "weighting": chosen,
+        "domains": specialists,  # the catalog it was measured on
+        "sharpness": {n: f["best"] for n, f in found.items() if f["best"] is not None},
+        "strength": {d: float(strength[d]) for d in specialists},
+        "loss": {n: found[n]["curve"][str(found[n]["best"])] for n in names},
+        "reference_loss": refs,
+        "sharpness_curves": {n: {s: v["all"] for s, v in f["curve"].items()} for n, f in found.items()
+                             if WEIGHTINGS[n].sharpness},
+        "strength_curves": curves,
+        "folds": folds,
+        "items": {k: sum(it.kind == k for it in items) for k in ("single", "control", "pair")},
+        "objective": "mean next-token NLL over the index probes (cross-fitted: each fold's alphas from the "
+                     "other folds' centroids) and joined pairs of them",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if not all(math.isfinite(v) for v in loss.values()):
+        return {"skipped": "calibration losses are not finite"}
+    return doc
+
+
+def carried(calibration: dict | None, domains: list[str], changed: str | None) -> dict | None:
+    """A catalog change keeps the index's calibration: strengths of the domains still there (the
+    changed domain's dropped: strength 1 until the next ``index build``), listed as uncalibrated."""
+    if not calibration or "weighting" not in calibration:
+        return calibration
+    out = dict(calibration)
+    out["strength"] = {d: g for d, g in calibration.get("strength", {}).items() if d in domains and d != changed}
+    stale = sorted(set(calibration.get("uncalibrated", [])) | ({changed} if changed in domains else set()))
+    out["uncalibrated"] = [d for d in stale if d in domains]
+    return out
