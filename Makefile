@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 help:
 	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium + prometheus (promtool)"
 	@echo "make test     setup, then run the test suite (what CI runs)"
-	@echo "make run      setup, build the demo constellation (first time ~1 min), serve it on 127.0.0.1:8000"
+	@echo "make run      setup, build the demo constellation (first time ~3 min: index calibration), serve it on 127.0.0.1:8000"
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
 	@echo "make bench    serving benchmark, long-prompt stall, which-thread step times, a live catalog change and exactness on the demo (~15 min; prints ratios)"
