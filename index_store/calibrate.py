@@ -89,21 +89,22 @@ class Batch:
     items: list[Item]
 
 
-def _batches(c, tok, items: list[Item], fps, cfg, folds: int, bar) -> list[Batch]:
+def _batches(c, tok, items: list[Item], fps, cfg, folds: int, kinds=("single", "control", "pair"), bar=None):
+    """The calibration set in batches, each with its generalist pass under its fold's basis. Made
+    lazily: one batch's pass (hidden states, in-pass signature records) is resident at a time."""
     from .loader import tokenize
 
-    out = []
     for f in range(folds):
         cf = copy.copy(c)  # shares the models; only the basis differs
         cf.basis = fold_basis(fps, c.domains, f, folds, cfg)
-        for kind in ("single", "control", "pair"):
+        for kind in kinds:
             group = [it for it in items if it.fold == f and it.kind == kind]
             for s in range(0, len(group), cfg.index.batch_size):
                 chunk = group[s:s + cfg.index.batch_size]
                 ids, am = tokenize(tok, [it.text for it in chunk], cfg.index.max_tokens * 2, c.g.device)
-                out.append(Batch(cf, cf.generalist_pass(ids, am), ids, am, chunk))
-                bar.update(len(chunk))
-    return out
+                if bar is not None:
+                    bar.update(len(chunk))
+                yield Batch(cf, cf.generalist_pass(ids, am), ids, am, chunk)
 
 
 def _losses(b: Batch, plans: list[Plan]) -> list[float]:
@@ -124,12 +125,10 @@ def _mean(v) -> float:
     return sum(v) / len(v)
 
 
-def strengths(c, batches: list[Batch], bar) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def strengths(c, batches, bar) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Step 1: each specialist domain's strength (argmin of its probes' mean loss over STRENGTHS)."""
     per: dict[str, dict[float, list[float]]] = {d: {g: [] for g in STRENGTHS} for d in c.domains}
     for b in batches:
-        if b.items[0].kind != "single":
-            continue
         for g in STRENGTHS:
             plans = [_scaled(c, b, r, it.domains[0], g) for r, it in enumerate(b.items)]
             for it, v in zip(b.items, _losses(b, plans)):
@@ -147,30 +146,42 @@ def _params(name: str, s: float | None, strength: dict[str, float]) -> Compositi
     return CompositionParams(mode="constellation", weighting=name, sharpness=s, strength=strength)
 
 
-def mean_loss(batches: list[Batch], params: CompositionParams, bar=None) -> dict[str, float]:
-    """Mean loss of one composition over the calibration set, in all and per item kind."""
-    by: dict[str, list[float]] = {"single": [], "control": [], "pair": []}
+REFERENCES = {"generalist": CompositionParams(mode="generalist"), "routed": CompositionParams(mode="routed"),
+              "paper": CompositionParams(mode="paper")}
+
+
+def _grid(name: str) -> tuple:
+    return WEIGHTINGS[name].grid if WEIGHTINGS[name].sharpness else (None,)
+
+
+def mean_losses(batches, candidates: dict, bar) -> dict:
+    """Each candidate composition's mean loss over the calibration set, in all and per item kind
+    (every candidate on a batch before the next batch's generalist pass)."""
+    by = {key: {"single": [], "control": [], "pair": []} for key in candidates}
     for b in batches:
-        plans = [b.c.plan(b.gp, r, params) for r in range(len(b.items))]
-        for it, v in zip(b.items, _losses(b, plans)):
-            by[it.kind].append(v)
-        if bar is not None:
+        for key, params in candidates.items():
+            plans = [b.c.plan(b.gp, r, params) for r in range(len(b.items))]
+            for it, v in zip(b.items, _losses(b, plans)):
+                by[key][it.kind].append(v)
             bar.update(len(b.items))
-    out = {k: _mean(v) for k, v in by.items() if v}
-    out["all"] = _mean(x for v in by.values() for x in v)
+    out = {}
+    for key, kinds in by.items():
+        out[key] = {k: _mean(v) for k, v in kinds.items() if v}
+        out[key]["all"] = _mean(x for v in kinds.values() for x in v)
     return out
 
 
-def sharpness(batches: list[Batch], weightings, strength: dict[str, float], bar) -> dict[str, dict]:
-    """Step 2: each weighting's loss over its grid; ``{name: {"best": s, "curve": {s: loss}}}``."""
+def sharpness(batches, weightings, strength: dict[str, float], bar) -> tuple[dict[str, dict], dict]:
+    """Step 2: each weighting's loss over its grid, ``{name: {"best": s, "curve": {s: loss}}}``, and
+    the reference compositions' losses (REFERENCES)."""
+    candidates = {(name, str(s)): _params(name, s, strength) for name in weightings for s in _grid(name)}
+    candidates.update({("ref", k): p for k, p in REFERENCES.items()})
+    got = mean_losses(batches, candidates, bar)
     out = {}
     for name in weightings:
-        w = WEIGHTINGS[name]
-        grid = w.grid if w.sharpness else (None,)
-        curve = {str(s): mean_loss(batches, _params(name, s, strength), bar) for s in grid}
-        best = min(grid, key=lambda s: curve[str(s)]["all"])
-        out[name] = {"best": best, "curve": curve}
-    return out
+        curve = {str(s): got[(name, str(s))] for s in _grid(name)}
+        out[name] = {"best": min(_grid(name), key=lambda s: curve[str(s)]["all"]), "curve": curve}
+    return out, {k: got[("ref", k)] for k in REFERENCES}
 
 
 def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor], cfg,
@@ -187,20 +198,16 @@ def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor]
     items = calibration_items(probes, specialists, folds)
     names = ["paper"] + [w for w in weightings if w != "paper"]
     n_single = sum(it.kind == "single" for it in items)
-    total = len(items) * (1 + 3 + sum(len(WEIGHTINGS[w].grid) or 1 for w in names)) \
-        + (0 if strength is not None else n_single * len(STRENGTHS))
+    total = len(items) * (1 + len(REFERENCES) + sum(len(_grid(w)) for w in names)) \
+        + (0 if strength is not None else n_single * (1 + len(STRENGTHS)))
     with tqdm(total=total, desc="calibrating the weighting", unit="pass", file=sys.stderr, disable=quiet) as bar:
         try:
-            batches = _batches(c, tok, items, fps, cfg, folds, bar)
+            curves = None
+            if strength is None:
+                strength, curves = strengths(c, _batches(c, tok, items, fps, cfg, folds, ("single",), bar), bar)
+            found, refs = sharpness(_batches(c, tok, items, fps, cfg, folds, bar=bar), names, strength, bar)
         except basis_mod.BasisError as e:
             return {"skipped": f"a fold's centroids have no basis ({e})"}
-        curves = None
-        if strength is None:
-            strength, curves = strengths(c, batches, bar)
-        found = sharpness(batches, names, strength, bar)
-        refs = {"generalist": mean_loss(batches, CompositionParams(mode="generalist"), bar),
-                "routed": mean_loss(batches, CompositionParams(mode="routed"), bar),
-                "paper": mean_loss(batches, CompositionParams(mode="paper"), bar)}
     loss = {n: f["curve"][str(f["best"])]["all"] for n, f in found.items()}
     chosen = min(names, key=lambda n: (loss[n], n != "softmax"))
     doc = {
