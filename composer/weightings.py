@@ -55,6 +55,9 @@ def get_weighting(name: str) -> Weighting:
         raise WeightingError(f"unknown weighting '{name}' (choose from {', '.join(WEIGHTINGS)})") from None
 
 
+TEMPERATURES = (0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)  # calibration grid of the softmax weightings
+
+
 def _linear(alpha: torch.Tensor, s: float | None) -> torch.Tensor:
     return alpha.clamp_min(0)
 
@@ -98,9 +101,9 @@ register(Weighting(
     "softmax gating as in mixture-of-experts routers (Shazeer et al. 2017, Outrageously Large Neural "
     "Networks), applied to the constellation's alphas", _softmax,
     sharpness="temperature", default=0.1, bounds=(1e-3, 10.0),
-    grid=(0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)))
+    grid=TEMPERATURES))
 register(Weighting(
     "alpha_only", "softmax(alpha / T) over the top-K, the same weight at every node (no activation signatures)",
     "ablation of DESIGN §3.4-3.5: the signatures removed", _softmax,
     sharpness="temperature", default=0.1, bounds=(1e-3, 10.0),
-    grid=(0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5), signatures=False))
+    grid=TEMPERATURES, signatures=False))

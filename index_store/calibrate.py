@@ -63,10 +63,10 @@ def calibration_items(probes: dict[str, list[str]], specialists: list[str], fold
         in_fold = {d: [t for j, t in enumerate(probes[d]) if j % folds == f] for d in specialists}
         cap = max(1, sum(len(v) for v in in_fold.values()) // 4)
         for k, (a, b) in enumerate(pairs[:cap]):
-            ta, tb = in_fold[a][k % len(in_fold[a])], in_fold[b][(k + 1) % len(in_fold[b])]
-            first, second = (a, b) if k % 2 == 0 else (b, a)
-            texts = (ta, tb) if first == a else (tb, ta)
-            out.append(Item(texts[0] + "\n\n" + texts[1], [first, second], f, "pair"))
+            halves = [(a, in_fold[a][k % len(in_fold[a])]), (b, in_fold[b][(k + 1) % len(in_fold[b])])]
+            if k % 2:  # alternate which domain comes first
+                halves.reverse()
+            out.append(Item(halves[0][1] + "\n\n" + halves[1][1], [d for d, _ in halves], f, "pair"))
     return out
 
 
@@ -76,8 +76,9 @@ def fold_basis(fps: dict[str, torch.Tensor], specialists: list[str], fold: int, 
     for d in specialists:
         keep = [j for j in range(fps[d].shape[0]) if j % folds != fold]
         cents.append(fps[d][keep].to(torch.float64).mean(0))
-    raw = basis_mod.add_noise(torch.stack(cents), cfg.index.noise_fraction, cfg.index.seed)
-    return basis_mod.make_basis(raw, cfg.index.basis)
+    from .loader import index_basis
+
+    return index_basis(torch.stack(cents), cfg)[1]
 
 
 @dataclass

@@ -318,6 +318,13 @@ def centroids(g, tok, probes: dict[str, list[str]], order: list[str], cfg: Const
     return torch.stack([out[d] for d in order])
 
 
+def index_basis(raw: torch.Tensor, cfg: ConstellationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centroids used (with the configured noise) and their basis: for the index, and for each
+    calibration fold (index_store.calibrate)."""
+    used = basis_mod.add_noise(raw, cfg.index.noise_fraction, cfg.index.seed)
+    return used, basis_mod.make_basis(used, cfg.index.basis)
+
+
 def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]], order: list[str],
                          all_c: torch.Tensor, identity: str, architecture: str) -> tuple[dict, dict]:
     """Basis, diagnostics and manifest from the raw centroids of ``order`` (the specialists first,
@@ -325,8 +332,7 @@ def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]],
     n = len(cfg.specialists)
     raw = all_c[:n]
     nf, kind = cfg.index.noise_fraction, cfg.index.basis
-    used = basis_mod.add_noise(raw, nf, cfg.index.seed)
-    E = basis_mod.make_basis(used, kind)
+    used, E = index_basis(raw, cfg)
     diag = basis_mod.diagnostics(used, E, list(cfg.specialists))
     diag["raw_cosine_without_noise"] = [[float(v) for v in r] for r in basis_mod.cosine_matrix(raw)]
     controls = [d for d in order if d not in cfg.specialists]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from server.cli_catalog import fmt_table, cmd_specialist_change, cmd_specialist_list
 from server.cli_parser import parser
-from server.summary import calibration_lines, layer_ranges, load_summary
+from server.summary import calibration_lines, describe_weighting, layer_ranges, load_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -158,13 +158,7 @@ def cmd_explain(args) -> int:
     print(fmt_table(rows, ["domain", "alpha", "selected", "mean node weight"]))
     print(f"entropy {doc['entropy_bits']:.3f} bits/node, gini {doc['gini']:.3f}, fallback {doc['fallback']:.3f}")
     if doc.get("weighting"):
-        from composer.weightings import WEIGHTINGS
-
-        sharp = doc.get("sharpness")
-        print(f"weighting {doc['weighting']}"
-              + ("" if sharp is None else f", {WEIGHTINGS[doc['weighting']].sharpness} {sharp:g}")
-              + ("; strength " + ", ".join(f"{d} {g:g}" for d, g in doc["strength"].items())
-                 if doc.get("strength") else ""))
+        print(describe_weighting(doc["weighting"], doc.get("sharpness"), doc.get("strength")))
     if args.node_weights:
         for d, w in doc["node_weights"].items():
             print(f"{d}: " + " ".join(f"{v:.3f}" for v in w))

@@ -29,14 +29,17 @@ def load_summary(loaded) -> str:
     note = (f"; specialists differing outside the composed layers (signature=trunk approximates): {exact}"
             if exact else "")
     cal = loaded.constellation.settings.calibrated
-    from composer.weightings import WEIGHTINGS
-
-    sharp = cal.sharpness_for(cal.weighting)
-    weighting = f"weighting {cal.weighting}" + (
-        "" if sharp is None else f" ({WEIGHTINGS[cal.weighting].sharpness} {sharp:g})") + (
-        " (strength " + ", ".join(f"{d} {g:g}" for d, g in cal.strength.items()) + ")" if cal.strength else "")
+    weighting = describe_weighting(cal.weighting, cal.sharpness_for(cal.weighting), cal.strength)
     return (f"loaded on {r['device']} ({r['dtype']}) in {r['load_seconds']:.1f} s; specialists: {kinds}; "
             f"composed layers {layer_ranges(r['composed_layers'])}; {weighting}; resident: {parts}{note}")
+
+
+def describe_weighting(name: str, sharpness: float | None, strength: dict[str, float] | None) -> str:
+    """``weighting softmax (temperature 0.15), strength legal 1.5, code 0.7``: what a composition uses."""
+    from composer.weightings import WEIGHTINGS
+
+    out = f"weighting {name}" + ("" if sharpness is None else f" ({WEIGHTINGS[name].sharpness} {sharpness:g})")
+    return out + (", strength " + ", ".join(f"{d} {g:g}" for d, g in strength.items()) if strength else "")
 
 
 def _fmt(v) -> str:
