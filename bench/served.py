@@ -39,8 +39,10 @@ class ServerProcess:
     (a server that drains gets to finish), then kill after ``stop_timeout``."""
 
     def __init__(self, cmd: list[str], port: int, log_file: Path, ready_path: str, name: str,
-                 start_timeout: float = 300.0, stop_timeout: float = 60.0, cwd: Path | None = None):
+                 start_timeout: float = 300.0, stop_timeout: float = 60.0, cwd: Path | None = None,
+                 env: dict | None = None):
         self.cmd, self.port, self.url = cmd, port, f"http://127.0.0.1:{port}"
+        self.env = env
         self.log_file, self.ready_path, self.name = Path(log_file), ready_path, name
         self.start_timeout, self.stop_timeout, self.cwd = start_timeout, stop_timeout, cwd
         self.proc: subprocess.Popen | None = None
@@ -48,7 +50,7 @@ class ServerProcess:
     def __enter__(self) -> str:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_file.open("wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import decompose
+from .batch import BatchComposition, CatalogKernel, RowWeights
 from .kernels import ComposedParams, MixedParams, stack_rows
 from .lowrank import Stack
 from .model import Context, KVCache, LayerParams, Transformer
@@ -116,6 +117,7 @@ class Constellation:
             or any(self.lowrank[i][1:])]
         self.stacks = self._stack_adapters(share_factors)
         self._materialized: OrderedDict[str, dict[int, LayerParams]] = OrderedDict()
+        self._kernel: CatalogKernel | None = None
 
     def _stack_adapters(self, share: bool = True) -> dict[int, dict[str, Stack]]:
         """Stack every adapter's factors per (block, weight) for batching; with ``share`` the
@@ -275,12 +277,24 @@ class Constellation:
         return {i: MixedParams(self.sources[i], w if w.dim() == 3 else w[:, i - self.first], self.policy,
                                self.g.arch, self.d, self.stacks.get(i), row_use, segments) for i in self.varied}
 
+    @property
+    def kernel(self) -> CatalogKernel:
+        """The catalog's composed blocks as fixed structure (``composer.batch``), built on first use."""
+        if self._kernel is None:
+            self._kernel = CatalogKernel(self)
+        return self._kernel
+
+    def batched(self, rows: list[RowWeights]) -> dict[int, LayerParams]:
+        """Blocks computing every row under its own composition, the rows given as tensors only."""
+        return BatchComposition(self.kernel, rows).params
+
     @torch.inference_mode()
     def composed_logits(self, gp: GeneralistPass, plans: list[Plan], path: str = "materialize") -> torch.Tensor:
         """Prompt logits [B, T, V] of each row's composed model, reusing the generalist pass's trunk.
 
-        ``path`` is ``materialize`` (each row's tensors built, rows run one by one) or ``mix`` (one
-        batched run, every row with its own composition). ``logit`` plans run the output mixture.
+        ``path`` is ``materialize`` (each row's tensors built, rows run one by one), ``mix`` (one
+        batched run, every row with its own composition) or ``batch`` (the same through the engine's
+        tensor-only kernel, ``composer.batch``). ``logit`` plans run the output mixture.
         """
         tail = gp.ctx.with_cache(None)
         B = gp.trunk.shape[0]
@@ -289,8 +303,10 @@ class Constellation:
             return torch.cat([self._logit_mix(gp, tail, b, plans[b]) for b in range(B)])
         if "logit" in kinds:
             raise ValueError("composed_logits: logit-mode and parameter-mode plans cannot share one call")
-        if path == "mix":
-            x = self.g.run_blocks(gp.trunk, tail, self.first, self.n, self.mixed(plans))
+        if path in ("mix", "batch"):
+            blocks = self.mixed(plans) if path == "mix" else self.batched(
+                [RowWeights.of(p.source_weights) for p in plans])
+            x = self.g.run_blocks(gp.trunk, tail, self.first, self.n, blocks)
             return self.g.logits(self.g.final_norm(x))
         rows = []
         for b in range(B):

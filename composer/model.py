@@ -317,9 +317,12 @@ class Transformer:
         if ctx.cos is not None:
             q = q * ctx.cos + _rotate_half(q) * ctx.sin
             k = k * ctx.cos + _rotate_half(k) * ctx.sin
+        scale = 1 / math.sqrt(mc.head_dim)
+        attend = getattr(ctx.cache, "attend", None)
+        if attend is not None:  # a cache that attends itself (the engine's slabs: writes, then attends)
+            return attend(i, q, k, v, scale).transpose(1, 2).reshape(B, T, mc.n_heads * mc.head_dim)
         if ctx.cache is not None:
             k, v = ctx.cache.update(i, k, v)
-        scale = 1 / math.sqrt(mc.head_dim)
         if T == 1:
             a = _one_query_attention(q, k, v, ctx.mask, scale)
         else:  # (a cache may hold keys/values in another dtype than the queries')

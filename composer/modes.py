@@ -94,6 +94,15 @@ class Plan:
     # (task arithmetic: lambda each; logit: the betas); what ``mean_entropy_bits`` is taken over
     specialist_weights: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    # the models a sequence of this plan runs, one batch row each: (beta, source weights [1 + N, d] or
+    # [Lb, 1 + N, d]); beta None = the row whose log-probabilities are the base of the mixture. None:
+    # one row running ``source_weights`` (every parameter-space mode)
+    rows: list[tuple[float | None, torch.Tensor]] | None = None
+
+    @property
+    def components(self) -> list[tuple[float | None, torch.Tensor]]:
+        """What the engine runs per sequence: one row per entry, log-probabilities mixed by beta."""
+        return self.rows if self.rows is not None else [(None, self.source_weights)]
 
     @property
     def entropy(self) -> torch.Tensor | None:
@@ -136,6 +145,8 @@ class Mode:
     generalist_only: bool = False  # its first (or only) row is the generalist itself
     required: tuple[str, ...] = ()  # of ``params``: must be given
     bounds: tuple[tuple[str, float, float], ...] = ()  # (param, lo, hi): a numeric parameter's range
+    # batch rows one sequence takes, given the top-K in force (its plan's ``components``, at most)
+    rows_per_choice: Callable[[int], int] = lambda top_k: 1
 
 
 def weight_entropy_bits(weights: torch.Tensor) -> float:
@@ -257,7 +268,16 @@ def _logit(mi: ModeInput) -> Plan:
     p = Plan("logit", "logit", mi.alpha, sel, pos, betas={i: b for i, b in betas.items() if b != 0},
              specialist_weights=torch.tensor([betas[i] for i in sel], dtype=torch.float64))
     p.extra["lambda"] = scale
+    p.rows = [(None, _one_hot_source(len(mi.domains), mi.d, None))] + [
+        (beta, _one_hot_source(len(mi.domains), mi.d, i)) for i, beta in p.betas.items()]
     return p
+
+
+def _one_hot_source(n_domains: int, d: int, index: int | None) -> torch.Tensor:
+    """Source weights running one model alone: G (``index`` None) or specialist ``index``."""
+    w = _sources(n_domains, d)
+    w[0 if index is None else 1 + index] = 1.0
+    return w
 
 
 register(Mode("constellation", "per-query node-level composition of the top-K specialists, weighted by the "
@@ -281,7 +301,7 @@ register(Mode("weights", "caller-given per-domain weights, split per node by act
 register(Mode("logit", "decode-time composition: log p = log p_G + sum_i beta_i (log p_S_i - log p_G), "
               "beta = lambda * normalised positive alpha of the top-K",
               "Compositional Generalization via Logit Composition (seed 003)", ("top_k", "lambda_"), _logit,
-              generalist_only=True, bounds=(("lambda_", 0.0, 1.0),)))
+              generalist_only=True, bounds=(("lambda_", 0.0, 1.0),), rows_per_choice=lambda top_k: 1 + top_k))
 
 
 def get_mode(name: str) -> Mode:

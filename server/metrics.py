@@ -56,7 +56,10 @@ class Metrics:
         self.entropy = one(Histogram, "node_entropy_bits", "Per-request composition entropy (bits)",
                            buckets=(0, 0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3))
         self.fallback = one(Counter, "composition_fallback", "Requests with at least one fallback node")
-        self.batch_size = one(Histogram, "batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_size = one(Histogram, "batch_size", "Rows per decode step",
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.kv_usage = one(Gauge, "kv_cache_usage_perc", "Share of the KV cache's positions held by slots (0-1)")
+        self.preemptions = one(Counter, "num_preemptions", "Sequences preempted (KV freed, recomputed later)")
         self.requests_mode = per(Counter, "requests", "Requests by composition mode", "mode")
         self.catalog_version = one(Gauge, "catalog_version", "The specialists' catalog being served (new requests)")
 

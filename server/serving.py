@@ -241,7 +241,7 @@ class OpenAIServing:
                     e: Event = await asyncio.wait_for(q.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
-                        req.cancelled.set()
+                        self.engine.abort(req)
                         return out
                     continue
                 o = out[e.index]
@@ -253,7 +253,7 @@ class OpenAIServing:
                     o.cumulative_logprob = e.cumulative_logprob or 0.0
                     done += 1
         except asyncio.CancelledError:
-            req.cancelled.set()
+            self.engine.abort(req)
             raise
         return out
 
@@ -272,7 +272,7 @@ class OpenAIServing:
                 yield e
         finally:
             if done < req.n:
-                req.cancelled.set()
+                self.engine.abort(req)
 
     # ---- answering -----------------------------------------------------------------------------
     async def generate(self, http: HTTPRequest, body, ids: list[int], params: SamplingParams,

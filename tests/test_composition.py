@@ -63,7 +63,7 @@ def test_one_hot_weights_reproduce_the_specialist(mixed_constellation, policy):
             for name, t in composed.items():
                 assert torch.equal(t, c.specialists[k].layer(i).t[name]), (dom, i, name)
         # and running them gives the specialist's last L layers on G's trunk
-        for path in ("materialize", "mix"):
+        for path in ("materialize", "mix", "batch"):
             got = c.composed_logits(gp, [plan, plan], path)
             s = c.specialists[k]
             with torch.inference_mode():
@@ -84,7 +84,7 @@ def test_specialists_equal_to_generalist_reproduce_it(mixed_constellation):
     want = g.forward(ids, am)
     for mode in ("constellation", "uniform", "routed", "task_arithmetic"):
         plans = [c.plan(gp, b, CompositionParams(mode=mode)) for b in range(len(PROMPTS))]
-        for path in ("materialize", "mix"):
+        for path in ("materialize", "mix", "batch"):
             got = c.composed_logits(gp, plans, path)
             assert ((got - want).abs() * am[..., None]).max().item() <= 1e-4, (mode, path)
 

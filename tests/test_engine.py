@@ -126,7 +126,7 @@ def test_waiting_prompts_are_prefilled_together(loaded):
         inner = run.engine.runner.generalist_chunk
         run.engine.runner.generalist_chunk = lambda batch: (sizes.append(len(batch)), inner(batch))
         run.engine.call(lambda: None)  # the loop is up
-        with run.engine.scheduler.lock:  # all four wait before the engine looks
+        with run.engine.lock:  # all four wait before the engine looks
             qs = [run.submit(p, c, 4) for p, c in zip(prompts, COMPS)]
         got = [Run.collect(q)[0][0] for q in qs]
         assert got == want

@@ -1,17 +1,18 @@
-"""The engine's parts on their own: slot cache and views, scheduler, sampler, detokenizer."""
+"""The engine's parts on their own: slot cache and views, the KV pool, scheduler, sampler, detokenizer."""
 
 import random
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from composer.modes import CompositionParams
-from server.engine import Draining, Limits, QueueFull, Request, SamplingParams, SlotCache
+from server.engine import KVPool, Limits, Request, SamplingParams, Sequence, SlotCache
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import ChunkView, SlotStore
-from server.engine.sampler import adjusted, logprob_entry, next_token_logprobs, sample
+from server.engine.kv_pool import NoRoom, SlabDecodeView
+from server.engine.runner import ModelOutput
+from server.engine.sampler import Batch, logprob_entries, mix, sample
 from server.engine.scheduler import Scheduler, split_budget
 from server.engine.types import Row
 
@@ -97,97 +98,265 @@ def test_chunk_view_writes_each_rows_tokens_and_masks_padding():
     assert mask[1, 0, 2].tolist() == [True, True, True, False, False]
 
 
+# ---- KV pool ------------------------------------------------------------------------------------
+def _pool(slabs=4, slab=64, max_len=64, layers=2):
+    return KVPool(layers, 1, 2, max_len, slabs * slab, torch.float32, "cpu", slab_tokens=slab)
+
+
+def _write(pool, row, value):
+    for i in range(len(pool.k)):
+        K, V = pool.kv(i, row)
+        K[:, :row.length] = value
+        V[:, :row.length] = -value
+
+
+def _intact(pool, rows, values):
+    assert pool.used == len(rows)
+    for r, val in zip(rows, values):
+        slab = pool.slabs[r.slab]
+        assert slab.owners[r.slot] is r and r.cap == slab.cap >= r.length
+        for i in range(len(pool.k)):
+            K, V = pool.kv(i, r)
+            assert torch.all(K[:, :r.length] == val) and torch.all(V[:, :r.length] == -val)
+    for slab in pool.slabs:
+        if slab is not None:  # each slab's decode region stays compact, its staged rows at the top
+            slots = sorted(slab.owners)
+            assert slots == list(range(slab.decoding)) + list(range(slab.slots - slab.staged, slab.slots))
+
+
+def test_pool_sizes_slots_by_class_within_one_budget():
+    pool = _pool()
+    assert pool.classes == [16, 32, 64] and pool.tokens == 256
+    assert pool.fits([16] * 16) and not pool.fits([16] * 17)  # 4 slabs of 4 slots of 16
+    assert pool.fits([64, 64, 30, 30, 10, 10, 10, 10])
+    assert pool.could_fit([64] * 4) and not pool.could_fit([64] * 5)
+    with pytest.raises(ValueError):
+        pool.class_for(65)
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        KVPool(1, 1, 2, 2048, 1024, torch.float32, "cpu")
+
+
+def test_pool_keeps_every_rows_keys_through_stage_promote_grow_compact_release():
+    rng = random.Random(0)
+    pool = _pool()
+    rows, values, staged = [], [], []
+    for step in range(600):
+        op = rng.choice(["stage", "stage", "promote", "grow", "release", "release_all"])
+        try:
+            if op == "stage":
+                r = Row(length=rng.randint(1, 40))
+                pool.stage(r, r.length + rng.randint(0, 8))
+                _write(pool, r, float(step + 1))
+                rows.append(r), values.append(float(step + 1)), staged.append(r)
+            elif op == "promote" and staged:
+                pool.promote(staged.pop(rng.randrange(len(staged))))
+            elif op == "grow":
+                dec = [r for r in rows if r not in staged]
+                if dec:
+                    r = rng.choice(dec)
+                    new = min(64, r.length + rng.randint(1, 20))
+                    pool.grow(r, new)  # (raises NoRoom before anything moves)
+                    r.length = new
+                    _write(pool, r, values[rows.index(r)])
+            elif op == "release" and rows:
+                k = rng.randrange(len(rows))
+                r = rows.pop(k)
+                values.pop(k)
+                staged.remove(r) if r in staged else None
+                pool.release(r)
+            elif op == "release_all" and rows:
+                gone = rng.sample(range(len(rows)), rng.randint(1, len(rows)))
+                pool.release_all([rows[k] for k in gone])
+                for k in sorted(gone, reverse=True):
+                    staged.remove(rows[k]) if rows[k] in staged else None
+                    rows.pop(k), values.pop(k)
+        except NoRoom:
+            assert op in ("stage", "grow")  # (the engine would preempt; here the row keeps what it had)
+        _intact(pool, rows, values)
+    assert pool.moves > 0
+
+
+def test_pool_packs_a_class_to_free_a_slab():
+    pool = _pool()
+    small = [Row(length=10) for _ in range(8)]
+    for k, r in enumerate(small):  # two full slabs of 16-position slots
+        pool.stage(r, 16)
+        pool.promote(r)
+        _write(pool, r, float(k))
+    for r in (small[0], small[1], small[4], small[5]):  # ... now half full each
+        pool.release(r)
+    left = [r for r in small if r.slab >= 0]
+    big = [Row(length=60), Row(length=60)]
+    for k, r in enumerate(big):
+        pool.stage(r, 64)
+        _write(pool, r, 100.0 + k)
+    assert None not in pool.slabs
+    assert pool.fits([32])  # compaction would empty a slab of 16s
+    r = Row(length=20)
+    pool.stage(r, 32)  # packs the 16s into one slab, takes the other
+    _write(pool, r, 200.0)
+    assert len({x.slab for x in left}) == 1 and r.cap == 32
+    _intact(pool, left + big + [r], [float(small.index(x)) for x in left] + [100.0, 101.0, 200.0])
+    with pytest.raises(NoRoom):
+        pool.stage(Row(length=1), 64)
+
+
+def test_slab_decode_view_equals_one_padded_attention():
+    torch.manual_seed(0)
+    pool = KVPool(1, 2, 4, 64, 256, torch.float32, "cpu", slab_tokens=64)
+    rows = [Row(length=n) for n in (5, 12, 30, 3, 40, 17)]
+    for r in rows:
+        pool.stage(r, r.length + 1)
+        pool.promote(r)
+        K, V = pool.kv(0, r)
+        K[:, :r.length] = torch.randn(2, r.length, 4)
+        V[:, :r.length] = torch.randn(2, r.length, 4)
+    order = pool.decode_order(rows)
+    assert len({r.slab for r in order}) > 1  # the rows sit in slabs of several classes
+    lengths = torch.tensor([r.length for r in order])
+    q, k, v = torch.randn(6, 4, 1, 4), torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
+    got = SlabDecodeView(pool, order, lengths).attend(0, q, k, v, 0.5)
+    for b, r in enumerate(order):
+        K, V = pool.kv(0, r)
+        assert torch.equal(K[:, r.length], k[b, :, 0]) and torch.equal(V[:, r.length], v[b, :, 0])
+        want = torch.softmax((q[b].view(2, 2, 4) @ K[:, :r.length + 1].transpose(-1, -2)) * 0.5, -1) \
+            @ V[:, :r.length + 1]
+        assert torch.allclose(got[b], want.reshape(4, 1, 4), atol=1e-6)
+
+
 # ---- scheduler -----------------------------------------------------------------------------------
-def _req(n=1):
-    return Request([1, 2], SamplingParams(max_tokens=2), CompositionParams(), n=n)
+class _Catalog:
+    n, first = 4, 2
 
 
-def test_scheduler_queue_limits_and_fifo_admission():
-    s = Scheduler(Limits(max_waiting=3), rows_needed=lambda r: r.n, capacity=4)
-    with pytest.raises(ValueError, match="needs 5 batch rows"):
-        s.submit(_req(5))
-    reqs = [_req(1), _req(3), _req(1)]
+def _req(ids=2, n=1, max_tokens=2):
+    return Request(list(range(1, ids + 1)), SamplingParams(max_tokens=max_tokens), CompositionParams(), n=n)
+
+
+def _sched(limits=None, pool=None, rows=lambda r: r.n):
+    return Scheduler(limits or Limits(max_running=64), pool or _pool(), rows, lambda: _Catalog)
+
+
+def test_scheduler_admits_by_memory_first_come_first_served():
+    s = _sched()
+    reqs = [_req(40), _req(60, n=4), _req(10)]  # 1 + 4 rows of 64 positions > 4 slabs of 64
     for r in reqs:
-        s.submit(r)
-    with pytest.raises(QueueFull):
-        s.submit(_req())
-    assert s.admit(3) == [reqs[0]]  # the 3-row request does not fit in 2: it blocks the one behind it
-    reqs[1].cancelled.set()
-    assert s.admit(1) == [reqs[2]]  # a cancelled request is dropped from the queue
-    assert not s.waiting
-    s.draining = True
-    with pytest.raises(Draining):
-        s.submit(_req())
+        s.add(r)
+    plan = s.schedule()
+    assert [j.request for j in plan.admitted] == [reqs[0]]  # the 4-row request blocks the one behind it
+    assert [j.request for j, _ in plan.prefill] == [reqs[0]]
+    s.prefilling.clear()
+    s.pool.release_all(plan.admitted[0].rows)
+    reqs[2].cancelled.set()
+    plan = s.schedule()
+    assert [j.request for j in plan.admitted] == [reqs[1]] and plan.dropped == [reqs[2]]
+    assert len(plan.admitted[0].rows) == 4 and all(r.cap == 64 for r in plan.admitted[0].rows)
+    capped = _sched(Limits(max_running=3))
+    capped.add(_req(4, n=2)), capped.add(_req(4, n=2))
+    assert len(capped.schedule().admitted) == 1  # 2 + 2 rows > max_running 3
+
+
+def _running(s, prompt, order):
+    seq = Sequence(_req(prompt), 0, [Row(length=prompt)], None, set(), None, tokens=[7], order=order)
+    s.pool.stage(seq.rows[0], prompt + 1)
+    s.pool.promote(seq.rows[0])
+    s.running.append(seq)
+    return seq
+
+
+def test_scheduler_grows_rows_and_preempts_the_newest_when_memory_runs_out():
+    s = _sched(pool=_pool(slabs=2))
+    seqs = [_running(s, 20, k) for k in (1, 2, 3)]  # 32-slots: two in slab 0, one in slab 1
+    for seq in seqs:  # some steps later each needs a 64-slot, a whole slab: only two fit
+        seq.tokens += [7] * 12
+        seq.rows[0].length = 32
+    plan = s.schedule()
+    assert plan.preempted == [seqs[2]] and s.running == seqs[:2] and all(q.rows[0].cap == 64 for q in seqs[:2])
+    assert s.waiting[0] is seqs[2] and seqs[2].rows[0].slab == -1 and s.preemptions == 1
+    assert plan.rows == s.pool.decode_order([q.rows[0] for q in seqs[:2]]) and plan.tokens == [7, 7]
+    plan = s.schedule()  # the preempted sequence waits for room, at the head of the queue
+    assert not plan.admitted and s.waiting[0] is seqs[2]
+    s.finish(seqs[0])
+    plan = s.schedule()
+    job = plan.admitted[0]
+    assert job.resume is seqs[2] and job.ids_list == seqs[2].request.prompt_ids + [7] * 12  # all but the last
+    assert job.rows[0].cap == 64 and len(job.ids_list) == 32
 
 
 def test_scheduler_budget_follows_measurements():
-    s = Scheduler(Limits(prefill_chunk_min=16, prefill_chunk_max=256), rows_needed=lambda r: 1, capacity=4)
+    s = _sched(Limits(prefill_chunk_min=16, prefill_chunk_max=256))
     assert s.budget(decoding=False) == 256
     assert s.budget(decoding=True) == 16  # nothing measured yet: the smallest chunk
-    s.observe_decode(0.1)
-    s.observe_prefill(500, 1.0)
+    s.update_from_output(ModelOutput(prefill_cost=500, prefill_seconds=1.0, decode_seconds=0.1))
     assert s.budget(decoding=True) == 50  # a prefill step about as long as a decode step
-    s.observe_prefill(100000, 1.0)
+    s.update_from_output(ModelOutput(prefill_cost=100000, prefill_seconds=1.0))
     assert s.budget(decoding=True) == 256
     assert split_budget([30, 50, 10], 60) == [30, 30, 0]
 
 
-def test_scheduler_wait_for_work_wakes_on_submit():
-    s = Scheduler(Limits(), rows_needed=lambda r: 1, capacity=4)
-    got = []
-    t = threading.Thread(target=lambda: got.append(s.wait_for_work(lambda: False)))
-    t.start()
-    s.submit(_req())
-    t.join(5)
-    assert got == [True]
-
-
 # ---- sampler ------------------------------------------------------------------------------------
-def test_sampler_greedy_eos_masking_top_p_and_seeds():
-    logp = F.log_softmax(torch.tensor([0.0, 3.0, 1.0, 2.9]), -1)
+class _Seq:
+    def __init__(self, params, tokens=(), eos=(), seed=None):
+        self.request = Request([1], params, CompositionParams())
+        self.tokens, self.eos = list(tokens), set(eos)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+
+LOGP = F.log_softmax(torch.tensor([0.0, 3.0, 1.0, 2.9]), -1)
+
+
+def _one(params, tokens=(), eos=(), seed=None, logp=LOGP):
+    return sample(logp[None], [_Seq(params, tokens, eos, seed)])[0]
+
+
+def test_sampler_greedy_eos_masking_top_p_top_k_and_seeds():
     greedy = SamplingParams(max_tokens=4, temperature=0)
-    assert sample(logp, greedy, {1}, [0] * 5, None) == 1
+    assert _one(greedy, [0] * 5, {1}) == 1
     masked = SamplingParams(max_tokens=4, temperature=0, min_tokens=2)
-    assert sample(logp, masked, {1}, [0], None) == 3  # EOS masked below min_tokens
-    assert sample(logp, masked, {1}, [0, 0], None) == 1
+    assert _one(masked, [0], {1}) == 3  # EOS masked below min_tokens
+    assert _one(masked, [0, 0], {1}) == 1
     nucleus = SamplingParams(max_tokens=4, temperature=1.0, top_p=0.5)
-    assert {sample(logp, nucleus, set(), [], torch.Generator().manual_seed(s)) for s in range(40)} <= {1, 3}
+    assert {_one(nucleus, seed=s) for s in range(40)} <= {1, 3}
+    assert {_one(SamplingParams(max_tokens=4, temperature=1.0, top_k=1), seed=s) for s in range(20)} == {1}
     hot = SamplingParams(max_tokens=4, temperature=1.0)
-    draw = [sample(logp, hot, set(), [], torch.Generator().manual_seed(3)) for _ in range(3)]
-    assert len(set(draw)) == 1
-    e = logprob_entry(logp, 3, 2, float(logp[3]))
-    assert e["logprob"] == pytest.approx(float(logp[3])) and [t for t, _ in e["top"]] == [1, 3]
-    assert logprob_entry(logp, 3, None, 0.0) is None
+    assert len({_one(hot, seed=3) for _ in range(3)}) == 1
+    assert len({_one(hot, seed=s) for s in range(40)}) > 2
+    # one batch: every row under its own parameters, as alone
+    seqs = [_Seq(greedy), _Seq(nucleus, seed=5), _Seq(masked, [0], {1}), _Seq(hot, seed=9)]
+    alone = [_one(s.request.params, s.tokens, s.eos, seed) for s, seed in zip(seqs, (None, 5, None, 9))]
+    assert sample(LOGP.expand(4, 4), seqs) == alone
+    chosen, entries = logprob_entries(LOGP.expand(3, 4), [3, 1, 0], [2, None, 0])
+    assert chosen == pytest.approx([float(LOGP[3]), float(LOGP[1]), float(LOGP[0])])
+    assert [t for t, _ in entries[0]["top"]] == [1, 3] and entries[1] is None and entries[2]["top"] == []
 
 
 def test_penalties_and_logit_bias_as_openai_defines_them():
     """logits[j] += bias[j] - c[j] * frequency - (c[j] > 0) * presence, over the generated tokens."""
-    logp = F.log_softmax(torch.tensor([0.0, 3.0, 1.0, 2.9]), -1)
     p = SamplingParams(max_tokens=4, temperature=0, presence_penalty=0.5, frequency_penalty=0.25,
                        logit_bias={0: 1.5})
-    want = logp + torch.tensor([1.5, 0, 0, 0]) - torch.tensor([0, 2 * 0.25 + 0.5, 0, 1 * 0.25 + 0.5])
-    assert torch.allclose(adjusted(logp, p, [1, 3, 1]), want)
-    assert sample(logp, SamplingParams(max_tokens=4, temperature=0), set(), [1, 3, 1], None) == 1
-    assert sample(logp, p, set(), [1, 3, 1], None) == 3 == int(want.argmax())  # 1, twice, now below 3
-    biased = SamplingParams(max_tokens=4, temperature=0, logit_bias={0: 100.0})
-    assert sample(logp, biased, set(), [], None) == 0
+    want = LOGP + torch.tensor([1.5, 0, 0, 0]) - torch.tensor([0, 2 * 0.25 + 0.5, 0, 1 * 0.25 + 0.5])
+    from server.engine.sampler import _adjust
+    assert torch.allclose(_adjust(LOGP[None], [_Seq(p, [1, 3, 1])])[0], want)
+    assert _one(SamplingParams(max_tokens=4, temperature=0), [1, 3, 1]) == 1
+    assert _one(p, [1, 3, 1]) == 3 == int(want.argmax())  # 1, twice, now below 3
+    assert _one(SamplingParams(max_tokens=4, temperature=0, logit_bias={0: 100.0})) == 0
     # with EOS masked (ignore_eos, min_tokens) the adjustments still apply, and logp is left as it was
-    before = logp.clone()
-    assert sample(logp, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={0: 100.0}),
-                  {1}, [], None) == 0
-    assert sample(logp, SamplingParams(max_tokens=4, temperature=0, min_tokens=3, presence_penalty=2.0), {0},
-                  [3], None) == 1
-    assert torch.equal(logp, before)
+    before = LOGP.clone()
+    assert _one(SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={0: 100.0}), eos={1}) == 0
+    assert _one(SamplingParams(max_tokens=4, temperature=0, min_tokens=3, presence_penalty=2.0), [3], {0}) == 1
+    assert torch.equal(LOGP, before)
     # a negative penalty favours repetition
-    assert sample(logp, SamplingParams(max_tokens=4, temperature=0, presence_penalty=-2.0), set(), [3], None) == 3
+    assert _one(SamplingParams(max_tokens=4, temperature=0, presence_penalty=-2.0), [3]) == 3
 
 
-def test_logit_mode_mixes_log_probabilities():
-    g, s1, s2 = torch.randn(3, 11).unbind(0)
-    got = next_token_logprobs([g, s1, s2], [None, 0.3, 0.5])
-    lg, l1, l2 = (F.log_softmax(x, -1) for x in (g, s1, s2))
-    assert torch.allclose(got, F.log_softmax(lg + 0.3 * (l1 - lg) + 0.5 * (l2 - lg), -1), atol=1e-6)
-    assert torch.allclose(next_token_logprobs([g], [None]), lg)
+def test_rows_mix_into_each_sequences_log_probabilities():
+    g, s1, s2, other = torch.randn(4, 11).unbind(0)
+    lg, l1, l2, lo = (F.log_softmax(x, -1) for x in (g, s1, s2, other))
+    # sequence 0: one row (row 3); sequence 1: base row 0 mixed with rows 1 and 2
+    got = mix(torch.stack([g, s1, s2, other]), Batch([3, 0], [[], [(1, 0.3), (2, 0.5)]]))
+    assert torch.allclose(got[0], lo)
+    assert torch.allclose(got[1], F.log_softmax(lg + 0.3 * (l1 - lg) + 0.5 * (l2 - lg), -1), atol=1e-6)
+    assert torch.equal(mix(torch.stack([g, s1]), Batch([0, 1], [[], []])), F.log_softmax(torch.stack([g, s1]), -1))
 
 
 # ---- detokenizer --------------------------------------------------------------------------------

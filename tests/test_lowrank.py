@@ -127,7 +127,7 @@ def test_every_mode_equals_the_dense_path_in_one_mixed_batch(pair):
         assert pl.selected == pd.selected
         assert float((pl.source_weights - pd.source_weights).abs().max()) <= 1e-5
     ref = dense.composed_logits(gd, plans_d, "materialize")
-    for path in ("mix", "materialize"):
+    for path in ("mix", "materialize", "batch"):
         got = lr.composed_logits(gl, plans_l, path)
         assert _err(got, ref, am) <= TOL, (path, _err(got, ref, am))
     # the composition really changes the output (the check above can fail)
@@ -152,7 +152,7 @@ def test_one_hot_reproduces_the_adapter_specialist(pair):
         plan = lr.plan(gp, 0, CompositionParams(mode="weights", weights={dom: 1.0}))
         s = lr.specialists[k]
         want = s.forward(ids, am)
-        for path in ("mix", "materialize"):
+        for path in ("mix", "materialize", "batch"):
             got = lr.composed_logits(gp, [plan] * len(PROMPTS), path)
             assert _err(got, want, am) <= TOL, (dom, path)
         # the dense reference tensors equal the merged specialist's

@@ -105,7 +105,7 @@ def test_one_hot_composition_equals_peft_itself(loaded, peft_conf):
         with torch.inference_mode():
             want = ref(input_ids=ids, attention_mask=am).logits
         plan = c.plan(gp, 0, CompositionParams(mode="weights", weights={dom: 1.0}))
-        for path in ("mix", "materialize"):
+        for path in ("mix", "materialize", "batch"):
             got = c.composed_logits(gp, [plan] * len(PROMPTS), path)
             err = float(((got - want).abs() * am[..., None]).max())
             assert err <= 1e-4, (dom, path, err)

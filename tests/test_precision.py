@@ -137,7 +137,7 @@ def test_dense_specialists_compose_in_half_precision(mixed_constellation, dtype)
     plans = [ref.plan(gp32, b, MODES[b]) for b in range(len(PROMPTS))]
     want = ref.composed_logits(gp32, plans, "materialize")
     tol = LOGPROB_TOL[dtype]
-    for path in ("materialize", "mix"):
+    for path in ("materialize", "mix", "batch"):
         got = half.composed_logits(gp, plans, path)
         assert got.dtype == torch.float32
         assert _dlogp(got, want, am) <= tol, (path, _dlogp(got, want, am))
@@ -196,7 +196,7 @@ def test_composed_blocks_run_the_fused_projections_exactly(built):
     plans = [fused.plan(gp, b, MODES[b]) for b in range(len(PROMPTS))]
     assert all(QKV in p.fused and GATE_UP in p.fused for p in fused.mixed(plans).values())
     assert all(QKV in p.fused for p in fused.materialized(plans[0]).values())
-    for path in ("mix", "materialize"):
+    for path in ("mix", "materialize", "batch"):
         got, want = fused.composed_logits(gp, plans, path), ref.composed_logits(gp_ref, plans, path)
         assert float(((got - want).abs() * am[..., None]).max()) <= FUSED_TOL, path
 
@@ -219,7 +219,7 @@ def test_low_rank_specialists_compose_in_half_precision(built, arch, dtype):
     plans = [ref.plan(gp32, b, modes[b]) for b in range(len(PROMPTS))]
     want = ref.composed_logits(gp32, plans, "materialize")
     tol = LOGPROB_TOL[dtype]
-    for path in ("mix", "materialize"):
+    for path in ("mix", "materialize", "batch"):
         assert _dlogp(half.composed_logits(gp, plans, path), want, am) <= tol, path
     base = ref.composed_logits(gp32, [ref.plan(gp32, b, CompositionParams(mode="generalist"))
                                       for b in range(len(PROMPTS))], "mix")

@@ -483,10 +483,10 @@ def test_serve_command_exits_on_sigint_while_idle(built):
 def test_mid_stream_failure_is_an_error_event(loaded):
     s = Server(loaded)
     try:
-        def broken():
+        def broken(*args):
             raise RuntimeError("injected decode failure")
 
-        s.engine._decode = broken
+        s.engine.runner.decode = broken
         body = {"model": "constellation", "prompt": PROMPT, "max_tokens": 8, "stream": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=H()) as r:
             assert r.status_code == 200

@@ -7,32 +7,36 @@ threads than cores and lets its workers sleep between regions instead of spinnin
 took about twice as long (docs/benchmarks.md, "Which thread decodes"). Tests and embedders may use
 ``start``, a background thread.
 
-Each iteration: run jobs queued by other threads (``call``), drop cancelled work, admit waiting
-requests into staged KV slots (scheduler), run one prefill step within the measured budget
-(runner: chunks of several prompts batched), then one decode step for every decoding row, and turn
-each row's logits into a token (sampler), text (detokenizer) and an ``Event`` for its request.
+Everything other threads ask of the engine is a typed input on one queue (llama.cpp's server
+queue): ``AddRequest``, ``Abort``, ``Call`` (a function run between steps), ``SwapCatalog``. Each
+iteration takes every input, then (vLLM v1's engine core)::
+
+    plan = scheduler.schedule()            # admissions, prefill work, the rows to decode
+    out = runner.execute(plan)             # prefill chunks + one decode forward: logits
+    self.update_from_output(plan, out)     # sample every sequence at once, stop checks, text, events
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 import torch
 
 from composer.constellation import Constellation, GeneralistPass
-from composer.modes import CompositionParams, Plan
+from composer.modes import CompositionParams, Plan, get_mode
+from . import sampler
 from .catalogs import CatalogSwitch
 from .detokenizer import Detokenizer
-from .kv_cache import SlotCache
-from .runner import ModelRunner, PrefillJob
-from .sampler import logprob_entry, next_token_logprobs, sample
-from .scheduler import Scheduler, split_budget
+from .kv_pool import KVPool
+from .runner import ModelOutput, ModelRunner, PrefillJob
+from .scheduler import Scheduler, StepPlan
 from .scoring import prompt_logprobs
-from .types import Event, Limits, Request, Row, Sequence
+from .types import (Abort, AddRequest, Call, Draining, EngineInput, Event, Limits, QueueFull, Request,
+                    Sequence, SwapCatalog)
 
 log = logging.getLogger("constellation.engine")
 
@@ -42,27 +46,29 @@ class Engine(CatalogSwitch):
                  eos_ids: set[int] | None = None):
         self.c, self.g, self.tok, self.limits, self.metrics = constellation, constellation.g, tokenizer, limits, metrics
         mc = self.g.mc
-        # one slot per batch row: a sequence is one row, a logit-mode sequence 1 + K
-        self.cache = SlotCache(mc.n_layers, limits.max_running, mc.n_kv_heads, limits.max_seq_len, mc.head_dim,
-                               self.g.dtype, self.g.device)
+        self.pool = KVPool(mc.n_layers, mc.n_kv_heads, mc.head_dim, limits.max_seq_len, limits.kv_tokens,
+                           self.g.dtype, self.g.device)
+        self.cache = self.pool  # (the name tests and benchmarks read ``.used`` from)
         self.eos = set(eos_ids or ()) | set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos.add(int(tokenizer.eos_token_id))
-        self.scheduler = Scheduler(limits, self.rows_needed, self.cache.slots)
-        self.runner = ModelRunner(constellation, self.cache, self.plan_for)
-        self.prefilling: list[PrefillJob] = []
-        self.running: list[Sequence] = []
-        self.jobs: queue.Queue = queue.Queue()
+        self.scheduler = Scheduler(limits, self.pool, self.rows_needed, lambda: self.c)
+        self.runner = ModelRunner(self.pool, self.plan_for)
+        self.scheduler.signature_fraction = self.runner.signature_fraction
+        self.inputs: deque[EngineInput] = deque()
+        self.lock = threading.Condition()
+        self.queued = 0  # requests submitted and not yet admitted (the 429 bound)
+        self.draining = False
+        self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
         self.looping = False  # the loop is running, on whichever thread
-        self.pending: tuple[Constellation, threading.Event] | None = None  # a catalog waiting to swap in
+        self.pending: SwapCatalog | None = None  # a catalog waiting to swap in
         self.swap_waits: list[int] = []  # per swap: loop iterations it waited for prompts being prefilled
         self._waited = 0
-        self.runners: dict[int, ModelRunner] = {}  # old catalogs' runners, while their sequences decode
-        self._union: tuple | None = None  # (catalogs' ids, Union, its runner, row weights mapped into it)
+        self._union: tuple | None = None  # (catalogs' ids, Union, row weights mapped into it)
         self.union_steps = 0  # decode steps that ran several catalogs' rows together
         self.steps = 0  # decode steps run
-        self.mixed_steps = 0  # of which through the mix kernel (rows with different compositions)
+        self.mixed_steps = 0  # of which with rows of different compositions
         self.prefill_steps = 0
 
     # ---- public API (any thread) -------------------------------------------------------------
@@ -77,27 +83,45 @@ class Engine(CatalogSwitch):
     def alive(self) -> bool:
         return self.looping
 
+    def _put(self, item: EngineInput) -> None:
+        with self.lock:
+            self.inputs.append(item)
+            self.lock.notify()
+
     def submit(self, req: Request) -> None:
-        self.scheduler.submit(req)
+        """Queue a request (429 ``QueueFull`` beyond ``max_waiting``, ``Draining`` while draining,
+        ``ValueError`` for one that could never run: too many rows, or more KV than the cache)."""
+        need = self.rows_needed(req)
+        if need > self.limits.max_running:
+            raise ValueError(f"this request needs {need} batch rows (n x components); "
+                             f"the server runs at most {self.limits.max_running}")
+        longest = min(len(req.prompt_ids) + req.params.max_tokens, self.limits.max_seq_len)
+        if not self.pool.could_fit([longest] * need):
+            raise ValueError(f"this request's {need} rows of up to {longest} tokens exceed the KV cache "
+                             f"({self.pool.tokens} positions); lower n or max_tokens")
+        with self.lock:
+            if self.draining:
+                raise Draining()
+            if self.queued >= self.limits.max_waiting:
+                raise QueueFull()
+            self.queued += 1
+            self.inputs.append(AddRequest(req))
+            self.lock.notify()
         self._gauges()
+
+    def abort(self, req: Request) -> None:
+        """Stop ``req`` wherever it is (the client went away); its sequences end as ``abort``."""
+        req.cancelled.set()
+        self._put(Abort(req))
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result (blocking)."""
-        done, box = threading.Event(), {}
-
-        def job():
-            try:
-                box["value"] = fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                box["error"] = e
-            done.set()
-
-        self.jobs.put(job)
-        self.scheduler.wake()
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        job = Call(fn)
+        self._put(job)
+        job.done.wait()
+        if "error" in job.box:
+            raise job.box["error"]
+        return job.box["value"]
 
     def score_prompt(self, ids: list[int], composition: CompositionParams, fingerprint_mask: list[int] | None,
                      top: int):
@@ -106,44 +130,51 @@ class Engine(CatalogSwitch):
         return self.call(lambda: prompt_logprobs(self.c, ids, composition, fingerprint_mask, top))
 
     def drain(self) -> None:
-        with self.scheduler.lock:
-            self.scheduler.draining = True
-            self.scheduler.lock.notify()
+        with self.lock:
+            self.draining = True
+            self.lock.notify()
 
     def idle(self) -> bool:
-        with self.scheduler.lock:
-            return not self.scheduler.waiting and not self.running and not self.prefilling
+        with self.lock:
+            return not self.queued and not self.inputs and not self.scheduler.running \
+                and not self.scheduler.prefilling and not self.scheduler.waiting
 
     def stop(self) -> None:
-        with self.scheduler.lock:
-            self.scheduler.stopped = True
-            self.scheduler.lock.notify()
+        with self.lock:
+            self.stopped = True
+            self.lock.notify()
         if self.thread.ident is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
 
     @property
-    def draining(self) -> bool:
-        return self.scheduler.draining
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def prefilling(self) -> list[PrefillJob]:
+        return self.scheduler.prefilling
 
     @property
     def num_running(self) -> int:
-        return len(self.running) + len(self.prefilling)
+        return len(self.scheduler.running) + len(self.scheduler.prefilling)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.queued
 
     def rows_needed(self, req: Request) -> int:
-        """Batch rows (KV slots) a request occupies while it runs."""
-        mode = req.composition.mode or self.c.settings.default_mode
-        per = 1 + (req.composition.top_k or self.c.settings.top_k) if mode == "logit" else 1
-        return per * req.n
+        """Batch rows (KV slots) a request occupies while it runs: its mode's rows per choice x n."""
+        try:
+            mode = get_mode(req.composition.mode or self.c.settings.default_mode)
+        except Exception:  # an unknown mode is refused when the job starts
+            return req.n
+        return mode.rows_per_choice(req.composition.top_k or self.c.settings.top_k) * req.n
 
-    def plan_for(self, gp: GeneralistPass, params: CompositionParams) -> Plan:
+    def plan_for(self, c: Constellation, gp: GeneralistPass, params: CompositionParams) -> Plan:
         """The plan (and its timing metrics) for a prompt: the one place generation and /explain use."""
-        plan = self.c.plan(gp, 0, params)
+        plan = c.plan(gp, 0, params)
         if self.metrics:
-            self.metrics.observe_plan(plan, self.c.domains, gp.timings)
+            self.metrics.observe_plan(plan, c.domains, gp.timings)
         return plan
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -154,136 +185,161 @@ class Engine(CatalogSwitch):
         finally:
             self.looping = False
 
+    def _busy(self) -> bool:
+        s = self.scheduler
+        return bool(self.inputs or s.running or s.prefilling or s.waiting or self.pending is not None)
+
+    def _wait_for_work(self, poll_s: float | None) -> bool:
+        """Block until there is something to do; False once stopped. ``poll_s``: wake that often anyway
+        (on the main thread, so that Python runs signal handlers that arrived while it slept)."""
+        with self.lock:
+            while not self.stopped and not self._busy():
+                self.lock.wait(poll_s)
+            return not self.stopped
+
     def _iterate(self, poll_s: float | None) -> None:
-        busy = lambda: bool(self.running or self.prefilling or not self.jobs.empty()  # noqa: E731
-                            or self.pending is not None)
-        while self.scheduler.wait_for_work(busy, poll_s):
+        while self._wait_for_work(poll_s):
             try:
-                while not self.jobs.empty():
-                    self.jobs.get_nowait()()
-                self._reap_cancelled()
-                if not self._swap_if_quiet():
-                    self._admit()
-                if self.prefilling:
-                    self._prefill_step()
-                if self.running:
-                    t0 = time.perf_counter()
-                    self._decode()
-                    self.scheduler.observe_decode(time.perf_counter() - t0)
+                self._process_inputs()
+                swapping = self._swap_if_quiet()
+                plan = self.scheduler.schedule(admit=not swapping)
+                self._started(plan)
+                if plan.prefill or plan.rows:
+                    out = self.runner.execute(plan, self._decoder(plan.decode, plan.rows) if plan.rows else None)
+                    self.update_from_output(plan, out)
             except Exception as e:  # a step failed: fail the running requests, keep serving
                 log.exception("engine step failed")
-                for seq in list(self.running):
+                for seq in list(self.scheduler.running):
                     self._finish(seq, None, error=f"internal error: {type(e).__name__}: {e}")
             self._gauges()
+
+    def _process_inputs(self) -> None:
+        while True:
+            with self.lock:
+                if not self.inputs:
+                    return
+                item = self.inputs.popleft()
+            if isinstance(item, AddRequest):
+                self.scheduler.add(item.request)
+            elif isinstance(item, Abort):
+                self._abort(item.request)
+            elif isinstance(item, Call):
+                try:
+                    item.box["value"] = item.fn()
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    item.box["error"] = e
+                item.done.set()
+            elif isinstance(item, SwapCatalog):
+                self.pending = item
+
+    def _abort(self, req: Request) -> None:
+        seqs, jobs, waited = self.scheduler.abort(req)
+        for seq in seqs:
+            self._finish(seq, "abort", notify=False)  # vLLM's name
+        for job in jobs:
+            self.scheduler.drop_job(job)
+        if waited and req.started is None:
+            self._queue_left(req)
 
     def _gauges(self) -> None:
         if self.metrics:
             self.metrics.running.set(self.num_running)
             self.metrics.waiting.set(self.num_waiting)
+            self.metrics.kv_usage.set(self.pool.usage())
 
-    def _reap_cancelled(self) -> None:
-        for seq in list(self.running):
-            if seq.request.cancelled.is_set():
-                self._finish(seq, "abort", notify=False)  # vLLM's name
-        for job in [j for j in self.prefilling if j.request.cancelled.is_set()]:
-            self._drop(job)
-
-    def _drop(self, job: PrefillJob, error: str | None = None) -> None:
-        self.prefilling.remove(job)
-        self.cache.release_all(job.rows)
-        if error is not None:
-            for i in range(job.request.n):
-                job.request.emit(Event(i, finish_reason="error", error=error))
-
-    # ---- prefill -------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        for req in self.scheduler.admit(self.cache.free):
-            req.started = time.perf_counter()
+    def _started(self, plan: StepPlan) -> None:
+        """Jobs the scheduler admitted: queue accounting, then their tensors (a refused composition ends
+        the request with its error)."""
+        for req in plan.dropped:
+            self._queue_left(req)
+        for seq in plan.preempted:
             if self.metrics:
-                self.metrics.queue_time.observe(req.started - req.arrival)
-            rows = [Row(-1, None, 0) for _ in range(self.rows_needed(req))]
-            for r in rows:
-                self.cache.stage(r)
+                self.metrics.preemptions.inc()
+        for job in plan.admitted:
+            if job.resume is None:
+                self._queue_left(job.request)
+                job.request.started = time.perf_counter()
+                if self.metrics:
+                    self.metrics.queue_time.observe(job.request.started - job.request.arrival)
             try:
-                self.prefilling.append(self.runner.start(req, rows))
+                self.runner.init(job)
             except Exception as e:  # e.g. a composition the constellation refuses
-                self.cache.release_all(rows)
-                for i in range(req.n):
-                    req.emit(Event(i, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                self._fail_job(job, f"{type(e).__name__}: {e}")
+                plan.prefill = [(j, s) for j, s in plan.prefill if j is not job]
 
-    def _prefill_step(self) -> None:
-        t0 = time.perf_counter()
-        jobs = list(self.prefilling)
-        shares = split_budget([self.runner.remaining_cost(j) for j in jobs], self.scheduler.budget(bool(self.running)))
-        batch, cost = [], 0.0
-        for job, share in zip(jobs, shares):
-            if job.phase == "generalist":
-                if int(share) >= 1:
-                    batch.append((job, int(share)))
-            elif share > 0:
-                spent = [0.0]
-                self._guard([job], lambda: spent.__setitem__(0, self.runner.spend(job, share)))
-                cost += spent[0]
-        if batch and self._guard([j for j, _ in batch], lambda: self.runner.generalist_chunk(batch)):
-            cost += sum(n for _, n in batch)
-        self.prefill_steps += 1
-        self.scheduler.observe_prefill(cost, time.perf_counter() - t0)
-        for job in [j for j in self.prefilling if j.phase == "done"]:
-            self._guard([job], lambda: self._start_sequences(job))
+    def _queue_left(self, req: Request) -> None:
+        with self.lock:
+            self.queued = max(0, self.queued - 1)
 
-    def _guard(self, jobs: list[PrefillJob], fn: Callable[[], None]) -> bool:
-        """Run a prefill piece; on failure the jobs it served end with an error event."""
-        try:
-            fn()
-            return True
-        except Exception as e:
-            log.exception("prefill failed")
-            for job in jobs:
-                if job in self.prefilling:
-                    self._drop(job, f"{type(e).__name__}: {e}")
-            return False
+    def _fail_job(self, job: PrefillJob, error: str) -> None:
+        self.scheduler.drop_job(job)
+        if job.resume is not None:
+            self._finish(job.resume, None, error=error)
+            return
+        for i in range(job.request.n):
+            job.request.emit(Event(i, finish_reason="error", error=error))
 
-    def _start_sequences(self, job: PrefillJob) -> None:
+    # ---- results -------------------------------------------------------------------------------
+    def update_from_output(self, plan: StepPlan, out: ModelOutput) -> None:
+        """New sequences from finished prompts, every sequence's next token, stop checks and events."""
+        for job, error in out.failed:
+            self._fail_job(job, error)
+        self.scheduler.update_from_output(out)
+        if plan.prefill:
+            self.prefill_steps += 1
+        seqs, logits, row_betas = [], [], []
+        if out.decode_logits is not None:
+            self.steps += 1
+            self.mixed_steps += out.mixed
+            if self.metrics:
+                self.metrics.batch_size.observe(len(plan.rows))
+            index = {id(r): k for k, r in enumerate(plan.rows)}
+            order = sorted(plan.decode, key=lambda s: index[id(s.rows[0])])
+            seqs, logits = order, [out.decode_logits]
+            row_betas = [[(index[id(r)], r.beta) for r in s.rows] for s in order]
+        base = len(plan.rows)
+        for job in out.finished:
+            for seq in self._sequences(job):
+                seqs.append(seq)
+                logits.append(torch.stack(job.logits))
+                row_betas.append([(base + j, r.beta) for j, r in enumerate(seq.rows)])
+                base += len(seq.rows)
+        if seqs:
+            self._sample_and_emit(seqs, torch.cat(logits), row_betas)
+
+    def _sequences(self, job: PrefillJob) -> list[Sequence]:
+        """The sequences a finished prefill starts (none for a resumed one: it decodes on)."""
         req = job.request
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()
         per_choice = self.runner.finish(job)
-        self.prefilling.remove(job)
+        if job.resume is not None:
+            job.resume.rows = per_choice[0]
+            self.scheduler.running.append(job.resume)
+            return []
         seqs = []
         for i, rows in enumerate(per_choice):
             gen = None if req.params.seed is None else torch.Generator().manual_seed(int(req.params.seed) + i)
-            seqs.append(Sequence(req, i, rows, job.request.plan.kind == "logit", gen, self.eos,
-                                 Detokenizer(self.tok, req.params.stop), catalog=self.c))
-        self.running.extend(seqs)
-        for seq in seqs:
-            self._sample_and_emit(seq, [lg.clone() for lg in job.logits])
+            seqs.append(Sequence(req, i, rows, gen, self.eos, Detokenizer(self.tok, req.params.stop),
+                                 catalog=job.c, order=self.scheduler.next_order()))
+        self.scheduler.running.extend(seqs)
         if self.metrics:
-            self.metrics.compose_time(time.perf_counter() - t1)
+            self.metrics.compose_time(time.perf_counter() - t0)
             self.metrics.prompt_tokens.inc(job.T * req.n)
-            self.metrics.requests_mode.labels(job.request.plan.mode).inc()
+            self.metrics.requests_mode.labels(req.plan.mode).inc()
+        return seqs
 
-    # ---- decoding ------------------------------------------------------------------------------
-    def _decode(self) -> None:
-        rows = sorted((r for s in self.running for r in s.rows), key=lambda r: r.slot)
-        owner = {id(r): s for s in self.running for r in s.rows}
-        runner, weights = self._decoder(self.running, rows)
-        logits, same = runner.decode(rows, [owner[id(r)].tokens[-1] for r in rows], weights)
-        self.union_steps += weights is not None
-        if weights is None and self._union is not None:
-            self._union = None  # one catalog again
-        self.steps += 1
-        self.mixed_steps += 0 if same else 1
-        if self.metrics:
-            self.metrics.batch_size.observe(len(rows))
-        by_row = {id(r): logits[k] for k, r in enumerate(rows)}
-        for seq in list(self.running):
-            if not seq.finished:
-                self._sample_and_emit(seq, [by_row[id(r)] for r in seq.rows])
-
-    def _sample_and_emit(self, seq: Sequence, logits: list[torch.Tensor]) -> None:
-        p = seq.request.params
-        logp = next_token_logprobs(logits, [r.beta for r in seq.rows])
-        token = sample(logp, p, seq.eos, seq.tokens, seq.generator)
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, row_betas: list) -> None:
+        batch = sampler.Batch([rb[0][0] for rb in row_betas],
+                              [[(k, b) for k, b in rb if b is not None] for rb in row_betas])
+        logp = sampler.mix(logits, batch)
+        tokens = sampler.sample(logp, seqs)
+        chosen, entries = sampler.logprob_entries(logp, tokens, [s.request.params.logprobs for s in seqs])
         now = time.perf_counter()
+        for seq, token, value, entry in zip(seqs, tokens, chosen, entries):
+            self._emit(seq, token, value, entry, now)
+
+    def _emit(self, seq: Sequence, token: int, value: float, entry: dict | None, now: float) -> None:
+        p = seq.request.params
         if self.metrics:
             if seq.last_token_at:
                 self.metrics.itl.observe(now - seq.last_token_at)
@@ -294,15 +350,13 @@ class Engine(CatalogSwitch):
         # an EOS is a completion token (usage, logprobs, max_tokens), as at OpenAI and vLLM, but no text
         eos_hit = token in seq.eos and not p.ignore_eos  # (masked while below min_tokens)
         seq.tokens.append(token)
-        value = float(logp[token])
         seq.cumulative_logprob += value
-        entry = logprob_entry(logp, token, p.logprobs, value)
         finish = None
         if eos_hit:
             finish = "stop"
         elif len(seq.tokens) >= p.max_tokens:
             finish = "length"
-        elif seq.rows[0].length + 1 >= min(self.limits.max_seq_len - 1, self.g.mc.max_positions - 1):
+        elif seq.length + 1 >= min(self.limits.max_seq_len - 1, self.g.mc.max_positions - 1):
             finish = "length"
         delta = seq.detok.add(None if eos_hit else token, final=finish is not None)
         if seq.detok.stopped:
@@ -315,8 +369,7 @@ class Engine(CatalogSwitch):
         if seq.finished:
             return
         seq.finished = True
-        self.running.remove(seq)
-        self.cache.release_all(seq.rows)
+        self.scheduler.finish(seq)
         if notify:
             seq.request.emit(Event(seq.index, "", finish_reason=reason if error is None else "error", error=error,
                                    cumulative_logprob=seq.cumulative_logprob))

@@ -1,11 +1,11 @@
-"""The slot key/value cache and the views the model code writes through.
+"""Slot key/value caches and the views the model code writes through.
 
-``SlotCache`` holds ``[slots, H_kv, max_len, head_dim]`` per layer. Rows that are decoding live in
-slots ``0..decoding-1`` (compact, so a decode step reads a view, never a copy); rows still being
-prefilled are *staged* at the top, ``slots-staged..slots-1``. Freeing a slot moves the region's
-outermost row into the hole; a staged row is promoted into the decode region when its prefill
-ends. Every slot has an owner (a ``Row``: ``.slot``, ``.length``) whose ``slot`` the cache keeps
-up to date when it moves.
+``SlotCache`` holds ``[slots, H_kv, max_len, head_dim]`` per layer (``KVPool``'s slabs are
+``SlotCache``s over its memory, ``kv_pool``). Rows that are decoding live in slots ``0..decoding-1``
+(compact, so a decode step reads a view, never a copy); rows still being prefilled are *staged* at
+the top, ``slots-staged..slots-1``. Freeing a slot moves the region's outermost row into the hole;
+a staged row is promoted into the decode region when its prefill ends. Every slot has an owner (a
+``Row``: ``.slot``, ``.length``) whose ``slot`` the cache keeps up to date when it moves.
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ class SlotCache:
     @property
     def free(self) -> int:
         return self.slots - self.used
+
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> "SlotCache":
+        """A cache on existing per-layer tensors ``[slots, H_kv, max_len, head_dim]`` (a pool's slab)."""
+        self = cls.__new__(cls)
+        self.k, self.v, self.slots = k, v, k[0].shape[0]
+        self.decoding = self.staged = 0
+        self.owners = {}
+        return self
+
+    def kv(self, i: int, owner) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i][owner.slot], self.v[i][owner.slot]
 
     def copy(self, src: int, dst: int, length: int, layers: range | None = None) -> None:
         for i in layers if layers is not None else range(len(self.k)):
@@ -128,11 +140,11 @@ class PrefillView:
 class SlotStore:
     """Per-layer key/value storage of one row: its slot's (read through the owner, which may move)."""
 
-    def __init__(self, cache: SlotCache, owner):
+    def __init__(self, cache, owner):
         self.cache, self.owner = cache, owner
 
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.k[i][self.owner.slot], self.cache.v[i][self.owner.slot]
+        return self.cache.kv(i, self.owner)
 
 
 class ScratchStore:

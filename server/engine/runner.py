@@ -1,48 +1,54 @@
-"""The model runner: prefill chunks and decode steps on the constellation's tensors.
+"""The model runner: executes what the scheduler planned for one step, on the models.
 
-Prefill of a request runs in two phases, each in chunks the scheduler sizes:
+``execute(plan)`` runs the step's prefill work and then one decode forward for every decoding row,
+and returns the logits (``ModelOutput``); sampling and the rest happen in ``Engine.update_from_output``.
 
-1. *generalist*: G's forward over the prompt (chunks of several requests padded into one batch).
-   It writes the trunk's keys/values into the request's first slot, keeps the hidden state
-   entering the first composed block, sums the fingerprint, and records what the in-pass
-   signatures need. G's own keys/values of the composed blocks go to a scratch store (they are
-   not the composed model's), except in modes where G itself is what runs (``generalist_only``).
-2. *signatures*: once the whole prompt is in, the plan is made (fingerprint → alpha → weights). If
-   the mode asks for in-pass (``generalist``) signatures, each requested specialist's is summed
-   over the recorded chunks, a few chunks per step, so a long prompt's planning does not stall
-   the decoding streams in one step.
-3. *tail*: for each component row (one, or 1 + K in ``logit`` mode) the composed blocks run over
-   the kept trunk state, chunk by chunk, into that row's slot.
+A prompt goes in in phases (``PrefillJob.phase``), each as chunks the scheduler sized:
 
-Decode steps run every decoding row in one batch: materialized blocks when all rows share one
-composition, the mix kernel otherwise (composer.kernels; both exact).
+1. *generalist*: the prompt through G in chunks, several prompts batched, each chunk's keys/values
+   written into the job's first row (layers the composition never changes) or a private scratch
+   (G's own keys/values of composed layers); the trunk state entering the first composed block,
+   the fingerprint sums and the in-pass signatures' record are kept per chunk.
+2. *signatures*: once the whole prompt is in, the plan is made (fingerprint → alpha → weights). A mode
+   that asks for in-pass signatures gets each requested specialist's summed over the recorded
+   chunks, a few chunks per step.
+3. *tail*: for each row of the plan's ``components`` the composed blocks run over the kept trunk
+   state, chunk by chunk, into that row's slot.
+
+A preempted sequence comes back as a job that resumes it (``resume``): its prompt and generated
+tokens through G's trunk and its rows' composed blocks again, with the plan it had.
+
+Composed blocks — in decode steps and prompt tails alike — come from ``composer.batch``: the rows'
+compositions enter only as tensors (``RowWeights``), one code path for any mix of compositions.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from composer import decompose
+from composer.batch import RowWeights
 from composer.constellation import Constellation, GeneralistPass
-from composer.kernels import stack_rows
-from composer.modes import Plan
 from composer.signatures import in_pass_signatures, specialist_abs_sum
-from .kv_cache import ChunkView, DecodeView, ScratchStore, SlotCache, SlotStore
-from .types import NeedSignature, PlanSummary, Request, Row, SignatureWork, PendingSignatures
+from .kv_cache import ChunkView, ScratchStore, SlotStore
+from .kv_pool import KVPool, SlabDecodeView
+from .types import NeedSignature, PendingSignatures, PlanSummary, Request, Row, Sequence, SignatureWork
 
 
-@dataclass
+@dataclass(eq=False)
 class PrefillJob:
     request: Request
     rows: list[Row]  # staged slots: components x choices (row 0 receives the generalist pass)
-    mode: object  # composer.modes.Mode
-    ids: torch.Tensor  # [T]
-    fmask: torch.Tensor  # [T]: tokens the fingerprint averages over
-    store: object  # where the generalist pass writes keys/values
+    c: Constellation  # the catalog it runs on
+    ids_list: list[int]  # prompt tokens (a resumed sequence: prompt + generated but the last)
+    resume: Sequence | None = None
+    mode: object = None  # composer.modes.Mode, set by ``ModelRunner.init``
+    ids: torch.Tensor | None = None  # [T]
+    fmask: torch.Tensor | None = None  # [T]: tokens the fingerprint averages over
+    store: object = None  # where the generalist pass writes keys/values
     done: int = 0  # prompt tokens through the generalist pass
     trunk: list[torch.Tensor] = field(default_factory=list)  # [1, t, d] chunks entering the first composed block
     records: list[list] = field(default_factory=list)  # per chunk: in-pass signature record blocks
@@ -55,11 +61,12 @@ class PrefillJob:
     comps: list[tuple[float | None, torch.Tensor]] = field(default_factory=list)
     comp: int = 0  # component whose tail is running
     tail_done: int = 0
+    tail_blocks: object = None  # the current component's composed blocks
     logits: list[torch.Tensor] = field(default_factory=list)  # last-token logits per component
 
     @property
     def T(self) -> int:
-        return int(self.ids.shape[0])
+        return len(self.ids_list)
 
     @property
     def phase(self) -> str:
@@ -69,31 +76,98 @@ class PrefillJob:
             return "signatures"
         return "tail" if self.comp < len(self.comps) else "done"
 
+    @property
+    def g_layers(self) -> int:
+        """Layers the generalist pass runs: all (fingerprint, and G's own row), or only the trunk for a
+        resumed sequence whose rows are all composed."""
+        if self.resume is not None and not self.mode.generalist_only:
+            return self.c.first
+        return self.c.n
+
+
+@dataclass
+class ModelOutput:
+    decode_logits: torch.Tensor | None = None  # [R, V] fp32 CPU, for the plan's decode rows in order
+    finished: list[PrefillJob] = field(default_factory=list)  # prefills done this step (logits on the job)
+    failed: list[tuple[PrefillJob, str]] = field(default_factory=list)
+    prefill_cost: float = 0.0  # tokens-through-G of prefill work done
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    mixed: bool = False  # the decode rows composed more than one composition
+
 
 class ModelRunner:
-    def __init__(self, constellation: Constellation, cache: SlotCache, plan_for: Callable[[GeneralistPass, object], Plan]):
-        self.c, self.g, self.cache = constellation, constellation.g, cache
-        self.plan_for = plan_for
-        self.tail_fraction = (self.c.n - self.c.first) / self.c.n  # cost of a tail token vs a full one
+    def __init__(self, pool: KVPool, plan_for):
+        self.pool = pool
+        self.plan_for = plan_for  # (catalog, GeneralistPass, CompositionParams) -> Plan (engine's: metrics)
         self.g_seconds_per_token: float | None = None  # measured: generalist chunks ...
         self.sig_seconds_per_token: float | None = None  # ... and signature chunks
-        self._batch: tuple | None = None  # (row weight ids, weights, composed blocks, shared?)
+        self._batch: tuple | None = None  # (key, blocks, mixed) of the last decode batch
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def execute(self, plan, decode_blocks) -> ModelOutput:
+        """The plan's prefill work, then one decode forward over ``plan.rows`` (``decode_blocks``:
+        ``(catalog, row weights)`` for them, ``catalogs.decoder``)."""
+        out = ModelOutput()
+        t0 = time.perf_counter()
+        self._prefill(plan.prefill, out)
+        out.prefill_seconds = time.perf_counter() - t0
+        if plan.rows:
+            t1 = time.perf_counter()
+            c, weights = decode_blocks
+            out.decode_logits, out.mixed = self.decode(plan.rows, plan.tokens, c, weights)
+            out.decode_seconds = time.perf_counter() - t1
+        return out
+
+    def _prefill(self, work: list[tuple[PrefillJob, float]], out: ModelOutput) -> None:
+        batches: dict[int, list] = {}
+        for job, share in work:
+            if job.phase == "generalist":
+                if int(share) >= 1:
+                    batches.setdefault(id(job.c), []).append((job, int(share)))
+            elif share > 0:
+                self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
+        for batch in batches.values():
+            if self._guard(out, [j for j, _ in batch], lambda batch=batch: self.generalist_chunk(batch)):
+                out.prefill_cost += sum(n for _, n in batch)
+        failed = {id(j) for j, _ in out.failed}
+        out.finished = [j for j, _ in work if j.phase == "done" and id(j) not in failed]
+
+    def _spend(self, job: PrefillJob, share: float, out: ModelOutput) -> None:
+        out.prefill_cost += self.spend(job, share)
+
+    @staticmethod
+    def _guard(out: ModelOutput, jobs: list[PrefillJob], fn) -> bool:
+        """Run a prefill piece; on failure the jobs it served are reported failed."""
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - the engine ends those requests with the error
+            import logging
+
+            logging.getLogger("constellation.engine").exception("prefill failed")
+            out.failed += [(j, f"{type(e).__name__}: {e}") for j in jobs]
+            return False
 
     # ---- prefill ---------------------------------------------------------------------------------
-    def start(self, req: Request, rows: list[Row]) -> PrefillJob:
-        c, g = self.c, self.g
-        mode = c.validate(req.composition)
-        ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=g.device)
-        fmask = torch.ones_like(ids) if req.fingerprint_mask is None else torch.tensor(
-            req.fingerprint_mask, dtype=torch.long, device=g.device)
-        store = SlotStore(self.cache, rows[0])
-        if not mode.generalist_only and c.first < c.n:
+    def init(self, job: PrefillJob) -> None:
+        """Tensors and stores for a job the scheduler admitted (raises what the catalog refuses)."""
+        c, g = job.c, job.c.g
+        job.mode = c.validate(job.request.composition)
+        job.ids = torch.tensor(job.ids_list, dtype=torch.long, device=g.device)
+        fm = job.request.fingerprint_mask
+        job.fmask = torch.ones_like(job.ids) if fm is None or job.resume is not None else torch.tensor(
+            fm, dtype=torch.long, device=g.device)
+        store = SlotStore(self.pool, job.rows[0])
+        if job.resume is None and not job.mode.generalist_only and c.first < c.n:
             mc = g.mc
-            store = ScratchStore(store, range(c.first, c.n), mc.n_kv_heads, ids.shape[0], mc.head_dim,
-                                 g.dtype, g.device)
-        return PrefillJob(req, rows, mode, ids, fmask, store)
+            store = ScratchStore(store, range(c.first, c.n), mc.n_kv_heads, job.T, mc.head_dim, g.dtype, g.device)
+        job.store = store
+        if job.resume is not None:  # the rows' compositions are the sequence's
+            job.comps = [(r.beta, r.weights) for r in job.resume.rows]
+            for r, (beta, w) in zip(job.rows, job.comps):
+                r.beta, r.weights, r.comp = beta, w, RowWeights.of(w)
 
-    @property
     def signature_fraction(self) -> float:
         """Cost of one prompt token of one specialist's signature vs one token through G (measured;
         0.05 until both have been)."""
@@ -101,20 +175,10 @@ class ModelRunner:
             return self.sig_seconds_per_token / self.g_seconds_per_token
         return 0.05
 
-    def remaining_cost(self, job: PrefillJob) -> float:
-        """What is left of ``job``'s prefill, in tokens-through-G (the scheduler's budget unit)."""
-        if job.phase == "generalist":
-            return job.T - job.done
-        if job.phase == "signatures":
-            return (job.T - job.sig.pos) * self.signature_fraction
-        if job.phase != "tail":
-            return 0.0
-        return ((len(job.comps) - job.comp) * job.T - job.tail_done) * self.tail_fraction
-
     @torch.inference_mode()
     def generalist_chunk(self, batch: list[tuple[PrefillJob, int]]) -> None:
-        """The next ``n`` prompt tokens of each job through G, all jobs in one padded batch."""
-        c, g = self.c, self.g
+        """The next ``n`` prompt tokens of each job (one catalog) through G, in one padded batch."""
+        c, g = batch[0][0].c, batch[0][0].c.g
         t0 = time.perf_counter()
         Tc = max(n for _, n in batch)
         ids = torch.zeros((len(batch), Tc), dtype=torch.long, device=g.device)
@@ -126,14 +190,28 @@ class ModelRunner:
         ctx = view.context(g, g.device)
         x = g.run_blocks(g.embed(ids, ctx), ctx, 0, c.first)
         trunk = x
-        rec = None
-        if c.settings.signature == "generalist" and any(job.mode.uses_signatures for job, _ in batch):
-            x, rec = in_pass_signatures(c, x, ctx, fm)
-        else:
-            x = g.run_blocks(x, ctx, c.first, c.n)
-        final = g.final_norm(x)
+        rec, final = None, None
+        stop = max(job.g_layers for job, _ in batch)
+        if stop > c.first:
+            if c.settings.signature == "generalist" and any(j.mode.uses_signatures and j.resume is None
+                                                            for j, _ in batch):
+                x, rec = in_pass_signatures(c, x, ctx, fm)
+            else:
+                x = g.run_blocks(x, ctx, c.first, stop)
+            final = g.final_norm(x)
         for b, (job, n) in enumerate(batch):
-            job.trunk.append(trunk[b:b + 1, :n])
+            self._chunk_done(job, b, n, trunk, final, rec, fm)
+        elapsed = time.perf_counter() - t0
+        self.g_seconds_per_token = elapsed / sum(n for _, n in batch)
+        share = elapsed / len(batch)
+        for job, _ in batch:
+            job.seconds += share
+            if job.done == job.T:
+                self._generalist_done(job)
+
+    def _chunk_done(self, job: PrefillJob, b: int, n: int, trunk, final, rec, fm) -> None:
+        job.trunk.append(trunk[b:b + 1, :n])
+        if job.resume is None:
             if rec is not None and job.mode.uses_signatures:
                 job.records.append([(h[b:b + 1, :n], [(nm, bias, xin[b:b + 1, :n]) for nm, bias, xin in seen])
                                     for h, seen in rec.blocks])
@@ -141,20 +219,19 @@ class ModelRunner:
             s = (final[b, :n].float() * m[:, None]).sum(0)
             job.fp_sum = s if job.fp_sum is None else job.fp_sum + s
             job.fp_n += float(m.sum())
+        if final is not None:
             job.last_hidden = final[b:b + 1, n - 1:n]
-            job.done += n
-            job.rows[0].length = job.done
-        elapsed = time.perf_counter() - t0
-        self.g_seconds_per_token = elapsed / sum(n for _, n in batch)
-        share = elapsed / len(batch)
-        for job, _ in batch:
-            job.seconds += share
-            if job.done == job.T:
-                self._fingerprinted(job)
+        job.done += n
+        job.rows[0].length = job.done
 
-    def _fingerprinted(self, job: PrefillJob) -> None:
-        """The whole prompt is through G: its generalist pass (fingerprint, alpha), then the plan."""
-        c, g = self.c, self.g
+    def _generalist_done(self, job: PrefillJob) -> None:
+        """The whole prompt is through G: the plan (from its fingerprint), or a resumed job's tails."""
+        if job.resume is not None:
+            job.trunk = [torch.cat(job.trunk, 1)]
+            if job.mode.generalist_only:
+                job.comp = 1  # G's own row: the pass wrote it
+            return
+        c, g = job.c, job.c.g
         fp = (job.fp_sum / max(job.fp_n, 1.0))[None]
         am = torch.ones((1, job.T), dtype=torch.long, device=g.device)
         # the whole prompt's context only serves the signatures that rerun blocks (trunk, full)
@@ -170,31 +247,25 @@ class ModelRunner:
         """Plan, unless the mode asks for an in-pass signature not computed yet: then that one is
         computed first, a few record chunks per step (``signature_chunks``), and planning resumes."""
         try:
-            plan = self.plan_for(job.gp, job.request.composition)
+            plan = self.plan_for(job.c, job.gp, job.request.composition)
         except NeedSignature as need:
             job.sig = SignatureWork(need.k)
             return
         job.records = []
-        job.request.plan, job.request.summary = plan, PlanSummary.of(plan, self.c.domains)
-        c, g = self.c, self.g
-        if plan.kind == "logit":
-            comps = [(None, _one_hot(len(c.domains), c.d, None))] + [
-                (beta, _one_hot(len(c.domains), c.d, i)) for i, beta in plan.betas.items()]
-        else:
-            comps = [(None, plan.source_weights)]
-        job.comps = comps
-        for j, (beta, w) in enumerate(comps):
-            job.rows[j].weights, job.rows[j].beta = w, beta
+        job.request.plan, job.request.summary = plan, PlanSummary.of(plan, job.c.domains)
+        job.comps = plan.components
+        for row, (beta, w) in zip(job.rows, job.comps):
+            row.weights, row.beta, row.comp = w, beta, RowWeights.of(w)
         if job.mode.generalist_only:  # G's own row: the generalist pass already ran it
-            job.logits.append(g.logits(job.last_hidden)[0, -1].float().cpu())
+            job.logits.append(job.c.g.logits(job.last_hidden)[0, -1].float().cpu())
             job.comp = 1
 
     def spend(self, job: PrefillJob, share: float) -> float:
         """Run ``job``'s signature or tail chunks worth about ``share`` tokens-through-G; the cost spent."""
         if job.phase == "signatures":
-            frac = self.signature_fraction
+            frac = self.signature_fraction()
             return self.signature_chunks(job, max(1, round(share / frac))) * frac
-        frac, spent = self.tail_fraction, 0.0
+        frac, spent = tail_fraction(job.c), 0.0
         while job.phase == "tail" and share - spent >= frac / 2:
             n = max(1, min(job.T - job.tail_done, round((share - spent) / frac)))
             self.tail_chunk(job, n)
@@ -209,7 +280,7 @@ class ModelRunner:
         while w.chunk < len(job.records) and (covered == 0 or covered < tokens):
             blocks = job.records[w.chunk]
             n = int(blocks[0][0].shape[1])
-            total, count = specialist_abs_sum(self.c, blocks, job.fmask[None, w.pos:w.pos + n], w.k)
+            total, count = specialist_abs_sum(job.c, blocks, job.fmask[None, w.pos:w.pos + n], w.k)
             w.total = total if w.total is None else w.total + total
             w.count = count if w.count is None else w.count + count
             w.chunk, w.pos, covered = w.chunk + 1, w.pos + n, covered + n
@@ -225,73 +296,71 @@ class ModelRunner:
     @torch.inference_mode()
     def tail_chunk(self, job: PrefillJob, n: int) -> None:
         """The next ``n`` prompt tokens of the current component through its composed blocks."""
-        c, g = self.c, self.g
-        row, (_, w) = job.rows[job.comp], job.comps[job.comp]
+        c, g = job.c, job.c.g
+        row = job.rows[job.comp]
         if job.tail_done == 0:
             if job.comp > 0:
-                self.cache.copy(job.rows[0].slot, row.slot, job.T, range(c.first))
+                self.pool.copy(job.rows[0], row, job.T, range(c.first))
             row.length = job.T
+            job.tail_blocks = c.batched([row.comp])
         s = job.tail_done
         n = min(n, job.T - s)
-        view = ChunkView([SlotStore(self.cache, row)], [s], [n])
+        view = ChunkView([SlotStore(self.pool, row)], [s], [n])
         ctx = view.context(g, g.device)
-        x = g.run_blocks(job.trunk[0][:, s:s + n], ctx, c.first, c.n, c.materialized_for(w, cache=True))
+        x = g.run_blocks(job.trunk[0][:, s:s + n], ctx, c.first, c.n, job.tail_blocks)
         job.tail_done = s + n
         if job.tail_done == job.T:
-            job.logits.append(g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu())
+            if job.resume is None:
+                job.logits.append(g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu())
             job.comp += 1
             job.tail_done = 0
+            job.tail_blocks = None
 
     def finish(self, job: PrefillJob) -> list[list[Row]]:
         """Fork the components for every choice, promote the rows to decoding; rows per choice."""
         C, T = len(job.comps), job.T
-        self.cache.release_all(job.rows[C * job.request.n:])
-        per_choice = [job.rows[i * C:(i + 1) * C] for i in range(job.request.n)]
+        choices = 1 if job.resume is not None else job.request.n
+        self.pool.release_all(job.rows[C * choices:])
+        per_choice = [job.rows[i * C:(i + 1) * C] for i in range(choices)]
         for rows in per_choice[1:]:
             for base, r in zip(per_choice[0], rows):
-                self.cache.copy(base.slot, r.slot, T)
-                r.weights, r.beta, r.length = base.weights, base.beta, T
-        for r in job.rows[:C * job.request.n]:
+                self.pool.copy(base, r, T)
+                r.weights, r.beta, r.comp, r.length = base.weights, base.beta, base.comp, T
+        for r in job.rows[:C * choices]:
             r.length = T
-            self.cache.promote(r)
+            self.pool.promote(r)
         return per_choice
 
     # ---- decoding ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[Row], last_tokens: list[int], weights: list[torch.Tensor] | None = None
+    def decode(self, rows: list[Row], tokens: list[int], c: Constellation, weights: list[RowWeights]
                ) -> tuple[torch.Tensor, bool]:
-        """One step for rows in slots 0..B-1: next-token logits ``[B, V]`` (fp32, CPU) and whether
-        every row shared one composition. ``weights``: the rows' source weights in this runner's
-        constellation, when they differ from ``row.weights`` (rows of several catalogs, through a
-        ``composer.union.Union``)."""
-        g = self.g
-        B = len(rows)
-        assert [r.slot for r in rows] == list(range(B)), "slot cache not compact"
-        tokens = torch.tensor(last_tokens, dtype=torch.long, device=g.device)[:, None]
-        lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=g.device)
-        span = int(lengths.max()) + 1
-        mask = (torch.arange(span, device=g.device)[None, :] <= lengths[:, None])[:, None, None, :]
-        ctx = g.positional_context(lengths[:, None], mask, DecodeView(self.cache, lengths, span))
-        override, same = self._override(weights if weights is not None else [r.weights for r in rows])
-        x = g.run_blocks(g.embed(tokens, ctx), ctx, 0, g.mc.n_layers, override)
+        """One step for ``rows`` (in ``KVPool.decode_order``) fed ``tokens``: next-token logits
+        ``[R, V]`` (fp32, CPU) and whether the rows composed more than one composition. ``weights``:
+        the rows' compositions in ``c``'s sources."""
+        g = c.g
+        dev = g.device
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+        lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=dev)
+        ctx = g.positional_context(lengths[:, None], None, SlabDecodeView(self.pool, rows, lengths))
+        blocks, mixed = self._blocks(c, weights)
+        x = g.run_blocks(g.embed(ids, ctx), ctx, 0, g.mc.n_layers, blocks)
         logits = g.logits(g.final_norm(x))[:, 0].float().cpu()  # sampling runs on the CPU (seeded generators)
         for r in rows:
             r.length += 1
-        return logits, same
+        return logits, mixed
 
-    def _override(self, ws: list[torch.Tensor]) -> tuple[dict, bool]:
-        """The composed blocks for this batch: materialized when every row shares one composition,
-        mixed per row otherwise. Kept while the batch's rows (their weight tensors) stay the same."""
-        key = tuple(id(w) for w in ws)
-        if self._batch is not None and self._batch[0] == key:
-            return self._batch[2], self._batch[3]
-        same = all(torch.equal(w, ws[0]) for w in ws[1:])
-        override = self.c.materialized_for(ws[0], cache=True) if same else self.c.mixed_weights(stack_rows(ws))
-        self._batch = (key, ws, override, same)  # ws keeps the tensors (and so their ids) alive
-        return override, same
+    def _blocks(self, c: Constellation, weights: list[RowWeights]):
+        """The batch's composed blocks, kept while its rows (their weight objects) stay the same."""
+        key = (id(c),) + tuple(id(w) for w in weights)
+        if self._batch is None or self._batch[0] != key:
+            first = weights[0]
+            mixed = any(w is not first and not (torch.equal(w.src, first.src) and torch.equal(w.w, first.w))
+                        for w in weights[1:])
+            self._batch = (key, c.batched(weights), mixed, weights, c)  # (keeps the keyed objects alive)
+        return self._batch[1], self._batch[2]
 
 
-def _one_hot(n_domains: int, d: int, index: int | None) -> torch.Tensor:
-    w = torch.zeros(1 + n_domains, d)
-    w[0 if index is None else 1 + index] = 1.0
-    return w
+def tail_fraction(c: Constellation) -> float:
+    """Cost of a composed-tail token against a token through all of G."""
+    return (c.n - c.first) / c.n

@@ -1,21 +1,35 @@
-"""Scheduling: the bounded waiting queue, admission into KV slots, and how many prompt tokens a
-step may prefill.
+"""The scheduler: which requests run, where their keys/values go, and what each step does.
 
-Admission is first come, first served: a request is admitted (its slots staged) when every row it
-needs fits; a request that does not fit blocks those behind it, so a large request is not starved.
-A step's prefill budget follows measurement: while sequences decode, the prefill work of a step is
-sized to take about as long as one decode step (two exponential moving averages: seconds per
-decode step, prefill tokens per second), so running streams keep their pace while a long prompt
-goes in by chunks; with nothing decoding the budget is the maximum chunk.
+``schedule()`` returns a ``StepPlan`` — rows to decode, prompts to admit and how much of each
+prompt's prefill to run — and ``update_from_output`` folds the step's measurements back in (vLLM
+v1's split: schedule → execute → update). The scheduler owns the waiting queue, the prefilling
+jobs and the running sequences, and the cost model that sizes prefill work.
+
+**Admission by memory.** A request is admitted when every row it needs (n choices x the rows its
+mode runs per choice) gets a KV slot for its prompt in ``KVPool``, first come first served (a
+request that does not fit blocks those behind it, so a large one is not starved), up to
+``max_running`` rows. Rows grow into larger slots as they decode. When a row cannot grow, the
+newest running sequence is *preempted*: its slots are freed and it goes back to the head of the
+queue, to be recomputed (prompt + tokens so far, the same plan) when memory allows — vLLM's
+recompute policy. A request whose prompt + ``max_tokens`` could never fit is refused at submission.
+
+**Prefill budget.** While sequences decode, a step's prefill work is sized to take about as long
+as one decode step (two exponential moving averages: seconds per decode step, prefill tokens per
+second), so running streams keep their pace while a long prompt goes in by chunks; with nothing
+decoding the budget is the maximum chunk. Work is counted in tokens-through-G: a generalist-pass
+token is 1, a composed-tail token the composed share of the layers, a signature token its measured
+cost relative to a G token.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
-from .types import Draining, Limits, QueueFull, Request
+from .kv_pool import KVPool, NoRoom
+from .runner import PrefillJob, tail_fraction
+from .types import Limits, Request, Row, Sequence
 
 EMA = 0.3  # weight of the newest measurement
 
@@ -24,71 +38,146 @@ def _ema(old: float | None, new: float) -> float:
     return new if old is None else (1 - EMA) * old + EMA * new
 
 
+def split_budget(remaining: list[float], budget: float) -> list[float]:
+    """Work each job (in order) gets from ``budget``: first come, first served; zeros at the end."""
+    out = []
+    for r in remaining:
+        take = max(0, min(r, budget))
+        out.append(take)
+        budget -= take
+    return out
+
+
+@dataclass
+class StepPlan:
+    admitted: list[PrefillJob] = field(default_factory=list)  # jobs whose slots were staged this step
+    prefill: list[tuple[PrefillJob, float]] = field(default_factory=list)  # (job, tokens-through-G)
+    decode: list[Sequence] = field(default_factory=list)  # sequences decoding, in their rows' order
+    rows: list[Row] = field(default_factory=list)  # their rows, in ``KVPool.decode_order``
+    tokens: list[int] = field(default_factory=list)  # each row's input token
+    preempted: list[Sequence] = field(default_factory=list)
+    dropped: list[Request] = field(default_factory=list)  # cancelled while waiting
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefill or self.rows or self.preempted or self.dropped or self.admitted)
+
+
 class Scheduler:
-    def __init__(self, limits: Limits, rows_needed: Callable[[Request], int], capacity: int):
-        self.limits = limits
+    def __init__(self, limits: Limits, pool: KVPool, rows_needed: Callable[[Request], int],
+                 catalog: Callable[[], object]):
+        self.limits, self.pool = limits, pool
         self.rows_needed = rows_needed
-        self.capacity = capacity
-        self.waiting: deque[Request] = deque()
-        self.lock = threading.Condition()
-        self.draining = False
-        self.stopped = False
+        self.catalog = catalog  # the catalog new requests are planned on
+        self.waiting: deque[Request | Sequence] = deque()  # a Sequence: preempted, to resume
+        self.prefilling: list[PrefillJob] = []
+        self.running: list[Sequence] = []
         self.decode_s: float | None = None  # seconds per decode step
-        self.prefill_rate: float | None = None  # prefilled tokens per second
+        self.prefill_rate: float | None = None  # prefilled tokens-through-G per second
+        self.preemptions = 0
+        self._order = 0
+        self.signature_fraction: Callable[[], float] = lambda: 0.05  # the runner's measured ratio
 
-    # ---- the queue (any thread) ----------------------------------------------------------------
-    def submit(self, req: Request) -> None:
-        with self.lock:
-            if self.draining:
-                raise Draining()
-            if len(self.waiting) >= self.limits.max_waiting:
-                raise QueueFull()
-            need = self.rows_needed(req)
-            if need > self.capacity:
-                raise ValueError(f"this request needs {need} batch rows (n x components); "
-                                 f"the server runs at most {self.capacity}")
-            self.waiting.append(req)
-            self.lock.notify()
+    # ---- queue -------------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
 
-    def wake(self) -> None:
-        with self.lock:
-            self.lock.notify()
+    def abort(self, req: Request) -> tuple[list[Sequence], list[PrefillJob], bool]:
+        """Remove ``req`` wherever it is: its running sequences and prefill jobs (to be finished by the
+        caller) and whether it was still waiting."""
+        seqs = [s for s in self.running if s.request is req]
+        jobs = [j for j in self.prefilling if j.request is req]
+        before = len(self.waiting)
+        self.waiting = deque(w for w in self.waiting if (w if isinstance(w, Request) else w.request) is not req)
+        return seqs, jobs, len(self.waiting) != before
 
-    def wait_for_work(self, busy: Callable[[], bool], poll_s: float | None = None) -> bool:
-        """Block until there is something to do; False once stopped. ``poll_s``: wake that often anyway
-        (on the main thread, so that Python runs signal handlers that arrived while it slept)."""
-        with self.lock:
-            while not self.stopped and not self.waiting and not busy():
-                self.lock.wait(poll_s)
-            return not self.stopped
+    @property
+    def rows_in_use(self) -> int:
+        return sum(len(s.rows) for s in self.running) + sum(len(j.rows) for j in self.prefilling)
 
-    # ---- admission (engine thread) -------------------------------------------------------------
-    def admit(self, free_slots: int) -> list[Request]:
-        """Waiting requests that fit in ``free_slots``, in arrival order (cancelled ones dropped)."""
-        out = []
-        with self.lock:
-            while self.waiting:
-                req = self.waiting[0]
-                if req.cancelled.is_set():
-                    self.waiting.popleft()
-                    continue
-                need = self.rows_needed(req)
-                if need > free_slots:
+    # ---- planning ----------------------------------------------------------------------------------
+    def schedule(self, admit: bool = True) -> StepPlan:
+        """The next step: room for every decoding row's next token (preempting if memory runs out),
+        admissions (unless ``admit`` is False: a catalog swap waits), and the prefill work."""
+        plan = StepPlan()
+        self._make_room(plan)
+        if admit:
+            self._admit(plan)
+        shares = split_budget([self.remaining_cost(j) for j in self.prefilling], self.budget(bool(self.running)))
+        plan.prefill = [(j, s) for j, s in zip(self.prefilling, shares)]
+        by_row = {id(r): s for s in self.running for r in s.rows}
+        plan.rows = self.pool.decode_order([r for s in self.running for r in s.rows])
+        plan.tokens = [by_row[id(r)].tokens[-1] for r in plan.rows]
+        plan.decode = list(self.running)
+        return plan
+
+    def _make_room(self, plan: StepPlan) -> None:
+        """Every decoding row gets a slot holding its next position; the newest sequences give theirs up."""
+        for seq in sorted(self.running, key=lambda s: s.order):
+            if seq not in self.running:
+                continue  # preempted below for an older one
+            for row in seq.rows:
+                while row.length + 1 > row.cap:
+                    try:
+                        self.pool.grow(row, row.length + 1)
+                    except NoRoom:
+                        victim = max(self.running, key=lambda s: s.order)
+                        self._preempt(victim, plan)
+                        if victim is seq:
+                            break
+                if seq not in self.running:
                     break
-                free_slots -= need
-                out.append(self.waiting.popleft())
-        return out
 
-    # ---- prefill budget ------------------------------------------------------------------------
-    def observe_decode(self, seconds: float) -> None:
-        self.decode_s = _ema(self.decode_s, seconds)
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        self.pool.release_all(seq.rows)
+        seq.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
 
-    def observe_prefill(self, tokens: float, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            self.prefill_rate = _ema(self.prefill_rate, tokens / seconds)
+    def _admit(self, plan: StepPlan) -> None:
+        """Waiting requests (and preempted sequences, first) whose rows fit, in arrival order."""
+        while self.waiting:
+            item = self.waiting[0]
+            if isinstance(item, Request) and item.cancelled.is_set():
+                plan.dropped.append(self.waiting.popleft())
+                continue
+            if isinstance(item, Sequence):
+                n_rows, T, req, c = len(item.rows), len(item.request.prompt_ids) + len(item.tokens) - 1, \
+                    item.request, item.catalog
+            else:
+                n_rows, T, req, c = self.rows_needed(item), len(item.prompt_ids), item, self.catalog()
+            if self.rows_in_use + n_rows > self.limits.max_running or not self.pool.fits([T + 1] * n_rows):
+                break
+            self.waiting.popleft()
+            rows = [Row() for _ in range(n_rows)]
+            for r in rows:
+                self.pool.stage(r, T + 1)
+            if isinstance(item, Sequence):
+                job = PrefillJob(req, rows, c, req.prompt_ids + item.tokens[:-1], resume=item)
+            else:
+                job = PrefillJob(req, rows, c, list(req.prompt_ids))
+            self.prefilling.append(job)
+            plan.admitted.append(job)
+
+    def next_order(self) -> int:
+        self._order += 1
+        return self._order
+
+    def remaining_cost(self, job: PrefillJob) -> float:
+        """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit)."""
+        phase = job.phase
+        if phase == "generalist":
+            return (job.T - job.done) * (job.g_layers / job.c.n if job.mode is not None else 1.0)
+        if phase == "signatures":
+            return (job.T - job.sig.pos) * self.signature_fraction()
+        if phase != "tail":
+            return 0.0
+        return ((len(job.comps) - job.comp) * job.T - job.tail_done) * tail_fraction(job.c)
 
     def budget(self, decoding: bool) -> int:
-        """Prompt tokens the next step may prefill."""
+        """Prompt tokens (through G) the next step may prefill."""
         lo, hi = self.limits.prefill_chunk_min, self.limits.prefill_chunk_max
         if not decoding:
             return hi
@@ -96,12 +185,23 @@ class Scheduler:
             return lo
         return int(min(hi, max(lo, self.decode_s * self.prefill_rate)))
 
+    # ---- results -----------------------------------------------------------------------------------
+    def update_from_output(self, out) -> None:
+        """Fold a step's measurements into the cost model and retire its finished prefill jobs."""
+        if out.decode_seconds > 0:
+            self.decode_s = _ema(self.decode_s, out.decode_seconds)
+        if out.prefill_cost > 0 and out.prefill_seconds > 0:
+            self.prefill_rate = _ema(self.prefill_rate, out.prefill_cost / out.prefill_seconds)
+        for job in out.finished:
+            if job in self.prefilling:
+                self.prefilling.remove(job)
 
-def split_budget(remaining: list[int], budget: int) -> list[int]:
-    """Tokens each job (in order) gets from ``budget``: first come, first served; zeros at the end."""
-    out = []
-    for r in remaining:
-        take = max(0, min(r, budget))
-        out.append(take)
-        budget -= take
-    return out
+    def drop_job(self, job: PrefillJob) -> None:
+        if job in self.prefilling:
+            self.prefilling.remove(job)
+        self.pool.release_all(job.rows)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.pool.release_all(seq.rows)

@@ -14,11 +14,18 @@ from composer.modes import CompositionParams, Plan
 
 @dataclass(frozen=True)
 class Limits:
-    max_running: int = 16  # batch rows decoded together (a logit-mode sequence takes 1 + K)
+    max_running: int = 256  # batch rows decoded together (a logit-mode sequence takes 1 + K), vLLM's max_num_seqs
     max_waiting: int = 64  # queued requests; beyond that: 429
     max_prompt_tokens: int = 1536
     max_new_tokens: int = 1024  # cap on max_tokens
-    max_seq_len: int = 2048  # prompt + generated, per sequence (the KV cache's length)
+    max_seq_len: int = 2048  # prompt + generated, per sequence
+    # key/value positions held for all rows together (the KV cache's memory); requests are admitted
+    # while theirs fit. None: room for 16 sequences of max_seq_len (what 16 slots of 2048 took before)
+    kv_cache_tokens: int | None = None
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_cache_tokens if self.kv_cache_tokens is not None else 16 * self.max_seq_len
     max_body_bytes: int = 1 << 20
     drain_timeout_s: float = 120.0
     keepalive_s: float = 10.0
@@ -33,6 +40,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     min_tokens: int = 0
@@ -131,22 +139,31 @@ class Request:
     started: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
-    """One KV-cache slot and the source weights its composed blocks use."""
+    """One batch row: its KV slot (``slab``, ``slot``: ``kv_cache.KVPool``) and its composition.
 
-    slot: int
-    weights: torch.Tensor | None  # [1 + N, d], or per composed block [Lc, 1 + N, d]; None until planned
-    length: int  # tokens in the cache
-    beta: float | None = None  # logit mode: component weight (None: the generalist term)
+    ``weights``: the plan's source weights ``[1 + N, d]`` (or per block ``[Lb, 1 + N, d]``) of the
+    catalog it was planned on; ``comp``: the same as the step's tensors (``composer.batch.RowWeights``);
+    ``beta``: its weight in the sequence's log-probability mixture (None: the mixture's base row)."""
+
+    slot: int = -1
+    weights: torch.Tensor | None = None
+    length: int = 0  # tokens in the cache
+    beta: float | None = None
+    slab: int = -1
+    cap: int = 0  # positions its slot holds
+    comp: object = None  # composer.batch.RowWeights, set with ``weights``
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
+    """One choice of a request while it decodes: its rows (row 0 the mixture's base; more rows only
+    where the mode mixes several models' log-probabilities), sampling state and text."""
+
     request: Request
     index: int
     rows: list[Row]
-    logit_mode: bool
     generator: torch.Generator | None
     eos: set[int]
     detok: object  # detokenizer.Detokenizer
@@ -155,3 +172,39 @@ class Sequence:
     finished: bool = False
     cumulative_logprob: float = 0.0  # of the tokens generated (the model's log-probabilities, as reported)
     catalog: object = None  # the Constellation its rows' weights were planned on (it decodes on it)
+    order: int = 0  # admission order (the newest is preempted first)
+    preempted: int = 0  # times its KV was dropped and recomputed
+
+    @property
+    def length(self) -> int:
+        """Tokens in its KV cache (prompt + generated - 1 while decoding)."""
+        return self.rows[0].length
+
+
+# ---- the engine thread's one input queue ------------------------------------------------------------
+@dataclass
+class AddRequest:
+    request: Request
+
+
+@dataclass
+class Abort:
+    request: Request
+
+
+@dataclass
+class Call:
+    """Run ``fn`` on the engine thread between steps; its result (or error) goes into ``box``."""
+
+    fn: Callable[[], object]
+    done: threading.Event = field(default_factory=threading.Event)
+    box: dict = field(default_factory=dict)
+
+
+@dataclass
+class SwapCatalog:
+    constellation: object
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+EngineInput = AddRequest | Abort | Call | SwapCatalog

@@ -1,0 +1,259 @@
+"""Many compositions in one batch, as tensors: one code path whatever the rows compose.
+
+``composer.kernels`` holds the reference forms (``materialize``; ``ComposedParams`` for one
+composition; ``MixedParams``, which builds its own bookkeeping per batch). This module is what the
+engine's step runs: a catalog's structure is fixed once (``CatalogKernel``), and a batch enters it
+only as tensors (``RowWeights`` per row, stacked by ``BatchComposition``):
+
+- per row, the specialists it composes as source indices (``src`` [K]) and the weights of G and of
+  those sources, ``w`` [Lb, 1 + K, d] (Lb = one set per composed block, or 1 for all blocks);
+- per batch: ``src`` [R, K] padded with source 0 (G) at weight 0, ``w`` [R, Lb, 1 + K, d].
+
+Per block and tensor, the catalog fixes the distinct dense tensors among the sources (G's, and a
+full fine-tune's own), which source uses which (``owner``), the side the d-vector weights apply on,
+and the stacked adapter factors (``Stack``) with each source's entry. A row's factor for a dense
+tensor is the sum of its weights over the sources that use that tensor (one ``scatter_add``); the
+adapters run as grouped GEMMs over the (row, source) pairs sorted by adapter: each adapter's factors
+are read once for all the rows that use it, none is gathered per row (``torch._grouped_mm``).
+
+The arithmetic is the reference's: ``y = sum_t f_t(w) ⊙ (W_t x) + sum_s f(w_s) ⊙ B_s A_s x`` in fp32
+composition weights, rounded once to the activations' dtype (docs/precision.md). The weights are
+applied even where they sum to exactly 1, so no branch depends on what the rows compose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .arch import Arch
+from .kernels import side, scaled, wide
+from .lowrank import Stack
+from .model import fused_base
+
+
+@dataclass(frozen=True)
+class RowWeights:
+    """One row's composition: specialist sources ``src`` [K] (1-based source indices) and the
+    weights ``w`` [Lb, 1 + K, d] of G (column 0) and of those sources; Lb = 1 (every block alike)
+    or one per block of the catalog's span (``first .. n - 1``)."""
+
+    src: torch.Tensor
+    w: torch.Tensor
+
+    @staticmethod
+    def of(weights: torch.Tensor) -> "RowWeights":
+        """From dense source weights ``[1 + N, d]`` or ``[Lb, 1 + N, d]`` (source 0 = G)."""
+        w = weights if weights.dim() == 3 else weights[None]
+        used = (w[:, 1:] != 0).any(-1).any(0)
+        src = torch.nonzero(used).flatten() + 1
+        cols = torch.cat([torch.zeros(1, dtype=torch.long), src])
+        return RowWeights(src, w.index_select(1, cols).to(torch.float32).contiguous())
+
+    @property
+    def k(self) -> int:
+        return int(self.src.shape[0])
+
+
+@dataclass
+class _Term:
+    """How one tensor of one block composes."""
+
+    tensors: list[torch.Tensor]  # distinct dense tensors, G's first
+    owner: torch.Tensor  # long [S]: source -> index into ``tensors``
+    side: str  # in | out | vec | mean
+    conv: bool
+    group: int  # this block's owner group (terms with the same ``owner`` share factors)
+    stack: Stack | None = None
+    pairs: int | None = None  # index of the catalog's pair ordering for ``stack.sources``
+
+
+class CatalogKernel:
+    """A constellation's composed blocks, fixed once: terms per block and tensor, owner groups,
+    adapter stacks and the distinct source -> adapter-entry maps (one pair ordering each)."""
+
+    def __init__(self, c):
+        self.c = c
+        self.arch: Arch = c.g.arch
+        self.first, self.n, self.S = c.first, c.n, 1 + len(c.domains)
+        self.blocks: dict[int, dict[str, _Term]] = {}
+        self.groups: dict[int, list[torch.Tensor]] = {}  # block -> owner vector per group
+        self.entry_maps: list[tuple[torch.Tensor, int]] = []  # (source -> entry or -1 [S], adapters)
+        self.fused: dict[int, dict[tuple[str, ...], torch.Tensor]] = {}
+        keys: dict[tuple, int] = {}
+        for i in c.varied:
+            terms, groups, gkeys = {}, [], {}
+            for name, t0 in c.sources[i][0].items():
+                distinct: dict[int, int] = {}
+                tensors, owner = [], []
+                for src in c.sources[i]:
+                    t = src[name]
+                    if id(t) not in distinct:
+                        distinct[id(t)] = len(tensors)
+                        tensors.append(t)
+                    owner.append(distinct[id(t)])
+                okey = tuple(owner)
+                if okey not in gkeys:
+                    gkeys[okey] = len(groups)
+                    groups.append(torch.tensor(owner, dtype=torch.long, device=t0.device))
+                layout = self.arch.role(name).layout
+                term = _Term(tensors, groups[gkeys[okey]], side(c.policy, self.arch, name, tuple(t0.shape), c.d),
+                             layout == "conv1d", gkeys[okey])
+                st = c.stacks.get(i, {}).get(name)
+                if st is not None:
+                    skey = tuple(st.sources.tolist())
+                    if skey not in keys:
+                        emap = torch.full((self.S,), -1, dtype=torch.long)
+                        emap[st.sources.cpu()] = torch.arange(len(skey))
+                        keys[skey] = len(self.entry_maps)
+                        self.entry_maps.append((emap.to(t0.device), len(skey)))
+                    term.stack, term.pairs = st, keys[skey]
+                terms[name] = term
+            self.blocks[i], self.groups[i] = terms, groups
+            self.fused[i] = self._fusable(terms)
+
+    def _fusable(self, terms: dict[str, _Term]) -> dict[tuple[str, ...], torch.Tensor]:
+        """Groups of ``arch.fused`` whose weights are one G matrix for every source (no full
+        fine-tune changed them), with one owner group and the input side for all or for none."""
+        out = {}
+        for modules in self.arch.fused:
+            ts = [terms.get(m + ".weight") for m in modules]
+            if any(t is None or len(t.tensors) != 1 for t in ts) or len({t.group for t in ts}) != 1:
+                continue
+            if len({t.side == "in" for t in ts}) != 1:
+                continue
+            base = fused_base([t.tensors[0] for t in ts])
+            if base is not None:
+                out[modules] = base
+        return out
+
+
+class BatchComposition:
+    """The composed blocks of one batch of rows (``RowWeights`` each, in this catalog's sources):
+    per block a ``LayerParams`` computing every row under its own composition."""
+
+    def __init__(self, kernel: CatalogKernel, rows: list[RowWeights]):
+        self.kernel = kernel
+        R = len(rows)
+        K = max(r.k for r in rows)
+        Lb = max(r.w.shape[0] for r in rows)
+        d = rows[0].w.shape[-1]
+        dev = kernel.c.g.device
+        src = torch.zeros(R, K, dtype=torch.long)
+        w = torch.zeros(R, Lb, 1 + K, d, dtype=torch.float32)
+        for b, r in enumerate(rows):
+            src[b, :r.k] = r.src
+            w[b, :, :1 + r.k] = r.w  # (a row's single set broadcasts over the blocks)
+        self.src, self.w = src.to(dev), w.to(dev)
+        self.per_block = Lb > 1
+        self.pairs = [self._pairs(emap, na, K) for emap, na in kernel.entry_maps]
+        self.params = {i: _BlockParams(self, i) for i in kernel.blocks}
+
+    def _pairs(self, emap: torch.Tensor, na: int, K: int):
+        """The (row, source) pairs that use an adapter of this stack, sorted by adapter: rows [P],
+        slots [P] (column in ``src``), group ends ``offs`` [na] (int32)."""
+        e = emap[self.src].flatten()  # [R * K]
+        valid = e >= 0
+        order = torch.argsort(torch.where(valid, e, na), stable=True)
+        n = int(valid.sum())
+        order = order[:n]
+        offs = torch.bincount(e[order], minlength=na).cumsum(0).to(torch.int32)
+        return order // max(K, 1), order % max(K, 1), offs
+
+    def block_weights(self, i: int) -> torch.Tensor:
+        """``[R, 1 + K, d]``: the rows' weights in block ``i``."""
+        return self.w[:, i - self.kernel.first if self.per_block else 0]
+
+
+class _BlockParams:
+    """``LayerParams`` of one composed block for every row of a batch."""
+
+    def __init__(self, batch: BatchComposition, i: int):
+        k = batch.kernel
+        self.terms, self.fused = k.blocks[i], k.fused[i]
+        wb = batch.block_weights(i)  # [R, 1 + K, d]
+        wg, wk = wb[:, 0], wb[:, 1:]
+        R, K, d = wk.shape
+        self.factors = []
+        for owner in k.groups[i]:
+            T = int(owner.max()) + 1
+            if T == 1:
+                self.factors.append((wg + wk.sum(1))[:, None])  # [R, 1, d]
+                continue
+            f = torch.zeros(R, T, d, dtype=wb.dtype, device=wb.device)
+            f[:, 0] = wg
+            f.scatter_add_(1, owner[batch.src][:, :, None].expand(R, K, d), wk)
+            self.factors.append(f)
+        self.pairs = []
+        for rows, slots, offs in batch.pairs:
+            self.pairs.append((rows, offs, wk[rows, slots]))  # pair weights [P, d]
+
+    def _factor(self, term: _Term, t: int) -> torch.Tensor:
+        f = self.factors[term.group][:, t, None, :]  # [R, 1, d]
+        return f.mean(-1, keepdim=True) if term.side == "mean" else f
+
+    def _dense(self, x: torch.Tensor, term: _Term) -> torch.Tensor:
+        y = None
+        for t, W in enumerate(term.tensors):
+            f = self._factor(term, t)
+            z = _apply(scaled(x, f), W, term.conv) if term.side == "in" else scaled(_apply(x, W, term.conv), f)
+            y = z if y is None else y + z
+        return y
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, name: str, bias: str | None) -> torch.Tensor:
+        term = self.terms[name]
+        if term.stack is not None:
+            y = y + self._lowrank(x, term)
+        b = self.vector(bias) if bias else None
+        return y if b is None else y + b
+
+    def _lowrank(self, x: torch.Tensor, term: _Term) -> torch.Tensor:
+        rows, offs, wp = self.pairs[term.pairs]
+        R, T, n_in = x.shape
+        st = term.stack
+        out = x.new_zeros(R, T, st.Bt.shape[2])
+        P = rows.shape[0]
+        if P == 0:
+            return out
+        wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, None, :]  # [P, 1, d|1]
+        xg = x.index_select(0, rows)
+        if term.side == "in":
+            xg = scaled(xg, wp)
+        offs = offs * T if T > 1 else offs
+        h = torch._grouped_mm(xg.reshape(P * T, n_in), st.A.transpose(1, 2), offs=offs)
+        yp = torch._grouped_mm(h, st.Bt, offs=offs).view(P, T, -1)
+        if term.side != "in":
+            yp = scaled(yp, wp)
+        return out.index_add_(0, rows, yp)
+
+    # ---- LayerParams ---------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
+        return self._finish(self._dense(x, self.terms[weight]), x, weight, bias)
+
+    def linears(self, x: torch.Tensor, modules: tuple[str, ...]) -> list[torch.Tensor]:
+        """q/k/v or gate/up: one matmul on G's fused matrix when the catalog keeps it."""
+        base = self.fused.get(modules)
+        if base is None:
+            return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
+        terms = [self.terms[m + ".weight"] for m in modules]
+        inside = terms[0].side == "in"
+        ys = F.linear(scaled(x, self._factor(terms[0], 0)) if inside else x, base).split(
+            [t.tensors[0].shape[0] for t in terms], dim=-1)
+        return [self._finish(y if inside else scaled(y, self._factor(t, 0)), x, m + ".weight", m + ".bias")
+                for y, t, m in zip(ys, terms, modules)]
+
+    def vector(self, name: str) -> torch.Tensor | None:
+        term = self.terms.get(name)
+        if term is None:
+            return None
+        acc = None
+        for t, v in enumerate(term.tensors):
+            f = self._factor(term, t).to(wide(v.dtype))  # [R, 1, n|1]
+            acc = f * v if acc is None else acc + f * v
+        return acc.to(term.tensors[0].dtype)
+
+
+def _apply(x: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
+    return x @ w if conv else F.linear(x, w)
