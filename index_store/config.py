@@ -65,6 +65,8 @@ class CompositionConfig(_Strict):
 class RuntimeConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    packed_weights: bool = Field(True, description="serve: hold the generalist's matrices a second time in "
+                                 "oneDNN's prepacked layout on a CPU (faster matmuls, one more copy in memory)")
 
 
 class CatalogConfig(_Strict):

@@ -227,14 +227,21 @@ def cmd_serve(args) -> int:
     if args.max_prompt_tokens >= args.max_seq_len:
         raise UsageError(f"--max-prompt-tokens: {args.max_prompt_tokens} must be smaller than --max-seq-len "
                          f"({args.max_seq_len})")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.max_seq_len:
+        raise UsageError(f"--kv-cache-tokens: {args.kv_cache_tokens} cannot hold one sequence of --max-seq-len "
+                         f"({args.max_seq_len}) tokens")
     limits = Limits(max_running=args.max_running, max_waiting=args.max_waiting,
                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                    max_seq_len=args.max_seq_len, max_body_bytes=args.max_body_bytes,
+                    max_seq_len=args.max_seq_len, kv_cache_tokens=args.kv_cache_tokens,
+                    max_body_bytes=args.max_body_bytes,
                     drain_timeout_s=args.drain_timeout, prefill_chunk_max=args.prefill_chunk,
                     prefill_chunk_min=min(args.prefill_chunk_min, args.prefill_chunk))
     config = checked_config(args.config)
     if args.dtype:
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
+    if args.packed_weights is not None:
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(
+            update={"packed_weights": args.packed_weights})})
     sockets = listen(args.host, args.port)
     try:
         if args.threads is not None:

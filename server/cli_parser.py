@@ -154,8 +154,12 @@ def _add_serve(sub) -> None:
                     help="how often to check the config file for a catalog version committed by another process "
                     "(a replica, `constellation specialist`); 0 = never (default 2)")
     sv.add_argument("--model-name", default="constellation", help="the model id clients use (default constellation)")
-    sv.add_argument("--max-running", type=positive_int, default=16,
-                    help="batch rows decoded together, each with a KV slot of --max-seq-len (default 16)")
+    sv.add_argument("--max-running", type=positive_int, default=256,
+                    help="most batch rows one engine step runs (a sequence is one row; in logit mode 1 + top_k); "
+                    "requests are admitted while their keys/values fit in --kv-cache-tokens (default 256)")
+    sv.add_argument("--kv-cache-tokens", type=positive_int, default=None,
+                    help="key/value positions held for all sequences together (the KV cache's memory; the "
+                    "banner prints its GiB). Default: 16 x --max-seq-len, what 16 fixed slots held before")
     sv.add_argument("--max-waiting", type=positive_int, default=64, help="queued requests before 429 (default 64)")
     sv.add_argument("--max-prompt-tokens", type=positive_int, default=1536,
                     help="longest prompt accepted (default 1536)")
@@ -177,6 +181,10 @@ def _add_serve(sub) -> None:
                     help="weights' dtype, overriding the config's [runtime].dtype (auto: bf16 on CUDA and on "
                     "CPUs with native bf16, else float32; see docs/precision.md)")
     sv.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's, one per core)")
+    sv.add_argument("--packed-weights", action=argparse.BooleanOptionalAction, default=None,
+                    help="on a CPU, hold the generalist's matrices a second time in oneDNN's prepacked layout: "
+                    "faster decode steps, one more copy of them in memory (default: the config's "
+                    "[runtime].packed_weights, true)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

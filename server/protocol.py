@@ -91,6 +91,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id: accepted, logged, no effect on the output (as at OpenAI)
     # vLLM-style extensions
+    top_k: int = Field(default=0, ge=-1, le=1_000_000)  # keep the k most likely tokens; 0 or -1: all
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     # Constellation extension (through the client's extra_body)

@@ -12,6 +12,7 @@ import time
 import uvicorn
 
 from .engine import Engine, Limits
+from .summary import engine_summary
 
 
 class DrainingServer(uvicorn.Server):
@@ -99,7 +100,10 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_constellation(config_path)
+    if loaded.config.runtime.packed_weights:
+        loaded.constellation.g.pack()
     print(load_summary(loaded), file=sys.stderr, flush=True)
+    print(engine_summary(loaded, limits), file=sys.stderr, flush=True)
     app = create_app(loaded, limits, api_key, model_name, engine_thread=False, admin_key=admin_key,
                      catalog_poll_s=catalog_poll_s)
     engine: Engine = app.state.engine

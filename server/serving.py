@@ -197,6 +197,7 @@ class OpenAIServing:
             raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})",
                            param="logit_bias")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(0, body.top_k),
                               seed=body.seed, stop=body.stop or [], min_tokens=body.min_tokens,
                               ignore_eos=body.ignore_eos, logprobs=logprobs, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, logit_bias=dict(body.logit_bias or {}))

@@ -34,6 +34,18 @@ def load_summary(loaded) -> str:
             f"composed layers {layer_ranges(r['composed_layers'])}; {weighting}; resident: {parts}{note}")
 
 
+def engine_summary(loaded, limits) -> str:
+    """The engine's memory: the KV cache (positions, bytes, the longest sequence) and prepacked weights."""
+    g = loaded.constellation.g
+    mc = g.mc
+    per = mc.n_layers * 2 * mc.n_kv_heads * mc.head_dim * g.dtype.itemsize
+    kv = limits.kv_tokens
+    packed = (f"; prepacked matrices (oneDNN) {g.packed_bytes / 2**20:.1f} MiB" if g.packed
+              else "; matrices not prepacked")
+    return (f"KV cache: {kv} positions ({kv * per / 2**30:.2f} GiB), sequences up to {limits.max_seq_len} tokens, "
+            f"up to {limits.max_running} rows per step, admitted while their KV fits{packed}")
+
+
 def describe_weighting(name: str, sharpness: float | None, strength: dict[str, float] | None) -> str:
     """``weighting softmax (temperature 0.15), strength legal 1.5, code 0.7``: what a composition uses."""
     from composer.weightings import WEIGHTINGS

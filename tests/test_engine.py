@@ -38,8 +38,9 @@ def _library(loaded, ids: list[int], comp: dict, n: int) -> tuple[list[int], lis
 
 class Run:
     def __init__(self, loaded, **limits):
-        self.engine = Engine(loaded.constellation, loaded.tokenizer, Limits(max_running=8, max_seq_len=256,
-                                                                            **limits))
+        limits = {"max_running": 8, "max_seq_len": 256, **limits}
+        self.engine = Engine(loaded.constellation, loaded.tokenizer, Limits(**limits))
+        self.requests: list[Request] = []
         self.engine.start()
 
     def submit(self, ids, comp, n_tokens, n=1):
@@ -47,6 +48,7 @@ class Run:
         req = Request(ids, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True, logprobs=0),
                       CompositionParams.model_validate(comp), n=n, emit=q.put)
         self.engine.submit(req)
+        self.requests.append(req)
         return q
 
     @staticmethod
@@ -168,3 +170,57 @@ def test_prefill_stall_bench_smoke(loaded):
     with LoopbackServer(create_app(loaded, limits)) as url:
         r = asyncio.run(_scenario(url, 2, long_ids, 40))
     assert 0 < r["median_gap"] <= r["worst_gap"] and r["long_ttft"] > 0
+
+
+def test_preempted_sequences_are_recomputed_and_decode_on_exactly(loaded):
+    """A KV cache of 4 slabs of 128 positions: three requests (one of them logit mode, 1 + K rows) grow
+    past what fits, the newest are preempted, recomputed, and still give the library's tokens."""
+    run = Run(loaded, max_seq_len=128, kv_cache_tokens=512)
+    try:
+        comps = [{"mode": "constellation"}, {"mode": "weights", "weights": {"legal": 0.5, "code": 0.5}},
+                 {"mode": "logit"}]
+        prompts = [_ids(loaded, 6, 20 + k) for k in range(3)]
+        n = 96 - max(len(p) for p in prompts)
+        want = [_library(loaded, p, c, n) for p, c in zip(prompts, comps)]
+        qs = [run.submit(p, c, n) for p, c in zip(prompts, comps)]
+        for q, (toks, lps) in zip(qs, want):
+            got, got_lp = Run.collect(q)
+            assert got[0] == toks and got_lp[0] == pytest.approx(lps, abs=1e-4)
+        assert run.engine.scheduler.preemptions > 0
+        assert run.engine.cache.used == 0
+    finally:
+        run.engine.stop()
+
+
+def test_sixty_four_sequences_decode_together_in_the_default_kv_memory(loaded):
+    """The default KV cache (16 x max_seq_len positions) holds 64 sequences of a quarter of max_seq_len."""
+    run = Run(loaded, max_running=256, max_seq_len=128)
+    try:
+        widths, inner = [], run.engine.runner.decode
+        run.engine.runner.decode = lambda rows, *a: (widths.append(len(rows)), inner(rows, *a))[1]
+        with run.engine.lock:  # all arrive before the engine looks
+            qs = [run.submit(_ids(loaded, 3, k)[:8], {"mode": "generalist"}, 32 - 8) for k in range(64)]
+        for q in qs:
+            toks, _ = Run.collect(q)
+            assert len(toks[0]) == 24
+        assert max(widths) == 64 and run.engine.scheduler.preemptions == 0
+        assert run.engine.pool.tokens == 16 * 128
+    finally:
+        run.engine.stop()
+
+
+def test_abort_frees_a_request_wherever_it_is(loaded):
+    run = Run(loaded, max_running=1)
+    try:
+        decoding = run.submit(_ids(loaded, 4, 3), {"mode": "constellation"}, 200)
+        assert decoding.get(timeout=60).token_ids  # decoding ...
+        waiting = run.submit(_ids(loaded, 4, 4), {"mode": "generalist"}, 5)  # ... so this one waits (1 row)
+        run.engine.call(lambda: None)
+        assert run.engine.num_waiting == 1
+        run.engine.abort(run.requests[1])
+        run.engine.abort(run.requests[0])
+        run.engine.call(lambda: None)
+        assert run.engine.num_waiting == 0 and not run.engine.running and run.engine.cache.used == 0
+        assert waiting.empty()  # nothing more is sent to a request that went away
+    finally:
+        run.engine.stop()

@@ -201,10 +201,13 @@ def test_pool_packs_a_class_to_free_a_slab():
         pool.stage(Row(length=1), 64)
 
 
-def test_slab_decode_view_equals_one_padded_attention():
+@pytest.mark.parametrize("lengths,segments,max_len", [((5, 12, 30, 3, 40, 17), 3, 64), ((5, 12, 3, 7, 9, 2), 1, 64),
+                                                      ((5, 20, 30, 3, 40, 17), 5, 48)])
+def test_slab_decode_view_equals_one_padded_attention(lengths, segments, max_len):
+    """(A longest sequence of 48: slabs of 48 positions, whose 32-slot class leaves 16 unused.)"""
     torch.manual_seed(0)
-    pool = KVPool(1, 2, 4, 64, 256, torch.float32, "cpu", slab_tokens=64)
-    rows = [Row(length=n) for n in (5, 12, 30, 3, 40, 17)]
+    pool = KVPool(1, 2, 4, max_len, max_len * 6, torch.float32, "cpu", slab_tokens=max_len)
+    rows = [Row(length=n) for n in lengths]
     for r in rows:
         pool.stage(r, r.length + 1)
         pool.promote(r)
@@ -212,10 +215,11 @@ def test_slab_decode_view_equals_one_padded_attention():
         K[:, :r.length] = torch.randn(2, r.length, 4)
         V[:, :r.length] = torch.randn(2, r.length, 4)
     order = pool.decode_order(rows)
-    assert len({r.slab for r in order}) > 1  # the rows sit in slabs of several classes
-    lengths = torch.tensor([r.length for r in order])
+    assert len({r.slab for r in order}) > 1  # the rows sit in several slabs ...
+    view = SlabDecodeView(pool, order, torch.tensor([r.length for r in order]))
+    assert len(view.segments) == segments  # ... read as one view per class, adjacent full slabs together
     q, k, v = torch.randn(6, 4, 1, 4), torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
-    got = SlabDecodeView(pool, order, lengths).attend(0, q, k, v, 0.5)
+    got = view.attend(0, q, k, v, 0.5)
     for b, r in enumerate(order):
         K, V = pool.kv(0, r)
         assert torch.equal(K[:, r.length], k[b, :, 0]) and torch.equal(V[:, r.length], v[b, :, 0])

@@ -203,6 +203,19 @@ def test_supported_top_p(client):
         assert create(client, "completions", max_tokens=6, temperature=1, top_p=1e-6, seed=s).choices[0].text == greedy
 
 
+def test_the_top_k_extension(client):
+    greedy = create(client, "completions", max_tokens=6, temperature=0).choices[0].text
+    for s in (1, 2, 3):  # only the most likely token is left
+        assert create(client, "completions", max_tokens=6, temperature=1.5, seed=s,
+                      extra_body={"top_k": 1}).choices[0].text == greedy
+    texts = {create(client, "completions", max_tokens=6, temperature=1.5, seed=s,
+                    extra_body={"top_k": -1}).choices[0].text for s in (1, 2, 3, 4)}
+    assert len(texts) > 1  # -1 (as 0) keeps every token
+    with pytest.raises(openai.BadRequestError) as e:
+        create(client, "completions", max_tokens=2, extra_body={"top_k": -2})
+    assert e.value.body["param"] == "top_k"
+
+
 def test_supported_n(client):
     for route in ("completions", "chat"):
         r = create(client, route, max_tokens=4, n=3, seed=5, extra_body={"ignore_eos": True})

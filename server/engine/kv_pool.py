@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from composer.model import _one_query_attention
+from composer.model import one_query_attention_bias
 from .kv_cache import SlotCache
 
 MIN_CLASS = 16  # the smallest slot capacity
@@ -136,7 +136,10 @@ class KVPool:
             return best
         if None not in self.slabs and not self.compact():
             raise NoRoom(f"no free slot of {cap} positions")
-        return self._new_slab(self.slabs.index(None), cap)
+        # next to a slab of the class if one is free there, so decode steps read both as one view
+        after = [s.index + 1 for s in self.slabs if s is not None and s.cap == cap]
+        index = next((i for i in after if i < self.n_slabs and self.slabs[i] is None), self.slabs.index(None))
+        return self._new_slab(index, cap)
 
     def _new_slab(self, index: int, cap: int) -> Slab:
         m, per = self.per_slab(cap), self.n_kv * cap * self.head_dim
@@ -174,38 +177,38 @@ class KVPool:
 
     def grow(self, row, need: int) -> None:
         """Move a decoding row to a slot holding ``need`` positions (``NoRoom`` if none can be made).
-        A row alone in its slab takes the whole slab over in place when nothing else is free."""
+        When nothing else is free, the row's own slab is re-cut into the larger slots if its rows fit."""
         cap = self.class_for(need)
         if cap <= row.cap:
             return
         try:
             dst = self._slab_with_room(cap)
         except NoRoom:
-            if self.slabs[row.slab].used != 1:
+            if self.slabs[row.slab].used > self.per_slab(cap):
                 raise
-            self._reclass(row, cap)
+            self._recut(self.slabs[row.slab], cap)
             return
         self._move(row, dst)
 
-    def _reclass(self, row, cap: int) -> None:
-        """Re-cut the slab ``row`` is alone in into slots of ``cap``, the row keeping its positions."""
-        old = self.slabs[row.slab]
-        kept = [(k[row.slot, :, :row.length].clone(), v[row.slot, :, :row.length].clone())
-                for k, v in zip(old.k, old.v)]
-        length, decoding = row.length, row.slot < old.decoding
-        self.release(row)
+    def _recut(self, old: Slab, cap: int) -> None:
+        """Re-cut slab ``old`` into slots of ``cap`` (larger), every row keeping its positions and state."""
+        rows = sorted(old.owners.values(), key=lambda r: r.slot)
+        decoding = [r for r in rows if r.slot < old.decoding]
+        staged = [r for r in rows if r.slot >= old.decoding]
+        kept = [[(k[r.slot, :, :r.length].clone(), v[r.slot, :, :r.length].clone()) for k, v in zip(old.k, old.v)]
+                for r in rows]
         slab = self._new_slab(old.index, cap)
-        slot = 0 if decoding else slab.slots - 1
-        for i, (k, v) in enumerate(kept):
-            slab.k[i][slot, :, :length] = k
-            slab.v[i][slot, :, :length] = v
-        if decoding:
+        for r in decoding:
             slab.decoding += 1
-        else:
+            slab._place(r, slab.decoding - 1)
+        for r in staged:
             slab.staged += 1
-        row.length = length
-        slab._place(row, slot)
-        self.moves += 1
+            slab._place(r, slab.slots - slab.staged)
+        for r, data in zip(rows, kept):
+            for i, (k, v) in enumerate(data):
+                slab.k[i][r.slot, :, :r.length] = k
+                slab.v[i][r.slot, :, :r.length] = v
+        self.moves += len(rows)
 
     def _move(self, row, dst: Slab) -> None:
         """Move ``row`` (its ``length`` positions) into ``dst``'s region for its state (decoding/staged)."""
@@ -258,22 +261,26 @@ class KVPool:
 
 @dataclass
 class _Segment:
-    slab: Slab
-    rows: slice  # the step's rows in this slab (its decode region, in slot order)
-    slots: torch.Tensor
-    lengths: torch.Tensor
-    span: int
-    mask: torch.Tensor  # [n, 1, 1, span]
+    first: int  # slabs first..last (adjacent, one class, all but the last full of decoding rows)
+    last: int
+    cap: int
+    rows: slice  # the step's rows in these slabs (their decode regions, in slot order)
+    lengths: list[int]
 
 
 class SlabDecodeView:
-    """A decode step over rows in ``KVPool.decode_order``: per slab, row b of the slab writes its new
-    key/value at position ``length`` of its slot and attends over its slab's view up to the slab's
-    longest row (``attend``: the model calls it instead of ``update``)."""
+    """A decode step over rows in ``KVPool.decode_order``: every row writes its new key/value at
+    position ``length`` of its slot (one indexed copy into the pool per layer for all rows), then per
+    slab the slab's decoding rows attend over its view up to their longest row (``attend``: the model
+    calls it instead of ``update``)."""
 
     def __init__(self, pool: KVPool, rows: list, lengths: torch.Tensor):
-        self.segments: list[_Segment] = []
+        self.pool = pool
         device = lengths.device
+        kv = pool.n_kv
+        per = pool.slab_tokens * kv  # rows of head_dim per slab
+        base, step = [], []
+        segs: list[_Segment] = []
         start = 0
         while start < len(rows):
             slab = pool.slabs[rows[start].slab]
@@ -283,19 +290,47 @@ class SlabDecodeView:
             n = end - start
             if [r.slot for r in rows[start:end]] != list(range(n)) or n != slab.decoding:
                 raise AssertionError("a decode step must run every decoding row of a slab, in slot order")
-            lens = lengths[start:end]
-            span = int(lens.max()) + 1
-            mask = (torch.arange(span, device=device)[None, :] <= lens[:, None])[:, None, None, :]
-            self.segments.append(_Segment(slab, slice(start, end), torch.arange(n, device=device), lens, span, mask))
+            lens = [r.length for r in rows[start:end]]
+            prev = segs[-1] if segs else None
+            if (prev is not None and prev.cap == slab.cap and prev.last + 1 == slab.index
+                    and pool.slabs[prev.last].decoding == pool.slabs[prev.last].slots
+                    and slab.slots * slab.cap == pool.slab_tokens):  # one strided view over both
+                prev.last, prev.rows = slab.index, slice(prev.rows.start, end)
+                prev.lengths += lens
+            else:
+                segs.append(_Segment(slab.index, slab.index, slab.cap, slice(start, end), lens))
+            for r in rows[start:end]:
+                base.append(slab.index * per + r.slot * kv * slab.cap + r.length)
+                step.append(slab.cap)
             start = end
+        self.segments = []
+        for seg in segs:
+            lens = torch.tensor(seg.lengths, device=device)
+            span = int(lens.max()) + 1
+            bias = torch.zeros(len(seg.lengths), span, device=device)
+            bias.masked_fill_(torch.arange(span, device=device)[None, :] > lens[:, None], float("-inf"))
+            self.segments.append((seg, span, bias))
+        self._bias: dict[int, list[torch.Tensor]] = {}
+        heads = torch.arange(kv, device=device)[None, :]
+        self.flat = (torch.tensor(base, device=device)[:, None]
+                     + heads * torch.tensor(step, device=device)[:, None]).flatten()  # [B * H_kv]
+        self.shape = (kv, pool.head_dim)
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write each row's key/value ``k``/``v`` [B, H_kv, 1, hd] and attend its query ``q`` [B, H, 1, hd]."""
+        pk, pv = self.pool.k[i], self.pool.v[i]
+        kv, hd = self.shape
+        pk.view(-1, hd).index_copy_(0, self.flat, k.reshape(-1, hd).to(pk.dtype))
+        pv.view(-1, hd).index_copy_(0, self.flat, v.reshape(-1, hd).to(pv.dtype))
+        G = q.shape[1] // kv
+        if G not in self._bias:  # [n * H_kv, G, span] per segment, once per step
+            self._bias[G] = [b[:, None, None, :].expand(-1, kv, G, -1).reshape(-1, G, span)
+                             for _, span, b in self.segments]
         outs = []
-        for seg in self.segments:
-            K, V = seg.slab.k[i], seg.slab.v[i]
-            K[seg.slots, :, seg.lengths] = k[seg.rows, :, 0].to(K.dtype)  # (index_put: no cast)
-            V[seg.slots, :, seg.lengths] = v[seg.rows, :, 0].to(V.dtype)
-            n = seg.slots.shape[0]
-            outs.append(_one_query_attention(q[seg.rows], K[:n, :, :seg.span], V[:n, :, :seg.span], seg.mask, scale))
+        for (seg, span, _), bias in zip(self.segments, self._bias[G]):
+            n = seg.rows.stop - seg.rows.start
+            size = n * kv * seg.cap * hd  # (the segment's first n slots: its decoding rows)
+            K = pk[seg.first:seg.last + 1].view(-1)[:size].view(n, kv, seg.cap, hd)[:, :, :span]
+            V = pv[seg.first:seg.last + 1].view(-1)[:size].view(n, kv, seg.cap, hd)[:, :, :span]
+            outs.append(one_query_attention_bias(q if len(self.segments) == 1 else q[seg.rows], K, V, bias, scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
