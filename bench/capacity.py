@@ -7,8 +7,8 @@ Through ``constellation serve`` (the demo by default) with its default KV cache 
 sequences of ``--max-seq-len`` (2048): what 16 fixed slots took before admission went by memory:
 
 - **together**: ``--sequences`` concurrent requests whose prompt + ``max_tokens`` is ``--length``
-  tokens (greedy, EOS ignored). Reported: how many were decoding at the same moment (streams whose
-  first token came before any stream's last), the largest batch a decode step ran
+  tokens (greedy, EOS ignored). Reported: how many were decoding at the same moment (the most streams
+  between their first and last token at once), the largest batch a decode step ran
   (``constellation_batch_size``), preemptions (``constellation_num_preemptions_total``) and the
   aggregate decode rate. Target: ``--sequences`` (64) all decode together.
 - **short under load**: a short request (``--short-tokens`` new tokens) alone on the idle server,
@@ -63,18 +63,27 @@ def _largest_batch(text: str) -> int:
     return largest
 
 
-async def together(url: str, tokenizer, sequences: int, length: int) -> dict:
+def _peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most (first token, last token) spans open at one moment: streams decoding together."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], -e[1]))
+    peak = now = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+async def together(url: str, tokenizer, sequences: int, length: int, prompts: list[str] = PROMPTS) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=3600)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(sequences)]
+    prompts = [prompts[i % len(prompts)] for i in range(sequences)]
     news = [length - len(tokenizer(p)["input_ids"]) for p in prompts]
     before = httpx.get(url + "/metrics").text
     runs = await asyncio.gather(*[_stream(client, p, n) for p, n in zip(prompts, news)])
     after = httpx.get(url + "/metrics").text
     await client.close()
-    first_last = min(r[2] for r in runs)
-    overlapping = sum(1 for r in runs if r[1] <= first_last)
+    overlapping = _peak_overlap([(r[1], r[2]) for r in runs])
     span = max(r[2] for r in runs) - min(r[1] for r in runs)
     return {"sequences": sequences, "length": length, "decoding_together": overlapping,
             "largest_batch": _largest_batch(after),

@@ -41,7 +41,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from composer.model import Transformer, matmul_kernels
+from composer.linear import matmul_kernels
+from composer.model import Transformer
 from composer.weights import load_model
 from server.engine.kv_cache import DecodeView, PrefillView, SlotCache
 

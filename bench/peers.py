@@ -235,10 +235,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="constellation config (default: the demo, ~/.cache/constellation/demo)")
-    ap.add_argument("--dtype", choices=sorted(OUTTYPES) + ["auto"], default="float32",
-                    help="Constellation's weights dtype, overriding the config's [runtime] dtype, and the GGUF "
-                    "llama.cpp gets converted to (f32, bf16, f16); default float32: the same fp32 weights on both "
-                    "sides ('auto' = what the config would pick, e.g. bf16 on a CPU with native bf16)")
+    ap.add_argument("--dtype", choices=sorted(OUTTYPES) + ["auto"], default="auto",
+                    help="the weights' dtype on every side: Constellation's (overriding the config's [runtime] dtype), "
+                    "the GGUF llama.cpp gets converted to (f32, bf16, f16) and vLLM's --dtype; default auto: what "
+                    "`constellation serve` picks here (bf16 on a CPU with native bf16, else float32)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request (default 64)")
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams in the multi-stream runs; "
                     "also llama.cpp's -np slots (default 16)")
@@ -390,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     config_path = Path(args.config) if args.config else demo_config()
     config = load_config(config_path)
-    dtype_name = args.dtype if args.dtype != "auto" else config.runtime.dtype
     device = pick_device(config.runtime.device)
-    dtype = pick_dtype(dtype_name, device)
+    dtype = pick_dtype(args.dtype if args.dtype != "auto" else config.runtime.dtype, device)
     torch_dtype = str(dtype).removeprefix("torch.")
+    dtype_name = torch_dtype  # (every side gets the same concrete dtype)
     model_dir = Path(config.generalist.path)
     log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
         f"1 and {args.streams} streams; peers {', '.join(args.peers)}")

@@ -31,7 +31,7 @@ import torch
 from .arch import Arch
 from .kernels import side, scaled, wide
 from .lowrank import Stack
-from .model import fused_base, linear_with
+from .linear import fused_base, linear_with
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .arch import Arch
 from .lowrank import LowRank, Segments, Stack, fold, segment_weights, segmented_delta
-from .model import fused_base
+from .linear import fused_base
 from .policies import BroadcastPolicy
 
 Source = dict[str, torch.Tensor]  # one decoder block's dense tensors (names relative to the block)

@@ -10,7 +10,6 @@ run time. The tests check this code against transformers' own forward.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -18,59 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .arch import GATE_UP, QKV, Arch, ModelConfig, rope_inv_freq
+from .attention import one_query_attention
+from .linear import ATEN_MAX_ROWS, can_pack, fused_base, linear_with, matmul_kernels, pack_weight
 from .lowrank import LowRank
-
-
-# bf16 matmuls of at most this many rows run on ATen's own CPU kernels, larger ones on oneDNN's: on
-# the CPU measured oneDNN took ~2.5x as long for one row and ATen ~4x as long for 16 (docs/precision.md).
-ATEN_MAX_ROWS = 2
-
-
-@contextmanager
-def matmul_kernels(rows: int, dtype: torch.dtype, device: torch.device, aten_max_rows: int = ATEN_MAX_ROWS):
-    """Route the CPU's bf16 matmuls of a ``rows``-row forward to the faster kernel family (oneDNN
-    stays off if the process turned it off). The switch is process-wide: one thread runs the model.
-    Under ``torch.compile`` it does nothing (enter it around the compiled call instead)."""
-    if (dtype != torch.bfloat16 or device.type != "cpu" or rows > aten_max_rows or torch.compiler.is_compiling()
-            or not torch.backends.mkldnn.enabled):
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
-
-
-def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether oneDNN's prepacked matmul serves this dtype on this device (CPU fp32, and bf16 where
-    oneDNN has native bf16)."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def pack_weight(w: torch.Tensor, conv: bool = False) -> torch.Tensor:
-    """``w`` (``[out, in]``; ``conv``: GPT-2's ``[in, out]``) in oneDNN's prepacked layout (an opaque
-    tensor ``packed_linear`` multiplies with)."""
-    return torch.ops.mkldnn._reorder_linear_weight((w.t() if conv else w).contiguous())
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def linear_with(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool,
-                packed: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """``x`` through weight ``w`` (and ``bias``): its prepacked copy in ``packed`` (by ``id(w)``) if there
-    is one, else ``F.linear`` (``x @ w`` for a ``conv`` layout)."""
-    p = packed.get(id(w)) if packed else None
-    if p is not None:
-        return packed_linear(x, p, bias)
-    if conv:
-        y = x @ w
-        return y if bias is None else y + bias
-    return F.linear(x, w, bias)
 
 
 class LayerParams(Protocol):
@@ -123,19 +72,6 @@ class DenseParams:
 
     def vector(self, name):
         return self.t.get(name)
-
-
-def fused_base(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor whose consecutive row blocks ``parts`` are (as ``Transformer.fuse`` leaves them), or None."""
-    base = parts[0]._base
-    if base is None or not base.is_contiguous() or any(p._base is not base or not p.is_contiguous() for p in parts):
-        return None
-    offset = base.storage_offset()
-    for p in parts:
-        if p.storage_offset() != offset:
-            return None
-        offset += p.numel()
-    return base if offset == base.storage_offset() + base.numel() else None
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -380,7 +316,7 @@ class Transformer:
         if ctx.cache is not None:
             k, v = ctx.cache.update(i, k, v)
         if T == 1:
-            a = _one_query_attention(q, k, v, ctx.mask, scale)
+            a = one_query_attention(q, k, v, ctx.mask, scale)
         else:  # (a cache may hold keys/values in another dtype than the queries')
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask, scale=scale,
                                                enable_gqa=mc.n_kv_heads != mc.n_heads)
@@ -424,31 +360,3 @@ class Transformer:
         ctx = self.context(attention_mask)
         x = self.run_blocks(self.embed(input_ids, ctx), ctx, 0, self.mc.n_layers, override)
         return self.logits(self.final_norm(x))
-
-
-def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-                         ) -> torch.Tensor:
-    """Attention of one query per row (a decode step) as plain matmuls in fp32: each group of query
-    heads against the key/value head it shares (grouped-query attention). On a CPU this is ~10x
-    faster than SDPA's flash kernel for one bf16 query, and as exact (docs/precision.md).
-
-    ``q`` [B, H, 1, hd], ``k``/``v`` [B, H_kv, S, hd] (any float dtype, e.g. an fp32 cache),
-    ``mask`` [B, 1, 1, S] -> [B, H, 1, hd] in ``q``'s dtype.
-    """
-    B, H, _, hd = q.shape
-    kv = k.shape[1]
-    qg = q.float().reshape(B, kv, H // kv, hd)  # query heads j*H/H_kv .. (j+1)*H/H_kv - 1 read key/value head j
-    att = (qg @ k.float().transpose(-1, -2)) * scale
-    p = att.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (p @ v.float()).to(q.dtype).reshape(B, H, 1, hd)
-
-
-def one_query_attention_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
-                             ) -> torch.Tensor:
-    """``_one_query_attention`` with the mask as an additive ``bias`` (0 or -inf) ``[B * H_kv, G, S]``:
-    scores, scale and mask in one ``baddbmm``. ``k``/``v`` [B, H_kv, S, hd] (any float dtype)."""
-    B, H, _, hd = q.shape
-    kv, S = k.shape[1], k.shape[2]
-    qg = q.float().reshape(B * kv, H // kv, hd)
-    att = torch.baddbmm(bias, qg, k.float().reshape(B * kv, S, hd).transpose(1, 2), alpha=scale)
-    return torch.bmm(att.softmax(-1), v.float().reshape(B * kv, S, hd)).to(q.dtype).reshape(B, H, 1, hd)

@@ -17,7 +17,7 @@ from bench import llamacpp, peers, vllm
 def test_parse_args_defaults_and_errors():
     a = peers.parse_args([])
     assert (a.tokens, a.streams, a.repeats, a.threads, a.slot_ctx, a.skip_build, a.json, a.peer_args, a.dtype) == \
-        (64, 16, 3, None, 512, False, None, "--poll 0", "float32")
+        (64, 16, 3, None, 512, False, None, "--poll 0", "auto")
     a = peers.parse_args(["--tokens", "8", "--streams", "4", "--repeats", "1", "--threads", "2", "--skip-build",
                           "--json", "out.json", "--config", "c.toml"])
     assert (a.tokens, a.streams, a.repeats, a.threads, a.skip_build, a.json, a.config) == \

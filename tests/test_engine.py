@@ -224,3 +224,29 @@ def test_abort_frees_a_request_wherever_it_is(loaded):
         assert waiting.empty()  # nothing more is sent to a request that went away
     finally:
         run.engine.stop()
+
+
+def test_capacity_bench_smoke(loaded):
+    """bench.capacity's two scenarios through a real server on the fixture (fewer, shorter sequences)."""
+    import asyncio
+
+    from bench.capacity import short_under_load, together
+    from bench.loopback import LoopbackServer
+    from server.app import create_app
+
+    with LoopbackServer(create_app(loaded, Limits(max_seq_len=128, kv_cache_tokens=24 * 128, max_waiting=64))) as url:
+        short_prompts = [f"Question {i}: why?" for i in range(24)]
+        tog = asyncio.run(together(url, loaded.tokenizer, 24, 96, short_prompts))
+        short = asyncio.run(short_under_load(url, 4, 60, 4))
+    assert tog["decoding_together"] == 24 and tog["largest_batch"] >= 24 and tog["preemptions"] == 0
+    assert tog["tokens"] == sum(96 - len(loaded.tokenizer(p)["input_ids"]) for p in short_prompts)
+    assert short["idle_s"] > 0 and short["loaded_s"] > 0
+
+
+def test_attention_bench_smoke():
+    from bench.attention import measure
+
+    res = measure(1, cases={"4 x 20": [20] * 4, "3 x 10 + 1 x 70": [10, 10, 10, 70]})
+    for row in res.values():
+        for name in ("slot (padded)", "slabs", "paged (pairs)", "paged (padded)"):
+            assert row[name]["max_err"] < 1e-5 and row[name]["ms"] > 0

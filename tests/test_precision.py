@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from composer.arch import GATE_UP, QKV
 from composer.constellation import Constellation, Settings
 from composer.lowrank import LowRank
-from composer.model import KVCache, Transformer, fused_base, matmul_kernels
+from composer.linear import fused_base, matmul_kernels
+from composer.model import KVCache, Transformer
 from composer.modes import CompositionParams
 from composer.weights import load_model
 from index_store.config import load_config

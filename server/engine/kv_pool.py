@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from composer.model import one_query_attention_bias
+from composer.attention import one_query_attention_bias
 from .kv_cache import SlotCache
 
 MIN_CLASS = 16  # the smallest slot capacity
