@@ -319,7 +319,7 @@ def prepare_vllm(args, log=print) -> Path:
     return vllm.ensure_venv(root, log=log)
 
 
-def _targets_base(args, config_path: Path, model_dir: Path, dtype_name: str, torch_dtype: str, threads: int,
+def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, threads: int,
                   stack, log) -> list[Target]:
     """llama.cpp, vLLM and Constellation (generalist and constellation mode) on the base weights."""
     from bench import llamacpp, vllm
@@ -337,7 +337,7 @@ def _targets_base(args, config_path: Path, model_dir: Path, dtype_name: str, tor
                                                   args.slot_ctx, vllm.peer_dir() / "vllm.log"))
         targets.append(Target("vllm", url, "vllm", {"ignore_eos": True}))
     curl = stack.enter_context(ServedConstellation(
-        config_path, CACHE_LOG / "constellation-serve.log", dtype=dtype_name, threads=threads, max_waiting=64,
+        config_path, CACHE_LOG / "constellation-serve.log", dtype=torch_dtype, threads=threads, max_waiting=64,
         max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
     targets += [Target("generalist", curl, "constellation", {"ignore_eos": True, "composition": {"mode": "generalist"}}),
                 Target("constellation", curl, "constellation",
@@ -345,7 +345,7 @@ def _targets_base(args, config_path: Path, model_dir: Path, dtype_name: str, tor
     return targets
 
 
-def _targets_adapters(args, model_dir: Path, dtype_name: str, torch_dtype: str, threads: int, stack,
+def _targets_adapters(args, model_dir: Path, torch_dtype: str, threads: int, stack,
                       log) -> list[Target]:
     """vLLM with ``--adapters`` LoRAs and Constellation with the same adapters as its catalog: stream i
     runs adapter i (vLLM: ``model``; Constellation: a ``weights`` composition of that one adapter)."""
@@ -358,7 +358,7 @@ def _targets_adapters(args, model_dir: Path, dtype_name: str, torch_dtype: str, 
     vurl = stack.enter_context(vllm.VllmServer(py, model_dir, torch_dtype, threads, max(16, args.streams),
                                                args.slot_ctx, vllm.peer_dir() / "vllm-lora.log", folders, args.rank))
     curl = stack.enter_context(ServedConstellation(
-        config, CACHE_LOG / "constellation-serve-lora.log", dtype=dtype_name, threads=threads, max_waiting=64,
+        config, CACHE_LOG / "constellation-serve-lora.log", dtype=torch_dtype, threads=threads, max_waiting=64,
         max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
     pick = lambda i: names[i % len(names)]  # noqa: E731
     return [Target("vllm-lora", vurl, "", per_stream=lambda i: (pick(i), {"ignore_eos": True})),
@@ -392,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(config_path)
     device = pick_device(config.runtime.device)
     dtype = pick_dtype(args.dtype if args.dtype != "auto" else config.runtime.dtype, device)
-    torch_dtype = str(dtype).removeprefix("torch.")
-    dtype_name = torch_dtype  # (every side gets the same concrete dtype)
+    torch_dtype = str(dtype).removeprefix("torch.")  # every side gets this concrete dtype
     model_dir = Path(config.generalist.path)
     log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
         f"1 and {args.streams} streams; peers {', '.join(args.peers)}")
@@ -401,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     if "base" in args.workloads:
         with ExitStack() as stack:
-            rows = compare(_targets_base(args, config_path, model_dir, dtype_name, torch_dtype, threads, stack, log),
+            rows = compare(_targets_base(args, config_path, model_dir, torch_dtype, threads, stack, log),
                            args.tokens, args.streams, args.repeats, log)
     if args.adapters and "vllm" in args.peers and "adapters" in args.workloads:
         log(f"the adapter workload: {args.adapters} rank-{args.rank} adapters on every layer, one per stream")
         with ExitStack() as stack:
-            rows.update(compare(_targets_adapters(args, model_dir, dtype_name, torch_dtype, threads, stack, log),
+            rows.update(compare(_targets_adapters(args, model_dir, torch_dtype, threads, stack, log),
                                 args.tokens, args.streams, args.repeats, log))
     rat = ratios(rows)
     version = args.llama_version or llamacpp.VERSION
