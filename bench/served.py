@@ -81,7 +81,24 @@ class ServedConstellation(ServerProcess):
     """``with ServedConstellation(config, log_file, max_running=16) as url:`` — ``constellation serve``
     with these flags; ``url`` once /ready is ok; on exit SIGTERM (the server drains) and wait."""
 
-    def __init__(self, config: Path, log_file: Path, start_timeout: float = 300.0, **flags):
+    def __init__(self, config: Path, log_file: Path, start_timeout: float = 300.0, compile_timeout: float = 1800.0,
+                 **flags):
         port = free_port()
         super().__init__(serve_cmd(config, port, flags), port, log_file, "/ready", "constellation serve",
                          start_timeout, cwd=Path(__file__).resolve().parents[1])
+        self.compile_timeout = compile_timeout
+
+    def __enter__(self) -> str:
+        """Ready, and its captured decode steps built (a server that compiles them does so in the
+        background, decoding eagerly meanwhile: a benchmark measures what it serves afterwards)."""
+        url = super().__enter__()
+        deadline = time.monotonic() + self.compile_timeout
+        while True:
+            graphs = httpx.get(url + "/ready", timeout=5).json().get("decode_graphs")
+            if graphs is None or graphs["error"] or (graphs["compiling"] is None
+                                                     and len(graphs["ready"]) == len(graphs["buckets"])):
+                return url
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.__exit__()
+                raise RuntimeError(f"{self.name} did not finish compiling its decode steps; see {self.log_file}")
+            time.sleep(1.0)

@@ -180,32 +180,19 @@ class BatchComposition:
         return self.w[:, i - self.kernel.first if self.per_block else 0]
 
 
-class _BlockParams:
-    """``LayerParams`` of one composed block for every row of a batch."""
+class BlockApply:
+    """``LayerParams`` of one composed block over every row of a batch, given the rows' factors
+    (``factors``: per owner group ``[R, T, d]``); the adapters' products come from ``_lowrank``.
+    ``_BlockParams`` is the eager step's; ``composer.captured`` builds one inside a captured graph,
+    its matrices those the graph holds as constants and its adapters one opaque operator."""
 
-    def __init__(self, batch: BatchComposition, i: int):
-        k = batch.kernel
-        self.terms, self.fused, self.packed = k.blocks[i], k.fused[i], k.packed
-        wb = batch.block_weights(i)  # [R, 1 + K, d]
-        wg, wk = wb[:, 0], wb[:, 1:]
-        R, K, d = wk.shape
-        self.factors = []
-        for owner in k.groups[i]:
-            T = int(owner.max()) + 1
-            if T == 1:
-                self.factors.append((wg + wk.sum(1))[:, None])  # [R, 1, d]
-                continue
-            f = torch.zeros(R, T, d, dtype=wb.dtype, device=wb.device)
-            f[:, 0] = wg
-            f.scatter_add_(1, owner[batch.src][:, :, None].expand(R, K, d), wk)
-            self.factors.append(f)
-        self.pairs = []
-        for pairs in batch.pairs:
-            if pairs is None:
-                self.pairs.append(None)
-                continue
-            rows, slots, ok, ks = pairs  # pair weights [U, m, d], zero on padding
-            self.pairs.append((rows, ks, wk[rows, slots] * ok[..., None].to(wk.dtype)))
+    terms: dict[str, _Term]
+    fused: dict[tuple[str, ...], torch.Tensor]
+    packed: dict[int, torch.Tensor] | None
+    factors: list[torch.Tensor]
+
+    def _lowrank(self, y: torch.Tensor, x: torch.Tensor, term: _Term, name: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def _factor(self, term: _Term, t: int) -> torch.Tensor:
         f = self.factors[term.group][:, t, None, :]  # [R, 1, d]
@@ -225,33 +212,9 @@ class _BlockParams:
     def _finish(self, y: torch.Tensor, x: torch.Tensor, name: str, bias: str | None) -> torch.Tensor:
         term = self.terms[name]
         if term.stack is not None:
-            y = self._lowrank(y, x, term)
+            y = self._lowrank(y, x, term, name)
         b = self.vector(bias) if bias else None
         return y if b is None else y + b
-
-    def _lowrank(self, y: torch.Tensor, x: torch.Tensor, term: _Term) -> torch.Tensor:
-        """``y`` plus every row's ``sum_s f(w_s) ⊙ B_s A_s x``: per adapter in use, its rows gathered (padded
-        to the busiest adapter's count, at weight 0), one batched shrink and one batched expand over those
-        adapters (each adapter's factors read once), added back into ``y`` in place."""
-        pairs = self.pairs[term.pairs]
-        if pairs is None:
-            return y
-        rows, ks, wp = pairs
-        U, m = rows.shape
-        R, T, n_in = x.shape
-        st = term.stack
-        if U == st.A.shape[0]:
-            A, Bt = st.A, st.Bt
-        else:
-            A, Bt = st.A.index_select(0, ks), st.Bt.index_select(0, ks)
-        wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
-        xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in)
-        if term.side == "in":
-            xg = scaled(xg, wp)
-        yp = torch.bmm(torch.bmm(xg.view(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, -1)
-        if term.side != "in":
-            yp = scaled(yp, wp)
-        return y.index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
 
     # ---- LayerParams ---------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: str, bias: str | None) -> torch.Tensor:
@@ -279,3 +242,55 @@ class _BlockParams:
             acc = f * v if acc is None else acc + f * v
         return acc.to(term.tensors[0].dtype)
 
+
+class _BlockParams(BlockApply):
+    """``LayerParams`` of one composed block for every row of a batch (factors and adapter pairs
+    computed from the batch's tensors)."""
+
+    def __init__(self, batch: BatchComposition, i: int):
+        k = batch.kernel
+        self.terms, self.fused, self.packed = k.blocks[i], k.fused[i], k.packed
+        wb = batch.block_weights(i)  # [R, 1 + K, d]
+        wg, wk = wb[:, 0], wb[:, 1:]
+        R, K, d = wk.shape
+        self.factors = []
+        for owner in k.groups[i]:
+            T = int(owner.max()) + 1
+            if T == 1:
+                self.factors.append((wg + wk.sum(1))[:, None])  # [R, 1, d]
+                continue
+            f = torch.zeros(R, T, d, dtype=wb.dtype, device=wb.device)
+            f[:, 0] = wg
+            f.scatter_add_(1, owner[batch.src][:, :, None].expand(R, K, d), wk)
+            self.factors.append(f)
+        self.pairs = []
+        for pairs in batch.pairs:
+            if pairs is None:
+                self.pairs.append(None)
+                continue
+            rows, slots, ok, ks = pairs  # pair weights [U, m, d], zero on padding
+            self.pairs.append((rows, ks, wk[rows, slots] * ok[..., None].to(wk.dtype)))
+
+    def _lowrank(self, y: torch.Tensor, x: torch.Tensor, term: _Term, name: str) -> torch.Tensor:
+        """``y`` plus every row's ``sum_s f(w_s) ⊙ B_s A_s x``: per adapter in use, its rows gathered (padded
+        to the busiest adapter's count, at weight 0), one batched shrink and one batched expand over those
+        adapters (each adapter's factors read once), added back into ``y`` in place."""
+        pairs = self.pairs[term.pairs]
+        if pairs is None:
+            return y
+        rows, ks, wp = pairs
+        U, m = rows.shape
+        R, T, n_in = x.shape
+        st = term.stack
+        if U == st.A.shape[0]:
+            A, Bt = st.A, st.Bt
+        else:
+            A, Bt = st.A.index_select(0, ks), st.Bt.index_select(0, ks)
+        wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
+        xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in)
+        if term.side == "in":
+            xg = scaled(xg, wp)
+        yp = torch.bmm(torch.bmm(xg.view(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, -1)
+        if term.side != "in":
+            yp = scaled(yp, wp)
+        return y.index_add_(0, rows.flatten(), yp.view(U * m, T, -1))

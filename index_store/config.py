@@ -67,6 +67,28 @@ class RuntimeConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     packed_weights: bool = Field(True, description="serve: hold the generalist's matrices a second time in "
                                  "oneDNN's prepacked layout on a CPU (faster matmuls, one more copy in memory)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="serve: capture the decode step as one compiled graph per row bucket (inductor on a "
+        "CPU, CUDA graphs on CUDA), built in the background while decoding runs eagerly; auto = on for CUDA and "
+        "for float32 on a CPU, where it was measured faster (docs/benchmarks.md)")
+    compile_buckets: list[int] = Field([1, 2, 4, 8, 16], min_length=1, max_length=16, description="serve: row "
+                                       "counts a captured decode step is compiled for (a step pads its rows up "
+                                       "to the next one; more rows than the largest decode eagerly)")
+
+    @field_validator("compile_buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if any(b < 1 or b > 1024 for b in v):
+            raise ValueError(f"compile_buckets are row counts from 1 to 1024, got {v}")
+        return sorted(set(v))
+
+    def compiles(self, device, dtype) -> bool:
+        """Whether ``serve`` captures the decode step for weights of ``dtype`` on ``device``."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        import torch
+
+        return device.type == "cuda" or (device.type == "cpu" and dtype == torch.float32)
 
 
 class CatalogConfig(_Strict):

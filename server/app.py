@@ -200,7 +200,8 @@ def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, catalog: Live
             return error_response(503, "engine loop is not running", "service_unavailable")
         return {"status": "ready", "model": model_name, "domains": list(engine.c.domains),
                 "catalog_version": catalog.version, "modes": list(MODES),
-                "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting}
+                "index_verified": True, "running": engine.num_running, "waiting": engine.num_waiting,
+                "decode_graphs": engine.graph_status()}
 
 
 def errors_in_schema(app: FastAPI) -> None:

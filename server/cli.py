@@ -242,6 +242,12 @@ def cmd_serve(args) -> int:
     if args.packed_weights is not None:
         config = config.model_copy(update={"runtime": config.runtime.model_copy(
             update={"packed_weights": args.packed_weights})})
+    if args.compile is not None:
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(
+            update={"compile": "on" if args.compile else "off"})})
+    if args.compile_buckets is not None:
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(
+            update={"compile_buckets": args.compile_buckets})})
     sockets = listen(args.host, args.port)
     try:
         if args.threads is not None:

@@ -24,6 +24,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"constellation: {message} (see '{self.prog} --help')\n")
 
 
+
+def _buckets(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or any(b < 1 or b > 1024 for b in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated row counts from 1 to 1024, got {text!r}")
+    return sorted(set(out))
+
 def version() -> str:
     """The installed distribution's version (pyproject.toml's ``[project].version``)."""
     from importlib.metadata import PackageNotFoundError
@@ -185,6 +195,14 @@ def _add_serve(sub) -> None:
                     help="on a CPU, hold the generalist's matrices a second time in oneDNN's prepacked layout: "
                     "faster decode steps, one more copy of them in memory (default: the config's "
                     "[runtime].packed_weights, true)")
+    sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="capture the decode step as one compiled graph per row bucket (torch.compile: inductor on "
+                    "a CPU, CUDA graphs on CUDA), built in the background while requests decode eagerly; the "
+                    "log says when each bucket is ready and how long it took; --no-compile for debugging "
+                    "(default: the config's [runtime].compile, auto = on for CUDA and float32 CPU weights)")
+    sv.add_argument("--compile-buckets", type=_buckets, metavar="N,N,...",
+                    help="row counts the decode step is captured for, e.g. 1,16 (a step pads its rows up to the "
+                    "next; more rows than the largest run eagerly; default: [runtime].compile_buckets, 1,2,4,8,16)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

@@ -107,6 +107,15 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
     app = create_app(loaded, limits, api_key, model_name, engine_thread=False, admin_key=admin_key,
                      catalog_poll_s=catalog_poll_s)
     engine: Engine = app.state.engine
+    g, rt = loaded.constellation.g, loaded.config.runtime
+    if rt.compiles(g.device, g.dtype):
+        print(f"decode step: capturing one graph per {rt.compile_buckets} rows in the background (requests decode "
+              "eagerly meanwhile; the log says when each is ready; --no-compile turns this off)",
+              file=sys.stderr, flush=True)
+        engine.capture(rt.compile_buckets)
+    else:
+        print(f"decode step: eager ([runtime].compile = {rt.compile} for {str(g.dtype).replace('torch.', '')} on "
+              f"{g.device.type})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
     server = DrainingServer(config, engine, limits.drain_timeout_s)
     previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}

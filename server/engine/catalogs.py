@@ -43,6 +43,8 @@ class CatalogSwitch:
         self._waited = 0
         self.c, self.pending = item.constellation, None
         item.done.set()
+        if self.runner.graphs is not None:  # the new catalog's graphs, once (its steps run eagerly till then)
+            self.runner.graphs.build(self.c)
         return False
 
     def _decoder(self, seqs: list[Sequence], rows: list[Row]) -> tuple[Constellation, list[RowWeights]]:

@@ -76,6 +76,19 @@ class Engine(CatalogSwitch):
         """Run the loop on a background thread."""
         self.thread.start()
 
+    def capture(self, buckets, background: bool = True) -> None:
+        """Capture the decode step per row bucket for the current catalog (and again, once, after each
+        catalog change); steps that fit a ready bucket run it (``graphs``)."""
+        from .graphs import DecodeGraphs
+
+        self.runner.graphs = DecodeGraphs(buckets, background)
+        self.runner.graphs.build(self.c)
+
+    def graph_status(self) -> dict | None:
+        """Captured decode steps: buckets ready with their compile seconds (None: eager only)."""
+        g = self.runner.graphs
+        return None if g is None else {**g.status(), "steps": self.runner.captured_steps}
+
     def run(self) -> None:
         """Run the loop on the calling thread until ``stop``."""
         self._loop()

@@ -102,7 +102,10 @@ class ModelRunner:
         self.plan_for = plan_for  # (catalog, GeneralistPass, CompositionParams) -> Plan (engine's: metrics)
         self.g_seconds_per_token: float | None = None  # measured: generalist chunks ...
         self.sig_seconds_per_token: float | None = None  # ... and signature chunks
-        self._batch: tuple | None = None  # (key, blocks, mixed) of the last decode batch
+        self._batch: tuple | None = None  # (key, blocks, mixed, ...) of the last decode batch
+        self.graphs = None  # ``graphs.DecodeGraphs``: captured decode steps, when the server builds them
+        self.captured_steps = 0  # decode steps that ran a captured graph
+        self.decode_seconds = 0.0  # spent in decode forwards, all steps
 
     # ---- one step ----------------------------------------------------------------------------------
     def execute(self, plan, decode_blocks) -> ModelOutput:
@@ -117,6 +120,7 @@ class ModelRunner:
             c, weights = decode_blocks
             out.decode_logits, out.mixed = self.decode(plan.rows, plan.tokens, c, weights)
             out.decode_seconds = time.perf_counter() - t1
+            self.decode_seconds += out.decode_seconds
         return out
 
     def _prefill(self, work: list[tuple[PrefillJob, float]], out: ModelOutput) -> None:
@@ -342,13 +346,27 @@ class ModelRunner:
         dev = g.device
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
         lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=dev)
-        ctx = g.positional_context(lengths[:, None], None, SlabDecodeView(self.pool, rows, lengths))
+        view = SlabDecodeView(self.pool, rows, lengths)
         blocks, mixed = self._blocks(c, weights)
-        x = g.run_blocks(g.embed(ids, ctx), ctx, 0, g.mc.n_layers, blocks)
-        logits = g.logits(g.final_norm(x))[:, 0].float().cpu()  # sampling runs on the CPU (seeded generators)
+        B = self.graphs.bucket(c, len(rows)) if self.graphs is not None else None
+        if B is not None:
+            logits = self.graphs.run(B, ids, lengths[:, None], self._factors(c, blocks, B), view, blocks)
+            logits = logits[:len(rows)].float().cpu()
+            self.captured_steps += 1
+        else:
+            ctx = g.positional_context(lengths[:, None], None, view)
+            x = g.run_blocks(g.embed(ids, ctx), ctx, 0, g.mc.n_layers, blocks)
+            logits = g.logits(g.final_norm(x))[:, 0].float().cpu()  # sampling runs on the CPU (seeded generators)
         for r in rows:
             r.length += 1
         return logits, mixed
+
+    def _factors(self, c: Constellation, blocks: dict, B: int) -> list[torch.Tensor]:
+        """The batch's composition factors padded to ``B`` rows, kept with the batch."""
+        cache = self._batch[-1]
+        if B not in cache:
+            cache[B] = self.graphs.factors(c, blocks, B)
+        return cache[B]
 
     def _blocks(self, c: Constellation, weights: list[RowWeights]):
         """The batch's composed blocks, kept while its rows (their weight objects) stay the same."""
@@ -357,7 +375,7 @@ class ModelRunner:
             first = weights[0]
             mixed = any(w is not first and not (torch.equal(w.src, first.src) and torch.equal(w.w, first.w))
                         for w in weights[1:])
-            self._batch = (key, c.batched(weights), mixed, weights, c)  # (keeps the keyed objects alive)
+            self._batch = (key, c.batched(weights), mixed, weights, c, {})  # (keeps the keyed objects alive)
         return self._batch[1], self._batch[2]
 
 

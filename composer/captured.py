@@ -1,0 +1,217 @@
+"""A decode step captured as one graph per row bucket, the same graph for every composition.
+
+The eager step runs ~1,200 small operations per token through Python; a captured step is one
+compiled graph (``torch.compile``: inductor on a CPU, CUDA graphs on a GPU) per *bucket*, a batch
+size the rows are padded to. What varies from step to step enters the graph only as tensors of a
+fixed shape, so nothing recompiles for a new composition, prompt length or mix of rows:
+
+- the token ids and positions ``[B, 1]``;
+- the rows' composition factors, per composed block and owner group ``[B, T, d]``
+  (``composer.batch``: a row's weights summed over the sources sharing a dense tensor);
+- attention over the key/value cache and the adapters' low-rank products, which depend on how
+  many rows sit in which slab and which adapters the rows use, run as two opaque operators
+  (``constellation::attend``, ``constellation::lowrank``) that read the step's own objects from a
+  thread-local *step context* (vLLM's forward context, its attention op likewise outside the graph;
+  on CUDA they are also where the captured graph is split: ``cudagraph_unsafe``).
+
+Inductor treats the model's matrices as constants (``freezing``) and chooses, by timing them once,
+its own C++ GEMM templates over oneDNN's and ATen's kernels (``max_autotune``): on a 2-core AVX2
+CPU the demo's one-row step reads its weights at the memory bandwidth, which no eager kernel did
+(docs/benchmarks.md, "One captured graph").
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from .batch import BlockApply, CatalogKernel, _Term
+from .model import Transformer
+
+_local = threading.local()
+
+
+class StepContext:
+    """What the opaque operators of one captured step use: ``attention`` (an object with
+    ``attend(layer, q, k, v, scale)`` over the real rows, e.g. the engine's ``SlabDecodeView``),
+    ``composition`` (block -> eager block params with ``_lowrank``, or None) and ``rows``, the real
+    rows among the bucket's."""
+
+    def __init__(self, attention, composition: dict | None, rows: int):
+        self.attention, self.composition, self.rows = attention, composition, rows
+
+
+@contextmanager
+def step_context(ctx: StepContext):
+    prev = getattr(_local, "step", None)
+    _local.step = ctx
+    try:
+        yield ctx
+    finally:
+        _local.step = prev
+
+
+def _current() -> StepContext:
+    ctx = getattr(_local, "step", None)
+    if ctx is None:
+        raise RuntimeError("a captured decode step ran outside its step context")
+    return ctx
+
+
+_UNSAFE = (torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("constellation::attend", mutates_args=(), tags=_UNSAFE)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """The step context's attention for the real rows (writing their keys/values); padding rows get 0."""
+    ctx = _current()
+    R = ctx.rows
+    out = ctx.attention.attend(layer, q[:R], k[:R], v[:R], scale)
+    if R == q.shape[0]:
+        return out.clone() if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()) else out
+    return torch.cat([out, out.new_zeros((q.shape[0] - R,) + tuple(out.shape[1:]))])
+
+
+@attend.register_fake
+def _(q, k, v, layer, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("constellation::lowrank", mutates_args=(), tags=_UNSAFE)
+def lowrank(y: torch.Tensor, x: torch.Tensor, block: int, name: str) -> torch.Tensor:
+    """``y`` plus the rows' adapter products of tensor ``name`` in composed block ``block``."""
+    comp = _current().composition
+    y = y.clone()
+    if comp is None:
+        return y
+    p = comp[block]
+    return p._lowrank(y, x, p.terms[name], name)
+
+
+@lowrank.register_fake
+def _(y, x, block, name):
+    return torch.empty_like(y)
+
+
+class _Attend:
+    """The model's cache in a captured step: attention through the opaque operator."""
+
+    def attend(self, i: int, q, k, v, scale: float):
+        return torch.ops.constellation.attend(q, k, v, i, scale)
+
+
+class _GraphBlock(BlockApply):
+    """One composed block inside the graph: its matrices the graph's constants, its adapters the
+    opaque operator."""
+
+    def __init__(self, i: int, terms, fused, factors):
+        self.i, self.terms, self.fused, self.packed, self.factors = i, terms, fused, None, factors
+
+    def _lowrank(self, y, x, term, name):
+        return torch.ops.constellation.lowrank(y, x, self.i, name)
+
+
+def as_parameters(g: Transformer) -> tuple[Transformer, dict[int, torch.Tensor]]:
+    """``g`` over ``nn.Parameter``s sharing its tensors' memory (no copy), fused groups kept fused,
+    so the compiler can hold them as constants; and original tensor id -> what stands for it (a fused
+    group's member: a view of the group's parameter)."""
+    params: dict[str, torch.Tensor] = {}
+    pmap: dict[int, torch.Tensor] = {}
+
+    def wrap(t: torch.Tensor) -> torch.nn.Parameter:
+        if id(t) not in pmap:
+            pmap[id(t)] = torch.nn.Parameter(t, requires_grad=False)
+        return pmap[id(t)]
+
+    for i, layer in enumerate(g._layers):
+        for modules, (w, b) in layer.fused.items():
+            for suffix, whole in ((".weight", w), (".bias", b)):
+                if whole is None:
+                    continue
+                names = [g.arch.layer_name(i, m + suffix) for m in modules]
+                parts = wrap(whole).split([g.params[n].shape[0] for n in names])
+                for n, part in zip(names, parts):
+                    params[n] = pmap[id(g.params[n])] = part
+    for name, t in g.params.items():
+        if name not in params:
+            params[name] = wrap(t)
+    return Transformer(g.mc, g.arch, params), pmap
+
+
+def _constant(t: torch.Tensor, pmap: dict, own: dict) -> torch.Tensor:
+    """What a captured graph multiplies by in place of ``t`` where it multiplies by ``t`` alone: its
+    parameter, or for a member of a fused group a parameter of its own (a copy: inductor's CPU GEMM
+    template packs a view into a constant as if it started at the constant's first element)."""
+    p = pmap.get(id(t))
+    if p is None:
+        p = pmap[id(t)] = torch.nn.Parameter(t, requires_grad=False)  # a full fine-tune's own tensor
+    if isinstance(p, torch.nn.Parameter):
+        return p
+    if id(t) not in own:
+        own[id(t)] = torch.nn.Parameter(t.detach().clone(), requires_grad=False)
+    return own[id(t)]
+
+
+def _remap_terms(kernel: CatalogKernel, i: int, pmap: dict, own: dict) -> tuple[dict[str, _Term], dict]:
+    """Block ``i``'s terms and fused matrices over the graph's constants."""
+    fused = {m: pmap[id(w)] for m, w in kernel.fused[i].items()}
+    grouped = {m + ".weight" for modules in fused for m in modules}  # (multiplied through ``fused``)
+    terms = {name: t if name in grouped else replace(t, tensors=[_constant(x, pmap, own) for x in t.tensors])
+             for name, t in kernel.blocks[i].items()}
+    return terms, fused
+
+
+def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    g, kernel = self.model, self.kernel
+    ctx = g.positional_context(positions, None, _Attend())
+    x = g.embed(ids, ctx)
+    k = 0
+    for i in range(g.mc.n_layers):
+        p = g.layer(i)
+        if i in self.blocks:
+            terms, fused = self.blocks[i]
+            n = len(kernel.groups[i])
+            p = _GraphBlock(i, terms, fused, factors[k:k + n])
+            k += n
+        x = g.block(i, x, ctx, p)
+    return g.logits(g.final_norm(x))[:, 0]
+
+
+class CapturedStep(torch.nn.Module):
+    """One decode step of a catalog's model over ``nn.Parameter``s wrapping G's (and full
+    specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors)`` -> logits ``[B, V]``
+    (fp32), as ``fn``: a function of its own (code object and globals, which hold this step), so
+    its compiled graphs are its own, and the compiler reaches the parameters from a global, where it
+    holds them as constants (``freezing``), not as inputs."""
+
+    def __init__(self, kernel: CatalogKernel):
+        super().__init__()
+        c = kernel.c
+        self.kernel = kernel
+        self.model, pmap = as_parameters(c.g)
+        own: dict[int, torch.nn.Parameter] = {}
+        self.blocks = {i: _remap_terms(kernel, i, pmap, own) for i in kernel.blocks}
+        params = {id(p): p for p in list(pmap.values()) + list(own.values()) if isinstance(p, torch.nn.Parameter)}
+        self.consts = torch.nn.ParameterList(list(params.values()))
+        code = _forward.__code__.replace(co_name=f"captured_step_{id(self):x}")
+        self.forward = types.MethodType(types.FunctionType(code, _forward.__globals__, code.co_name), self)
+
+    def group_shapes(self) -> list[tuple[int, int]]:
+        """Per factor input: (T, d) of ``[B, T, d]``."""
+        d = self.kernel.c.d
+        return [(int(owner.max()) + 1, d) for i in sorted(self.kernel.blocks) for owner in self.kernel.groups[i]]
+
+
+def block_factors(kernel: CatalogKernel, params: dict, B: int) -> list[torch.Tensor]:
+    """The eager block params' factors in the captured step's order, padded to ``B`` rows."""
+    out = []
+    for i in sorted(kernel.blocks):
+        for f in params[i].factors:
+            if f.shape[0] < B:
+                f = torch.cat([f, f.new_zeros((B - f.shape[0],) + tuple(f.shape[1:]))])
+            out.append(f)
+    return out

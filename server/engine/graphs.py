@@ -1,0 +1,139 @@
+"""The engine's captured decode steps (``composer.captured``): one compiled graph per row bucket for
+the current catalog, built on a background thread while the engine decodes eagerly, used by a step
+whose rows all belong to that catalog and fit a ready bucket (padded up to it).
+
+On a CPU the graphs are inductor's, with the model's matrices frozen as constants and GEMM kernels
+chosen by timing (``max_autotune``); on CUDA they are replayed CUDA graphs (``triton.cudagraphs``),
+split around the two opaque operators (``graph_partition``). A catalog change builds the new
+catalog's graphs once, the old ones serving nothing from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from composer.captured import CapturedStep, StepContext, block_factors, step_context
+
+log = logging.getLogger("constellation.engine")
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def compile_options(device: torch.device) -> dict:
+    """Inductor options of a captured step on ``device``."""
+    if device.type == "cuda":
+        return {"triton.cudagraphs": True, "graph_partition": True}
+    return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+class _NoAttention:
+    """The warm-up's attention: no cache, zeros."""
+
+    def attend(self, layer, q, k, v, scale):
+        return torch.zeros_like(q)
+
+
+class DecodeGraphs:
+    """Captured decode steps of one catalog at a time, per bucket (rows padded up to it)."""
+
+    def __init__(self, buckets=DEFAULT_BUCKETS, background: bool = True):
+        self.buckets = sorted(set(int(b) for b in buckets))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"decode graph buckets must be positive row counts, got {list(buckets)}")
+        self.background = background
+        cfg = torch._dynamo.config  # one cache entry per bucket on each step's own code object
+        cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 1)
+        self.catalog = None  # the catalog the graphs are (being) built for
+        self.step: CapturedStep | None = None
+        self.ready: dict[int, object] = {}  # bucket -> compiled step
+        self.seconds: dict[int, float] = {}  # bucket -> compile time
+        self.compiling: int | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._built = threading.Event()  # set when no build is under way
+        self._built.set()
+
+    # ---- building -----------------------------------------------------------------------------
+    def build(self, c) -> None:
+        """Capture ``c``'s decode step for every bucket (on a background thread unless built
+        synchronously); the previous catalog's graphs are dropped."""
+        with self._lock:
+            self.catalog, self.ready, self.seconds, self.error = c, {}, {}, None
+            self.step = None
+            self._built.clear()
+        if self.background:
+            threading.Thread(target=self._build, args=(c,), name="constellation-compile", daemon=True).start()
+        else:
+            self._build(c)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the graphs being built are ready (True) or the timeout passes."""
+        return self._built.wait(timeout)
+
+    @torch.inference_mode()
+    def _build(self, c) -> None:
+        try:
+            step = CapturedStep(c.kernel)
+            compiled = torch.compile(step, dynamic=False, fullgraph=True)
+            with self._lock:
+                if self.catalog is not c:
+                    return
+                self.step = step
+            shapes = step.group_shapes()
+            dev = c.g.device
+            for B in self.buckets:
+                if self.catalog is not c:
+                    return
+                self.compiling = B
+                log.info("compiling the decode step for %d row%s (%s)...", B, "" if B == 1 else "s", dev.type)
+                t0 = time.perf_counter()
+                ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+                positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (not ``ids``: guards see aliases)
+                factors = [torch.ones(B, T, d, dtype=torch.float32, device=dev) for T, d in shapes]
+                # (inductor reads some options outside ``torch.compile(options=...)``: patched around the compile)
+                with step_context(StepContext(_NoAttention(), None, B)), torch._inductor.config.patch(
+                        compile_options(dev)):
+                    compiled(ids, positions, factors)
+                    compiled(ids, positions, factors)  # (CUDA graphs record on a later call than the first)
+                seconds = time.perf_counter() - t0
+                with self._lock:
+                    if self.catalog is not c:
+                        return
+                    self.ready[B], self.seconds[B] = compiled, seconds
+                log.info("compiled the decode step for %d row%s in %.1f s", B, "" if B == 1 else "s", seconds)
+        except Exception as e:  # noqa: BLE001 - the engine keeps decoding eagerly
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("capturing the decode step failed; decoding stays eager")
+        finally:
+            self.compiling = None
+            if self.catalog is c:
+                self._built.set()
+
+    # ---- serving ------------------------------------------------------------------------------
+    def bucket(self, c, rows: int) -> int | None:
+        """The smallest ready bucket holding ``rows`` rows of catalog ``c``, or None (eager)."""
+        if c is not self.catalog:
+            return None
+        return next((b for b in self.buckets if b >= rows and b in self.ready), None)
+
+    def run(self, B: int, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor], attention,
+            composition: dict) -> torch.Tensor:
+        """Logits ``[B, V]`` of the captured step for ``ids``/``positions`` ``[R, 1]`` padded to ``B`` rows."""
+        R = ids.shape[0]
+        if R < B:
+            pad = ids.new_zeros(B - R, 1)
+            ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
+        with step_context(StepContext(attention, composition, R)):
+            return self.ready[B](ids, positions, factors)
+
+    def factors(self, c, composition: dict, B: int) -> list[torch.Tensor]:
+        return block_factors(c.kernel, composition, B)
+
+    def status(self) -> dict:
+        """For /ready and the logs: buckets ready (with their compile seconds), the one compiling."""
+        return {"buckets": self.buckets, "ready": {str(b): round(s, 1) for b, s in sorted(self.seconds.items())},
+                "compiling": self.compiling, "error": self.error}

@@ -1,0 +1,155 @@
+"""The captured decode step (``composer.captured``, ``server.engine.graphs``) on a catalog of three
+PEFT adapters and a full fine-tune composed on every layer: the same greedy tokens and log-probs as
+the eager step, no recompilation across 32 compositions and after a catalog change's one rebuild,
+and served over HTTP to the ``openai`` client."""
+
+from __future__ import annotations
+
+import queue
+import random
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from composer.modes import CompositionParams
+from server.engine import Engine, Limits, Request, SamplingParams
+from test_lowrank_server import peft_conf  # noqa: F401 - the fixture catalog
+from test_server import KEY, Server
+
+DOMAINS = ("medical", "legal", "code", "science")
+PROMPTS = ["The patient fever biopsy", "The contract clause licensee shall", "The def return", "The protein enzyme"]
+
+
+@pytest.fixture(scope="module")
+def loaded(peft_conf):  # noqa: F811
+    from index_store.loader import load_constellation
+
+    return load_constellation(peft_conf)
+
+
+def _generate(engine: Engine, tok, jobs: list[tuple[str, dict]], n: int = 6) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probs, the jobs decoding together."""
+    qs = []
+    for prompt, comp in jobs:
+        q: queue.Queue = queue.Queue()
+        engine.submit(Request(tok(prompt)["input_ids"], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                                                        logprobs=0),
+                              CompositionParams.model_validate(comp), emit=q.put))
+        qs.append(q)
+    out = []
+    for q in qs:
+        toks, lps = [], []
+        while True:
+            e = q.get(timeout=300)
+            assert e.error is None, e.error
+            toks += e.token_ids
+            lps += [x["logprob"] for x in e.logprobs]
+            if e.finish_reason:
+                break
+        out.append((toks, lps))
+    return out
+
+
+def _compositions(k: int, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    comps = [{"mode": "constellation"}, {"mode": "generalist"}, {"mode": "routed"}]
+    while len(comps) < k:
+        doms = rnd.sample(DOMAINS, rnd.randint(1, 4))
+        comps.append({"mode": "weights", "weights": {d: round(rnd.uniform(0.1, 1.0), 3) for d in doms}})
+    return comps
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
+    from index_store.loader import load_constellation
+
+    engine = Engine(loaded.constellation, loaded.tokenizer, Limits(max_running=8, max_seq_len=128))
+    engine.start()
+    try:
+        jobs = [(p, c) for p, c in zip(PROMPTS * 2, _compositions(8))]
+        eager = [_generate(engine, loaded.tokenizer, [j]) for j in jobs[:2]] + [_generate(engine, loaded.tokenizer, jobs[:3])]
+        assert engine.runner.captured_steps == 0
+
+        before = _graphs()
+        engine.capture([4], background=False)  # (one row and three run it padded; the HTTP test runs 1)
+        assert engine.graph_status()["ready"].keys() == {"4"}
+        assert _graphs() == before + 1  # one graph per bucket
+
+        captured = [_generate(engine, loaded.tokenizer, [j]) for j in jobs[:2]] + [_generate(engine, loaded.tokenizer, jobs[:3])]
+        assert engine.runner.captured_steps > 0
+        for e_run, c_run in zip(eager, captured):
+            for (e_toks, e_lps), (c_toks, c_lps) in zip(e_run, c_run):
+                assert c_toks == e_toks  # token for token
+                assert torch.allclose(torch.tensor(c_lps), torch.tensor(e_lps), atol=1e-4)
+
+        # 32 more compositions, prompt lengths and batch mixes: no graph is built again
+        steps = engine.runner.captured_steps
+        comps = _compositions(32, seed=1)
+        rnd = random.Random(2)
+        for i in range(0, 32, 4):
+            batch = [(" ".join(rnd.choices(PROMPTS, k=rnd.randint(1, 3))), c) for c in comps[i:i + rnd.randint(1, 4)]]
+            _generate(engine, loaded.tokenizer, batch, n=4)
+        assert _graphs() == before + 1
+        assert engine.runner.captured_steps > steps
+
+        # a catalog change rebuilds once (its steps run eagerly until then), then nothing recompiles
+        c2 = load_constellation(loaded.config, generalist=loaded).constellation
+        assert engine.swap(c2, timeout=120)
+        assert engine.runner.graphs.wait(600) and engine.runner.graphs.catalog is c2
+        assert engine.graph_status()["error"] is None
+        rebuilt = _graphs()
+        assert rebuilt == before + 2
+        steps = engine.runner.captured_steps
+        again = _generate(engine, loaded.tokenizer, jobs[:3])
+        assert [t for t, _ in again] == [t for t, _ in eager[-1]]
+        assert _graphs() == rebuilt and engine.runner.captured_steps > steps
+    finally:
+        engine.stop()
+
+
+def test_captured_step_served_over_http(loaded):
+    """A real server on a loopback port, its decode steps captured: the openai client gets the
+    eager server's text, and /ready reports the graphs."""
+    import httpx
+
+    eager = Server(loaded)
+    try:
+        want = [eager.client().completions.create(model="constellation", prompt=p, max_tokens=8, temperature=0,
+                                                  extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS[:2]]
+    finally:
+        eager.stop()
+    srv = Server(loaded)
+    try:
+        srv.engine.capture([1], background=True)
+        assert srv.engine.runner.graphs.wait(600)
+        status = httpx.get(srv.url + "/ready").json()["decode_graphs"]
+        assert set(status["ready"]) == {"1"} and status["error"] is None
+        got = [srv.client().completions.create(model="constellation", prompt=p, max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS[:2]]
+        assert got == want
+        assert httpx.get(srv.url + "/ready").json()["decode_graphs"]["steps"] > 0
+    finally:
+        srv.stop()
+
+
+def test_device_check_smoke(tmp_path):
+    """``python -m bench.device_check OUT --smoke``: the CUDA node's check, on a tiny model on the CPU —
+    the engine end to end, the captured step token for token, decode figures beside the bound."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "bench.device_check", str(tmp_path), "--smoke"], cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    size = json.loads((tmp_path / "device_check.json").read_text())["sizes"][0]
+    assert size["engine_end_to_end"] and size["captured_equals_eager"] and size["captured_steps"] > 0
+    assert {(r["mode"], r["streams"]) for r in size["decode"]} == {(m, s) for m in ("generalist", "constellation")
+                                                                   for s in (1, 2)}
+    assert all(0 < r["tok_s"] and 0 < r["of_bound"] for r in size["decode"])
