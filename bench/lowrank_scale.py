@@ -340,6 +340,8 @@ def _serve(c, tok, domains, single, many, args) -> dict:
                                     max_seq_len=longest + max(args.tokens, 8) + 8, max_prompt_tokens=longest,
                                     max_new_tokens=max(args.tokens, 8)))  # the warm-up asks for 4
     engine = app.state.engine
+    if args.compile:  # as `serve` does: the decode step captured per bucket (built before measuring)
+        engine.capture([1, args.streams], background=False)
     gen = {"mode": "generalist"}
     one = {"mode": "weights", "weights": single}
     mix = [{"mode": "weights", "weights": w} for w in many]
@@ -658,6 +660,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="single-stream runs per mode (median)")
     ap.add_argument("--multi-repeats", type=int, default=2, help="multi-stream runs per mode (median)")
     ap.add_argument("--generalist", help="generalist model folder (default: the demo's, else converted)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="capture the decode step for 1 and --streams rows first (the server's default on a CPU "
+                    "in fp32), as `serve` would")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true", help="profile one mixed decode step for the largest N")
     ap.add_argument("--profile-reps", type=int, default=5)
@@ -691,6 +696,8 @@ def main() -> None:
             cmd += ["--generalist", args.generalist]
         if args.profile and n == max(args.ns):
             cmd += ["--profile"]
+        if args.compile:
+            cmd += ["--compile"]
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)

@@ -338,7 +338,8 @@ def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, th
         targets.append(Target("vllm", url, "vllm", {"ignore_eos": True}))
     curl = stack.enter_context(ServedConstellation(
         config_path, CACHE_LOG / "constellation-serve.log", dtype=torch_dtype, threads=threads, max_waiting=64,
-        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
+        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256,
+        compile_buckets=f"1,{args.streams}"))  # (the step sizes measured; /ready waits for them)
     targets += [Target("generalist", curl, "constellation", {"ignore_eos": True, "composition": {"mode": "generalist"}}),
                 Target("constellation", curl, "constellation",
                        {"ignore_eos": True, "composition": {"mode": "constellation"}})]
@@ -359,7 +360,8 @@ def _targets_adapters(args, model_dir: Path, torch_dtype: str, threads: int, sta
                                                args.slot_ctx, vllm.peer_dir() / "vllm-lora.log", folders, args.rank))
     curl = stack.enter_context(ServedConstellation(
         config, CACHE_LOG / "constellation-serve-lora.log", dtype=torch_dtype, threads=threads, max_waiting=64,
-        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256))
+        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256,
+        compile_buckets=f"1,{args.streams}"))
     pick = lambda i: names[i % len(names)]  # noqa: E731
     return [Target("vllm-lora", vurl, "", per_stream=lambda i: (pick(i), {"ignore_eos": True})),
             Target("constellation-lora", curl, "", per_stream=lambda i: (

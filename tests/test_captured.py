@@ -153,3 +153,26 @@ def test_device_check_smoke(tmp_path):
     assert {(r["mode"], r["streams"]) for r in size["decode"]} == {(m, s) for m in ("generalist", "constellation")
                                                                    for s in (1, 2)}
     assert all(0 < r["tok_s"] and 0 < r["of_bound"] for r in size["decode"])
+
+
+def test_compile_settings_are_checked():
+    """``serve --compile-buckets`` and ``[runtime].compile_buckets`` refuse what is not a row count;
+    ``auto`` compiles float32 on a CPU and CUDA, not bf16 on a CPU (unmeasured there)."""
+    from pydantic import ValidationError
+
+    from index_store.config import RuntimeConfig
+    from server.cli_parser import parser
+
+    p = parser()
+    args = p.parse_args(["serve", "--compile-buckets", "16,1,4,4", "--no-compile"])
+    assert args.compile_buckets == [1, 4, 16] and args.compile is False
+    for bad in ("0", "a,b", "1,2000", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", "--compile-buckets", bad])
+    with pytest.raises(ValidationError, match="compile_buckets"):
+        RuntimeConfig(compile_buckets=[0, 4])
+    rt = RuntimeConfig()
+    assert rt.compile_buckets == [1, 2, 4, 8, 16]
+    assert rt.compiles(torch.device("cpu"), torch.float32) and not rt.compiles(torch.device("cpu"), torch.bfloat16)
+    assert rt.compiles(torch.device("cuda"), torch.bfloat16)
+    assert not RuntimeConfig(compile="off").compiles(torch.device("cpu"), torch.float32)
