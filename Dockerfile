@@ -35,11 +35,17 @@ RUN if [ "$VARIANT" = "cpu" ]; then constellation demo build; else mkdir -p /opt
 
 # ---- runtime ----------------------------------------------------------------------------------------
 FROM ${CPU_IMAGE} AS runtime-cpu
-FROM ${CUDA_IMAGE} AS runtime-gpu
-# The venv was built against /usr/local/bin/python3.11 (python:3.11-slim); give it the same path here.
+# the captured decode step (torch.compile: inductor) compiles C++ kernels at start-up
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 ca-certificates \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
+FROM ${CUDA_IMAGE} AS runtime-gpu
+# The venv was built against /usr/local/bin/python3.11 (python:3.11-slim); give it the same path here.
+# (g++ and Python's headers: the captured decode step compiles its kernels at start-up, Triton's too.)
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-dev g++ ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && ln -sf /usr/bin/python3.11 /usr/local/bin/python3.11 \
  && ln -sf /usr/bin/python3.11 /usr/local/bin/python
