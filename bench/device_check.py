@@ -173,6 +173,28 @@ def exactness(c32, c, prompts: list[list[int]], comps: list[dict]) -> dict:
     return out
 
 
+def throughput(engine, g, prompts: list[list[int]], args, rng: random.Random, log) -> tuple[float, list[dict]]:
+    """Decode tok/s per mode and stream count beside ``streams x bandwidth / weight bytes``."""
+    wbytes = sum(t.numel() * t.element_size() for t in g.params.values())
+    bw = bandwidth(g.device)
+    doms = engine.c.domains
+    rows = []
+    for mode in ("generalist", "constellation"):
+        for n in args.streams_list:
+            if mode == "generalist":
+                js = [(prompts[i % len(prompts)], {"mode": "generalist"}) for i in range(n)]
+            else:  # a different composition per stream
+                js = [(prompts[i % len(prompts)], {"mode": "weights", "weights": {
+                    d: round(rng.uniform(0.2, 1), 3) for d in rng.sample(doms, min(3, len(doms)))}}) for i in range(n)]
+            _, rate = generate(engine, js, args.tokens)
+            row = {"mode": mode, "streams": n, "tok_s": round(rate, 1), "bound_tok_s": round(n * bw / wbytes, 1)}
+            row["of_bound"] = round(row["tok_s"] / row["bound_tok_s"], 4)
+            rows.append(row)
+            log(f"{mode:13s} {n:3d} streams: {row['tok_s']:8.1f} tok/s (bound {row['bound_tok_s']}, "
+                f"{row['of_bound']:.2f} of it)")
+    return round(bw / 1e9, 1), rows
+
+
 def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log) -> dict:
     from server.engine import Engine, Limits
 
@@ -208,23 +230,7 @@ def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log) -
             captured, _ = generate(engine, jobs, 8)
             res["captured_equals_eager"] = captured == eager
             res["captured_tokens_differing"] = sum(a != b for x, y in zip(captured, eager) for a, b in zip(x, y))
-        wbytes = sum(t.numel() * t.element_size() for t in g.params.values())
-        bw = bandwidth(device)
-        res["bandwidth_gb_s"] = round(bw / 1e9, 1)
-        res["decode"] = []
-        for mode in ("generalist", "constellation"):
-            for n in args.streams_list:
-                if mode == "generalist":
-                    js = [(prompts[i % len(prompts)], {"mode": "generalist"}) for i in range(n)]
-                else:  # a different composition per stream
-                    js = [(prompts[i % len(prompts)], {"mode": "weights", "weights": {
-                        d: round(rng.uniform(0.2, 1), 3) for d in rng.sample(doms, min(3, len(doms)))}}) for i in range(n)]
-                _, rate = generate(engine, js, args.tokens)
-                row = {"mode": mode, "streams": n, "tok_s": round(rate, 1), "bound_tok_s": round(n * bw / wbytes, 1)}
-                row["of_bound"] = round(row["tok_s"] / row["bound_tok_s"], 2)
-                res["decode"].append(row)
-                log(f"[{size}] {mode:13s} {n:3d} streams: {row['tok_s']:8.1f} tok/s (bound {row['bound_tok_s']}, "
-                    f"{row['of_bound']:.2f} of it)")
+        res["bandwidth_gb_s"], res["decode"] = throughput(engine, g, prompts, args, rng, lambda m: log(f"[{size}] {m}"))
         res["captured_steps"] = engine.runner.captured_steps
     finally:
         engine.stop()

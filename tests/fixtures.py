@@ -169,6 +169,7 @@ signature = "{signature}"
 [runtime]
 device = "cpu"
 dtype = "float32"
+compile = "off"  # tests of other things decode eagerly (tests/test_captured.py captures)
 """
     )
     return conf

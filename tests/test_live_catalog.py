@@ -221,7 +221,7 @@ def test_adapters_on_other_layers_join_while_every_mode_streams(built, tmp_path)
     conf.write_text('[generalist]\npath = "models/generalist"\n\n[specialists]\nmedical = "models/medical"\n'
                     'legal = "models/legal"\n\n[index]\npath = "index"\nprobes = "probes.json"\n\n[composition]\n'
                     'top_k = 2\nlayers = "auto"\nsignature = "generalist"\n\n[runtime]\ndevice = "cpu"\n'
-                    'dtype = "float32"\n\n[catalog]\nmodels_root = "models"\n')
+                    'dtype = "float32"\ncompile = "off"\n\n[catalog]\nmodels_root = "models"\n')
     from index_store.loader import build_index
     build_index(conf, quiet=True)
     app = create_app(load_constellation(conf), Limits(max_running=16, max_prompt_tokens=64, max_new_tokens=100,

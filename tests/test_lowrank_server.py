@@ -42,6 +42,7 @@ probes = "{probes}"
 [runtime]
 device = "cpu"
 dtype = "float32"
+compile = "off"
 """)
     return conf
 
