@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import time
 from pathlib import Path
 
@@ -51,33 +50,11 @@ def read_bandwidth() -> float:
 
 def generate(engine, tok, prompts: list[str], comp: dict, n: int) -> tuple[list[list[int]], float, float]:
     """Greedy tokens per prompt, decode tok/s, mean decode step seconds (all decoding together)."""
-    from composer.modes import CompositionParams
-    from server.engine import Request, SamplingParams
+    from bench.device_check import generate as run
 
-    qs, stamps = [], []
     steps0, secs0 = engine.steps, engine.runner.decode_seconds
-    for p in prompts:
-        q: queue.Queue = queue.Queue()
-        engine.submit(Request(tok(p)["input_ids"], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
-                              CompositionParams.model_validate(comp), emit=q.put))
-        qs.append(q)
-    out = []
-    for q in qs:
-        toks, first = [], None
-        while True:
-            e = q.get(timeout=1800)
-            if e.error:
-                raise RuntimeError(e.error)
-            if e.token_ids and first is None:
-                first = time.perf_counter()
-            toks += e.token_ids
-            if e.finish_reason:
-                break
-        stamps.append((first, time.perf_counter()))
-        out.append(toks)
-    span = max(b for _, b in stamps) - min(a for a, _ in stamps)
-    steps = max(engine.steps - steps0, 1)
-    return out, len(prompts) * (n - 1) / max(span, 1e-9), (engine.runner.decode_seconds - secs0) / steps
+    out, rate = run(engine, [(tok(p)["input_ids"], comp) for p in prompts], n)
+    return out, rate, (engine.runner.decode_seconds - secs0) / max(engine.steps - steps0, 1)
 
 
 def main(argv=None) -> int:

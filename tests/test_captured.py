@@ -176,3 +176,20 @@ def test_compile_settings_are_checked():
     assert rt.compiles(torch.device("cpu"), torch.float32) and not rt.compiles(torch.device("cpu"), torch.bfloat16)
     assert rt.compiles(torch.device("cuda"), torch.bfloat16)
     assert not RuntimeConfig(compile="off").compiles(torch.device("cpu"), torch.float32)
+
+
+def test_bench_captured_smoke(peft_conf, tmp_path):  # noqa: F811
+    """``python -m bench.captured --smoke``: eager and captured side by side on one engine, the
+    same tokens, a ratio and the one-stream bound in the figures."""
+    import json
+
+    from bench.captured import main
+
+    out = tmp_path / "captured.json"
+    assert main(["--smoke", "--config", str(peft_conf), "--streams", "1", "--modes", "generalist,constellation",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["mode"], r["streams"]) for r in res["rows"]] == [("generalist", 1), ("constellation", 1)]
+    for r in res["rows"]:
+        assert r["same_tokens"] and r["eager_tok_s"] > 0 and r["captured_tok_s"] > 0 and r["bound_tok_s"] > 0
+    assert set(res["compile_s"]) == {"1"}
