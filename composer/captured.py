@@ -184,9 +184,10 @@ def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[tor
 class CapturedStep(torch.nn.Module):
     """One decode step of a catalog's model over ``nn.Parameter``s wrapping G's (and full
     specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors)`` -> logits ``[B, V]``
-    (fp32), as ``fn``: a function of its own (code object and globals, which hold this step), so
-    its compiled graphs are its own, and the compiler reaches the parameters from a global, where it
-    holds them as constants (``freezing``), not as inputs."""
+    (fp32). The module registers every matrix it multiplies by (``consts``), which is what lets
+    inductor hold them as constants (``freezing``; reached only through a plain object they were
+    lifted as inputs); its ``forward`` is a function with a code object of its own, so dynamo's
+    cache for it — one graph per bucket — is this step's alone and goes with it."""
 
     def __init__(self, kernel: CatalogKernel):
         super().__init__()
