@@ -62,6 +62,14 @@ class CompositionConfig(_Strict):
         return v
 
 
+def check_buckets(v: list[int]) -> list[int]:
+    """Row buckets of a captured decode step, sorted and distinct (``[runtime].compile_buckets``,
+    ``serve --compile-buckets``, ``Engine.capture``); ValueError unless 1-1024 rows each."""
+    if not v or any(b < 1 or b > 1024 for b in v):
+        raise ValueError(f"compile_buckets are row counts from 1 to 1024, got {list(v)}")
+    return sorted(set(v))
+
+
 class RuntimeConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -78,9 +86,7 @@ class RuntimeConfig(_Strict):
     @field_validator("compile_buckets")
     @classmethod
     def _buckets(cls, v: list[int]) -> list[int]:
-        if any(b < 1 or b > 1024 for b in v):
-            raise ValueError(f"compile_buckets are row counts from 1 to 1024, got {v}")
-        return sorted(set(v))
+        return check_buckets(v)
 
     def compiles(self, device, dtype) -> bool:
         """Whether ``serve`` captures the decode step for weights of ``dtype`` on ``device``."""

@@ -24,15 +24,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"constellation: {message} (see '{self.prog} --help')\n")
 
 
-
 def _buckets(text: str) -> list[int]:
+    from index_store.config import check_buckets
+
     try:
-        out = [int(x) for x in text.split(",") if x.strip()]
+        return check_buckets([int(x) for x in text.split(",") if x.strip()])
     except ValueError:
-        out = []
-    if not out or any(b < 1 or b > 1024 for b in out):
-        raise argparse.ArgumentTypeError(f"expected comma-separated row counts from 1 to 1024, got {text!r}")
-    return sorted(set(out))
+        raise argparse.ArgumentTypeError(f"expected comma-separated row counts from 1 to 1024, got {text!r}") from None
+
 
 def version() -> str:
     """The installed distribution's version (pyproject.toml's ``[project].version``)."""

@@ -16,11 +16,10 @@ import time
 
 import torch
 
-from composer.captured import CapturedStep, StepContext, block_factors, step_context
+from composer.captured import CapturedStep, StepContext, step_context
+from index_store.config import check_buckets
 
 log = logging.getLogger("constellation.engine")
-
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
 
 
 def compile_options(device: torch.device) -> dict:
@@ -40,15 +39,12 @@ class _NoAttention:
 class DecodeGraphs:
     """Captured decode steps of one catalog at a time, per bucket (rows padded up to it)."""
 
-    def __init__(self, buckets=DEFAULT_BUCKETS, background: bool = True):
-        self.buckets = sorted(set(int(b) for b in buckets))
-        if not self.buckets or self.buckets[0] < 1:
-            raise ValueError(f"decode graph buckets must be positive row counts, got {list(buckets)}")
+    def __init__(self, buckets: list[int], background: bool = True):
+        self.buckets = check_buckets([int(b) for b in buckets])
         self.background = background
         cfg = torch._dynamo.config  # one cache entry per bucket on each step's own code object
         cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 1)
         self.catalog = None  # the catalog the graphs are (being) built for
-        self.step: CapturedStep | None = None
         self.ready: dict[int, object] = {}  # bucket -> compiled step
         self.seconds: dict[int, float] = {}  # bucket -> compile time
         self.compiling: int | None = None
@@ -63,7 +59,6 @@ class DecodeGraphs:
         synchronously); the previous catalog's graphs are dropped."""
         with self._lock:
             self.catalog, self.ready, self.seconds, self.error = c, {}, {}, None
-            self.step = None
             self._built.clear()
         if self.background:
             threading.Thread(target=self._build, args=(c,), name="constellation-compile", daemon=True).start()
@@ -79,10 +74,6 @@ class DecodeGraphs:
         try:
             step = CapturedStep(c.kernel)
             compiled = torch.compile(step, dynamic=False, fullgraph=True)
-            with self._lock:
-                if self.catalog is not c:
-                    return
-                self.step = step
             shapes = step.group_shapes()
             dev = c.g.device
             for B in self.buckets:
@@ -129,9 +120,6 @@ class DecodeGraphs:
             ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
         with step_context(StepContext(attention, composition, R)):
             return self.ready[B](ids, positions, factors)
-
-    def factors(self, c, composition: dict, B: int) -> list[torch.Tensor]:
-        return block_factors(c.kernel, composition, B)
 
     def status(self) -> dict:
         """For /ready and the logs: buckets ready (with their compile seconds), the one compiling."""

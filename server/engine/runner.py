@@ -31,6 +31,7 @@ import torch
 
 from composer import decompose
 from composer.batch import RowWeights
+from composer.captured import block_factors
 from composer.constellation import Constellation, GeneralistPass
 from composer.signatures import in_pass_signatures, specialist_abs_sum
 from .kv_cache import ChunkView, ScratchStore, SlotStore
@@ -365,7 +366,7 @@ class ModelRunner:
         """The batch's composition factors padded to ``B`` rows, kept with the batch."""
         cache = self._batch[-1]
         if B not in cache:
-            cache[B] = self.graphs.factors(c, blocks, B)
+            cache[B] = block_factors(c.kernel, blocks, B)
         return cache[B]
 
     def _blocks(self, c: Constellation, weights: list[RowWeights]):
