@@ -319,11 +319,20 @@ def prepare_vllm(args, log=print) -> Path:
     return vllm.ensure_venv(root, log=log)
 
 
+def _served(args, config: Path, log_name: str, torch_dtype: str, threads: int):
+    """``constellation serve`` as both workloads run it: the peers' dtype and threads, its decode step
+    captured for the stream counts measured (1 and ``--streams``; ``ServedConstellation`` waits for them)."""
+    from bench.served import ServedConstellation
+
+    return ServedConstellation(config, CACHE_LOG / log_name, dtype=torch_dtype, threads=threads, max_waiting=64,
+                               max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2),
+                               max_new_tokens=256, compile_buckets=f"1,{args.streams}")
+
+
 def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, threads: int,
                   stack, log) -> list[Target]:
     """llama.cpp, vLLM and Constellation (generalist and constellation mode) on the base weights."""
     from bench import llamacpp, vllm
-    from bench.served import ServedConstellation
 
     targets = []
     if "llama.cpp" in args.peers:
@@ -336,10 +345,7 @@ def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, th
         url = stack.enter_context(vllm.VllmServer(py, model_dir, torch_dtype, threads, max(16, args.streams),
                                                   args.slot_ctx, vllm.peer_dir() / "vllm.log"))
         targets.append(Target("vllm", url, "vllm", {"ignore_eos": True}))
-    curl = stack.enter_context(ServedConstellation(
-        config_path, CACHE_LOG / "constellation-serve.log", dtype=torch_dtype, threads=threads, max_waiting=64,
-        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256,
-        compile_buckets=f"1,{args.streams}"))  # (the step sizes measured; /ready waits for them)
+    curl = stack.enter_context(_served(args, config_path, "constellation-serve.log", torch_dtype, threads))
     targets += [Target("generalist", curl, "constellation", {"ignore_eos": True, "composition": {"mode": "generalist"}}),
                 Target("constellation", curl, "constellation",
                        {"ignore_eos": True, "composition": {"mode": "constellation"}})]
@@ -351,17 +357,13 @@ def _targets_adapters(args, model_dir: Path, torch_dtype: str, threads: int, sta
     """vLLM with ``--adapters`` LoRAs and Constellation with the same adapters as its catalog: stream i
     runs adapter i (vLLM: ``model``; Constellation: a ``weights`` composition of that one adapter)."""
     from bench import vllm
-    from bench.served import ServedConstellation
 
     py = prepare_vllm(args, log)
     config, names = vllm.ensure_adapters(vllm.peer_dir(), model_dir, args.adapters, args.rank, log)
     folders = [(n, config.parent / "adapters" / n) for n in names]
     vurl = stack.enter_context(vllm.VllmServer(py, model_dir, torch_dtype, threads, max(16, args.streams),
                                                args.slot_ctx, vllm.peer_dir() / "vllm-lora.log", folders, args.rank))
-    curl = stack.enter_context(ServedConstellation(
-        config, CACHE_LOG / "constellation-serve-lora.log", dtype=torch_dtype, threads=threads, max_waiting=64,
-        max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2), max_new_tokens=256,
-        compile_buckets=f"1,{args.streams}"))
+    curl = stack.enter_context(_served(args, config, "constellation-serve-lora.log", torch_dtype, threads))
     pick = lambda i: names[i % len(names)]  # noqa: E731
     return [Target("vllm-lora", vurl, "", per_stream=lambda i: (pick(i), {"ignore_eos": True})),
             Target("constellation-lora", curl, "", per_stream=lambda i: (
