@@ -62,6 +62,8 @@ class Metrics:
         self.preemptions = one(Counter, "num_preemptions", "Sequences preempted (KV freed, recomputed later)")
         self.requests_mode = per(Counter, "requests", "Requests by composition mode", "mode")
         self.catalog_version = one(Gauge, "catalog_version", "The specialists' catalog being served (new requests)")
+        self.grammars_compiled = one(Counter, "grammars_compiled", "Grammars compiled (response_format, tools): "
+                                     "cache misses of the compiled-grammar cache")
 
     def observe_plan(self, plan, domains: list[str], timings: dict[str, float]) -> None:
         for stage in ("fingerprint", "signature", "weights"):

@@ -12,6 +12,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from composer.modes import CompositionParams
+from .protocol_tools import DeltaToolCall, ResponseFormat, Tool, ToolCall, ToolChoice
 
 
 class ErrorBody(BaseModel):
@@ -40,13 +41,9 @@ def _empty(v) -> bool:
 
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suffix": (_empty, "suffix (insertion) is not supported"),
-    "tools": (_empty, "tools (function calling) are not supported"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool_choice other than 'none' needs tools, which are not supported"),
-    "functions": (_empty, "functions (function calling) are not supported"),
-    "function_call": (lambda v: v in (None, "none"), "function_call other than 'none' needs functions, which are "
-                      "not supported"),
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "only response_format {'type': 'text'} is supported (no JSON mode or JSON schema)"),
+    "functions": (_empty, "functions (the deprecated form of function calling) are not supported: use tools"),
+    "function_call": (lambda v: v in (None, "none"), "function_call (deprecated) is not supported: use tools and "
+                      "tool_choice"),
     "audio": (_empty, "audio output is not supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only the 'text' modality is supported"),
     "prediction": (_empty, "predicted outputs are not supported"),
@@ -94,6 +91,8 @@ class _Sampling(BaseModel):
     top_k: int = Field(default=0, ge=-1, le=1_000_000)  # keep the k most likely tokens; 0 or -1: all
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # structured outputs: the reply constrained to JSON, or to a JSON schema (server.structured)
+    response_format: ResponseFormat | None = None
     # Constellation extension (through the client's extra_body)
     composition: CompositionParams | None = None
 
@@ -153,8 +152,11 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back with the tools' results
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -175,12 +177,11 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     safety_identifier: str | None = None  # like ``user``: accepted, logged
-    parallel_tool_calls: bool | None = None  # no tools, so no calls: any value asks for nothing
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -305,7 +306,15 @@ class ChatLogProbs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        out = handler(self)
+        if self.tool_calls is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatCompletionChoice(BaseModel):
@@ -331,6 +340,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

@@ -19,7 +19,11 @@ from pydantic import BaseModel
 
 from composer.modes import CompositionError, CompositionParams
 from .engine import Draining, Engine, Event, Limits, QueueFull, Request, SamplingParams
+from . import tool_calls
+from .engine.grammar import GrammarSpec
 from .protocol import CompositionSummary, ErrorBody, ErrorResponse, UsageInfo, new_id, now
+from .structured import LimitError, compile_spec
+from .tool_calls import ToolPlan
 
 log = logging.getLogger("constellation.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -141,25 +145,36 @@ class OpenAIServing:
             raise APIError(400, str(e), param=e.param) from None
         return params
 
-    def chat_prompt(self, messages) -> tuple[list[int], list[int] | None]:
+    def chat_prompt(self, messages, tools: ToolPlan | None = None) -> tuple[list[int], list[int] | None]:
         """Token ids of the templated chat, and a mask of the tokens inside the messages' contents.
 
         The index was built from plain text, so the fingerprint averages over the contents only,
-        not over template markup or a default system prompt the template adds.
+        not over template markup, a default system prompt the template adds, or the tools' description.
         """
+        fam = tool_calls.family(self.tok)
         try:
-            msgs = [{"role": m.role, "content": m.text()} for m in messages]
+            contents = [m.text() for m in messages]
+            msgs = tool_calls.template_messages(messages, tools, fam)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         if not getattr(self.tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        extra = {"tools": [t.model_dump(exclude_none=True) for t in tools.all_tools]} \
+            if tools is not None and fam == tool_calls.HERMES else {}
         try:
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
         except Exception as e:  # the template's own checks (e.g. role order) raise
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        spans = content_spans(text, [m["content"] for m in msgs])
+        spans = content_spans(text, contents)
         return enc["input_ids"], span_mask(enc["offset_mapping"], spans)
+
+    async def constrain(self, params: SamplingParams, spec: GrammarSpec | None, param: str) -> None:
+        """Compile the reply's grammar (cached by spec, off the engine thread) into ``params``."""
+        try:
+            params.grammar = await compile_spec(self.engine.grammars, spec, param)
+        except LimitError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     def text_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -206,11 +221,12 @@ class OpenAIServing:
         return self.tok.decode([i])
 
     # ---- the engine round trip ---------------------------------------------------------------
-    def submit(self, ids, params, composition, n, fmask=None, n_param: str = "n") -> tuple[Request, asyncio.Queue]:
+    def submit(self, ids, params, composition, n, fmask=None, n_param: str = "n", shape=None
+               ) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         req = Request(ids, params, composition, n, fingerprint_mask=fmask,
-                      emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e))
+                      emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e), shape=shape)
         try:
             self.engine.submit(req)
         except QueueFull:
@@ -277,13 +293,15 @@ class OpenAIServing:
 
     # ---- answering -----------------------------------------------------------------------------
     async def generate(self, http: HTTPRequest, body, ids: list[int], params: SamplingParams,
-                       comp: CompositionParams, fmask: list[int] | None = None, n_generate: int | None = None):
+                       comp: CompositionParams, fmask: list[int] | None = None, n_generate: int | None = None,
+                       shape=None):
         """Submit, then answer as one response model or as a server-sent event stream. ``n_generate``
-        (best_of) sequences are generated and the best ``body.n`` returned (not streamed)."""
+        (best_of) sequences are generated and the best ``body.n`` returned (not streamed); ``shape``:
+        what the subclass shapes the reply with (chat: the tool plan), kept on the request."""
         if body.user or getattr(body, "safety_identifier", None):
             log.info("request for user=%r safety_identifier=%r", body.user, getattr(body, "safety_identifier", None))
         n_gen = n_generate or body.n
-        req, q = self.submit(ids, params, comp, n_gen, fmask, "best_of" if n_gen > body.n else "n")
+        req, q = self.submit(ids, params, comp, n_gen, fmask, "best_of" if n_gen > body.n else "n", shape)
         rid, created = new_id(self.id_prefix), now()
         if not body.stream:
             out = await self.collect(req, q, http)

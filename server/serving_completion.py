@@ -14,6 +14,7 @@ from composer.modes import CompositionParams
 from .engine import Event
 from .protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse,
                        CompletionStreamResponse, new_id, now)
+from .structured import LimitError, response_spec
 from .serving import DONE, SSE_HEADERS, APIError, Collected, OpenAIServing, draining_error, sse, usage
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (chat defaults to the room left)
@@ -44,6 +45,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 raise APIError(400, "max_tokens=0 needs echo=true (it scores the prompt)", param="max_tokens")
             return await self.score_only(body, ids, comp)
         params = self.sampling(body, ids, DEFAULT_MAX_TOKENS, body.logprobs, "prompt")
+        try:
+            spec = response_spec(body.response_format)
+        except LimitError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        await self.constrain(params, spec, "response_format")
         return await self.generate(http, body, ids, params, comp, n_generate=body.best_of)
 
     # ---- echo --------------------------------------------------------------------------------

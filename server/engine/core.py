@@ -28,7 +28,7 @@ import torch
 
 from composer.constellation import Constellation, GeneralistPass
 from composer.modes import CompositionParams, Plan, get_mode
-from . import sampler
+from . import grammar, sampler
 from .catalogs import CatalogSwitch
 from .detokenizer import Detokenizer
 from .kv_pool import KVPool
@@ -52,6 +52,8 @@ class Engine(CatalogSwitch):
         self.eos = set(eos_ids or ()) | set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos.add(int(tokenizer.eos_token_id))
+        self.grammars = grammar.Grammars(  # compiled off this thread
+            tokenizer, mc.vocab_size, self.eos, on_compile=lambda: self.metrics and self.metrics.grammars_compiled.inc())
         self.scheduler = Scheduler(limits, self.pool, self.rows_needed, lambda: self.c)
         self.runner = ModelRunner(self.pool, self.plan_for)
         self.scheduler.signature_fraction = self.runner.signature_fraction
@@ -332,8 +334,10 @@ class Engine(CatalogSwitch):
         seqs = []
         for i, rows in enumerate(per_choice):
             gen = None if req.params.seed is None else torch.Generator().manual_seed(int(req.params.seed) + i)
+            g = req.params.grammar
             seqs.append(Sequence(req, i, rows, gen, self.eos, Detokenizer(self.tok, req.params.stop),
-                                 catalog=job.c, order=self.scheduler.next_order()))
+                                 catalog=job.c, order=self.scheduler.next_order(),
+                                 matcher=g.matcher() if g is not None else None))
         self.scheduler.running.extend(seqs)
         if self.metrics:
             self.metrics.compose_time(time.perf_counter() - t0)
@@ -361,11 +365,13 @@ class Engine(CatalogSwitch):
             self.metrics.generation_tokens.inc()
         seq.last_token_at = now
         # an EOS is a completion token (usage, logprobs, max_tokens), as at OpenAI and vLLM, but no text
-        eos_hit = token in seq.eos and not p.ignore_eos  # (masked while below min_tokens)
+        # (masked while below min_tokens; under a grammar, allowed only where the grammar may end)
+        eos_hit = token in seq.eos and (not p.ignore_eos or seq.matcher is not None)
+        done = seq.matcher is not None and grammar.advance(seq.matcher, token)
         seq.tokens.append(token)
         seq.cumulative_logprob += value
         finish = None
-        if eos_hit:
+        if eos_hit or done:
             finish = "stop"
         elif len(seq.tokens) >= p.max_tokens:
             finish = "length"

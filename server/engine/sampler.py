@@ -6,7 +6,8 @@ renormalised (the decode-time composition of seed 003). The rows' layout is data
 (``Batch``), not a branch on the mode.
 
 ``sample``: OpenAI's adjustments on a copy (``logit_bias``; frequency and presence penalties over the
-tokens generated so far, as vLLM), EOS masked below ``min_tokens`` or with ``ignore_eos``, then greedy
+tokens generated so far, as vLLM), EOS masked below ``min_tokens`` or with ``ignore_eos`` (not in a
+row under a grammar: the grammar says when it ends), the grammar's token mask (``grammar``), then greedy
 rows take the argmax and the others draw from ``softmax(scores / temperature)`` cut to ``top_k`` and
 ``top_p`` (a batched sort, only for the rows that cut), by inverse CDF with one uniform number per
 row (from the sequence's own generator when the request has a seed). The reported log-probabilities
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import grammar
 
 
 @dataclass
@@ -73,7 +76,7 @@ def _adjust(scores: torch.Tensor, seqs: list) -> torch.Tensor:
             bias_idx[0].append(s), bias_idx[1].append(t), bias_val.append(b)
         if seq.tokens and (p.presence_penalty or p.frequency_penalty):
             pen.append(s)
-        if p.ignore_eos or len(seq.tokens) < p.min_tokens:
+        if (p.ignore_eos or len(seq.tokens) < p.min_tokens) and getattr(seq, "matcher", None) is None:
             for e in seq.eos:
                 if e < V:
                     eos_rows.append(s), eos_ids.append(e)
@@ -102,6 +105,7 @@ def sample(logp: torch.Tensor, seqs: list) -> list[int]:
     """Each sequence's next token from ``logp`` [S, V] under its request's sampling parameters;
     ``seqs[s]``: ``.request.params``, ``.tokens`` (generated so far), ``.eos``, ``.generator``."""
     scores = _adjust(logp, seqs)
+    scores = grammar.apply(scores, grammar.masks([getattr(s, "matcher", None) for s in seqs], scores.shape[1]))
     out = scores.argmax(-1)
     drawn = [s for s, seq in enumerate(seqs) if seq.request.params.temperature != 0]
     if drawn:

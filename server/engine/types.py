@@ -50,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: object = None  # grammar.Grammar: the output is constrained to it (response_format, tools)
 
     @property
     def adjusts_scores(self) -> bool:
@@ -133,6 +134,7 @@ class Request:
     emit: Callable[[Event], None] = lambda e: None  # thread-safe sink (set by the server)
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    shape: object = None  # the serving side's own (chat: the tool plan); the engine never reads it
     # filled by the engine
     plan: Plan | None = None
     summary: PlanSummary | None = None  # of ``plan``, set with it
@@ -174,6 +176,7 @@ class Sequence:
     catalog: object = None  # the Constellation its rows' weights were planned on (it decodes on it)
     order: int = 0  # admission order (the newest is preempted first)
     preempted: int = 0  # times its KV was dropped and recomputed
+    matcher: object = None  # its own copy of the request's grammar (llguidance.LLMatcher), or None
 
     @property
     def length(self) -> int:
