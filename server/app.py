@@ -152,8 +152,7 @@ def add_api_routes(app: FastAPI, serving_completion: OpenAIServingCompletion, se
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, response_class=JSONResponse)
     async def model(model_id: str):
-        serving_explain.check_model(model_id)
-        return serving_explain.models().data[0]
+        return serving_explain.model(model_id)
 
     @app.post("/explain")
     async def explain(body: ExplainRequest):

@@ -15,8 +15,7 @@ class OpenAIServingChat(OpenAIServing):
     id_prefix = "chatcmpl"
 
     async def create_chat_completion(self, body: ChatCompletionRequest, http: HTTPRequest):
-        self.check_model(body.model)
-        comp = self.check_composition(body.composition)
+        comp = self.check_composition(body.composition, self.check_model(body.model))
         ids, fmask = self.chat_prompt(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
@@ -56,10 +55,10 @@ class OpenAIServingChat(OpenAIServing):
                                           logprobs=self.logprobs(e.logprobs) if body.logprobs else None)
 
     def response(self, rid, created, choices, use, composition) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=rid, object="chat.completion", created=created, model=self.model_name,
+        return ChatCompletionResponse(id=rid, object="chat.completion", created=created, model=self.shown_model,
                                       system_fingerprint=self.fingerprint, choices=choices, usage=use, composition=composition)
 
     def chunk(self, rid, created, choices, **extra) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(id=rid, object="chat.completion.chunk", created=created,
-                                            model=self.model_name, system_fingerprint=self.fingerprint,
+                                            model=self.shown_model, system_fingerprint=self.fingerprint,
                                             choices=choices, **extra)
