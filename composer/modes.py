@@ -42,10 +42,12 @@ class CompositionParams(BaseModel):
                                     "(default: the value calibrated at index build)")
     strength: dict[str, StrictFloat] | None = Field(default=None, description="per-domain strength gamma "
                                               "overriding the calibrated ones (1 = the specialist as trained)")
+    specialist: str | None = Field(default=None, description="mode 'routed': the specialist to run (default: "
+                                   "the top-1 by alpha)")
 
 
 # CompositionParams fields besides `mode`, and how an error names them
-PARAM_FIELDS = ("top_k", "weights", "lambda_", "weighting", "sharpness", "strength")
+PARAM_FIELDS = ("top_k", "weights", "lambda_", "weighting", "sharpness", "strength", "specialist")
 STRENGTH_MAX = 8.0
 
 
@@ -228,7 +230,8 @@ def _one_hot(mi: ModeInput, mode: str, selected: list[int]) -> Plan:
 
 
 def _routed(mi: ModeInput) -> Plan:
-    return _one_hot(mi, "routed", decompose.top_k(mi.alpha, 1))
+    named = mi.params.specialist
+    return _one_hot(mi, "routed", [mi.domains.index(named)] if named else decompose.top_k(mi.alpha, 1))
 
 
 def _uniform(mi: ModeInput) -> Plan:
@@ -289,8 +292,8 @@ register(Mode("paper", "the paper's rule exactly: r_ij = max(alpha_i, 0) * a_ij 
               "Constellation-Indexed Model Composition (seed 001), DESIGN §3.5", ("top_k",), _paper,
               uses_signatures=True))
 register(Mode("generalist", "the generalist unchanged", "baseline", (), _generalist, generalist_only=True))
-register(Mode("routed", "the top-1 domain's specialist for the last L layers (a router's choice)",
-              "baseline (router / MoE gate)", (), _routed))
+register(Mode("routed", "the top-1 domain's specialist (or the one named) for the last L layers (a router's "
+              "choice)", "baseline (router / MoE gate)", ("specialist",), _routed))
 register(Mode("uniform", "mean of all specialists' last L layers", "baseline (model soup)", (), _uniform))
 register(Mode("task_arithmetic", "theta_G + lambda * sum_i (theta_S_i - theta_G) on the last L layers",
               "Ilharco et al. 2023, Editing Models with Task Arithmetic", ("lambda_",), _task_arithmetic,
@@ -350,6 +353,9 @@ def validate(params: CompositionParams, domains: list[str], default_mode: str,
     if params.top_k is not None and params.top_k > len(domains):
         raise CompositionError(f"composition.top_k={params.top_k} exceeds the {len(domains)} specialists of "
                                "this constellation", "composition.top_k")
+    if params.specialist is not None and params.specialist not in domains:
+        raise CompositionError(f"composition.specialist '{params.specialist}' is not a specialist of this "
+                               f"constellation (it has {domains})", "composition.specialist")
     unknown = [k for k in (params.weights or {}) if k not in domains]
     if unknown:
         raise CompositionError(f"composition.weights names unknown domain(s) {unknown}; "

@@ -1,7 +1,8 @@
 """The FastAPI app: auth and limits, error bodies, and the routes, which delegate to the serving classes.
 
 ``serving_completion`` / ``serving_chat`` answer the OpenAI routes, ``serving_explain`` /explain,
-/index and /v1/models (``serving`` holds what they share); the response models are in ``protocol``.
+/index and /v1/models, ``serving_embedding`` /v1/embeddings, /tokenize and /detokenize (``serving``
+holds what they share); the response models are in ``protocol``.
 Here: the app's lifespan (the engine thread), the Guard middleware, the exception handlers, the
 playground's static files, /metrics and the probes.
 """
@@ -24,11 +25,14 @@ from .engine import Engine, Limits
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ExplainRequest, ModelCard, ModelList)
+from .protocol_embedding import (DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse,
+                                 TokenizeRequest, TokenizeResponse)
 from .admin import PREFIX as ADMIN_PREFIX, add_admin_routes
 from .live_catalog import LiveCatalog
 from .serving import APIError, error_response
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
+from .serving_embedding import ServingEmbedding
 from .serving_explain import ServingExplain
 
 __all__ = ["APIError", "Guard", "create_app"]
@@ -152,8 +156,7 @@ def add_api_routes(app: FastAPI, serving_completion: OpenAIServingCompletion, se
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, response_class=JSONResponse)
     async def model(model_id: str):
-        serving_explain.check_model(model_id)
-        return serving_explain.models().data[0]
+        return serving_explain.model(model_id)
 
     @app.post("/explain")
     async def explain(body: ExplainRequest):
@@ -163,6 +166,22 @@ def add_api_routes(app: FastAPI, serving_completion: OpenAIServingCompletion, se
     async def index_diagnostics():
         """The index diagnostics (as `constellation index inspect --json`), for the playground's second tab."""
         return serving_explain.index()
+
+
+def add_embedding_routes(app: FastAPI, serving: ServingEmbedding) -> None:
+    """``/v1/embeddings`` (the prompt's fingerprint) and vLLM's ``/tokenize``, ``/detokenize``."""
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, response_class=JSONResponse)
+    async def embeddings(body: EmbeddingRequest):
+        return await serving.create_embedding(body)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, response_class=JSONResponse)
+    async def tokenize(body: TokenizeRequest):
+        return serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, response_class=JSONResponse)
+    async def detokenize(body: DetokenizeRequest):
+        return serving.detokenize(body)
 
 
 def add_ops_routes(app: FastAPI, engine: Engine, metrics: Metrics, catalog: LiveCatalog, model_name: str) -> None:
@@ -281,6 +300,7 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
     add_api_routes(app, OpenAIServingCompletion(*args, fingerprint=fingerprint),
                    OpenAIServingChat(*args, fingerprint=fingerprint),
                    ServingExplain(*args, catalog=catalog))
+    add_embedding_routes(app, ServingEmbedding(*args))
     add_admin_routes(app, catalog)
     add_ops_routes(app, engine, engine.metrics, catalog, model_name)
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes, admin_key=admin_key)

@@ -147,7 +147,8 @@ def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="run the OpenAI-compatible server (default: on the demo constellation)",
                         description="Keep the generalist and specialists resident, compose a model per request "
                         "and stream it over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
-                        "/v1/models), plus /explain, /metrics, /health and /ready.")
+                        "/v1/models, /v1/embeddings), plus /explain, /tokenize, /detokenize, /metrics, /health "
+                        "and /ready.")
     sv.add_argument("--config", help="constellation config (default: the demo constellation, built on first use)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=port, default=8000,

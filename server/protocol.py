@@ -362,11 +362,17 @@ class ChatCompletionStreamResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One model id (``server.model_names``: the constellation, a mode, a specialist alone)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "constellation"
+    parent: str | None = None  # vLLM's: a mode's is the constellation, a specialist's ``<served>/generalist``
+    max_model_len: int | None = None  # vLLM's: prompt + completion tokens of one sequence
     catalog_version: int = 0  # Constellation extension: the specialists' catalog being served
+    mode: str | None = None  # Constellation extension: the mode the name runs (None: the request's composition)
+    specialist: str | None = None  # Constellation extension: the specialist the name runs alone
 
 
 class ModelList(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -17,10 +18,11 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from composer.modes import CompositionError, CompositionParams
+from composer.modes import MODES, CompositionError, CompositionParams
 from .engine import Draining, Engine, Event, Limits, QueueFull, Request, SamplingParams
 from . import tool_calls
 from .engine.grammar import GrammarSpec
+from .model_names import NameConflict, ServedName, apply_name, served_names
 from .protocol import CompositionSummary, ErrorBody, ErrorResponse, UsageInfo, new_id, now
 from .structured import LimitError, compile_spec
 from .tool_calls import ToolPlan
@@ -29,6 +31,9 @@ log = logging.getLogger("constellation.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
 KEEPALIVE = ": keep-alive\n\n"
+# the model name the request asked for, echoed as its response's ``model`` (set by ``check_model``;
+# each request runs in its own asyncio task, whose context a streamed body's task copies)
+REQUESTED_MODEL: ContextVar[str | None] = ContextVar("requested_model", default=None)
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -132,13 +137,32 @@ class OpenAIServing:
         return self.engine.c
 
     # ---- request checks and prompts ----------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"model '{name}' does not exist (this server serves '{self.model_name}')",
-                           "not_found_error", "model", "model_not_found")
+    def names(self) -> dict[str, ServedName]:
+        """The model ids served now (``model_names``): the constellation, its modes, its specialists."""
+        return served_names(self.model_name, MODES, list(self.c.domains))
 
-    def check_composition(self, params: CompositionParams | None) -> CompositionParams:
+    def check_model(self, name: str | None) -> ServedName:
+        """What ``model`` names (omitted: the constellation); an unknown name is a 404."""
+        known = self.names()
+        if name is not None and name not in known:
+            raise APIError(404, f"model '{name}' does not exist (GET /v1/models lists this server's: "
+                           f"'{self.model_name}', '{self.model_name}/<mode>' or a specialist's name)",
+                           "not_found_error", "model", "model_not_found")
+        REQUESTED_MODEL.set(name)
+        return known[name or self.model_name]
+
+    @property
+    def shown_model(self) -> str:
+        """A response's ``model``: the name the request asked for (the served name if it sent none)."""
+        return REQUESTED_MODEL.get() or self.model_name
+
+    def check_composition(self, params: CompositionParams | None, name: ServedName | None = None) -> CompositionParams:
+        """The composition to run: the request's, with what its model ``name`` fixes (a conflict is a 400)."""
         params = params or CompositionParams()
+        try:
+            params = params if name is None else apply_name(params, name)
+        except NameConflict as e:
+            raise APIError(400, str(e), param=e.param) from None
         try:
             self.c.validate(params)
         except CompositionError as e:

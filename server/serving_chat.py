@@ -18,8 +18,7 @@ class OpenAIServingChat(OpenAIServing):
     id_prefix = "chatcmpl"
 
     async def create_chat_completion(self, body: ChatCompletionRequest, http: HTTPRequest):
-        self.check_model(body.model)
-        comp = self.check_composition(body.composition)
+        comp = self.check_composition(body.composition, self.check_model(body.model))
         try:
             tools = tool_calls.plan(body, self.tok)
             if tools is not None and body.response_format is not None and body.response_format.type != "text":
@@ -86,10 +85,10 @@ class OpenAIServingChat(OpenAIServing):
                                           logprobs=self.logprobs(e.logprobs) if body.logprobs else None)
 
     def response(self, rid, created, choices, use, composition) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=rid, object="chat.completion", created=created, model=self.model_name,
+        return ChatCompletionResponse(id=rid, object="chat.completion", created=created, model=self.shown_model,
                                       system_fingerprint=self.fingerprint, choices=choices, usage=use, composition=composition)
 
     def chunk(self, rid, created, choices, **extra) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(id=rid, object="chat.completion.chunk", created=created,
-                                            model=self.model_name, system_fingerprint=self.fingerprint,
+                                            model=self.shown_model, system_fingerprint=self.fingerprint,
                                             choices=choices, **extra)

@@ -32,8 +32,7 @@ class OpenAIServingCompletion(OpenAIServing):
     id_prefix = "cmpl"
 
     async def create_completion(self, body: CompletionRequest, http: HTTPRequest):
-        self.check_model(body.model)
-        comp = self.check_composition(body.composition)
+        comp = self.check_composition(body.composition, self.check_model(body.model))
         ids = self.text_prompt(body.prompt)
         if body.best_of is not None and body.best_of < body.n:
             raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
@@ -140,11 +139,11 @@ class OpenAIServingCompletion(OpenAIServing):
         return CompletionChoice(index=e.index, text=text, finish_reason=e.finish_reason, logprobs=lp)
 
     def response(self, rid, created, choices, use, composition) -> CompletionResponse:
-        return CompletionResponse(id=rid, object="text_completion", created=created, model=self.model_name,
+        return CompletionResponse(id=rid, object="text_completion", created=created, model=self.shown_model,
                                   system_fingerprint=self.fingerprint, choices=choices, usage=use,
                                   composition=composition)
 
     def chunk(self, rid, created, choices, **extra) -> CompletionStreamResponse:
-        return CompletionStreamResponse(id=rid, object="text_completion", created=created, model=self.model_name,
+        return CompletionStreamResponse(id=rid, object="text_completion", created=created, model=self.shown_model,
                                         system_fingerprint=self.fingerprint, choices=choices, **extra)
 

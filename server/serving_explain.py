@@ -1,4 +1,5 @@
-"""``POST /explain``, ``GET /index`` and ``GET /v1/models``: what the server composes, and from what."""
+"""``POST /explain``, ``GET /index`` and ``GET /v1/models``: what the server composes, and from what
+(the model ids: ``server.model_names``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from composer.modes import CompositionError
 from index_store.store import diagnostics_doc
 from .protocol import ExplainRequest, ModelCard, ModelList, now
+from .model_names import ServedName
 from .serving import APIError, OpenAIServing, draining_error
 
 
@@ -20,10 +22,18 @@ class ServingExplain(OpenAIServing):
         self.catalog = catalog  # server.live_catalog.LiveCatalog: the current manifest and version
         self.created = now()
 
+    def card(self, name: ServedName) -> ModelCard:
+        return ModelCard(id=name.id, object="model", created=self.created, owned_by="constellation",
+                         parent=name.parent, max_model_len=self.max_positions, catalog_version=self.catalog.version,
+                         mode=name.mode, specialist=name.specialist)
+
     def models(self) -> ModelList:
-        return ModelList(object="list", data=[ModelCard(id=self.model_name, object="model", created=self.created,
-                                                        owned_by="constellation",
-                                                        catalog_version=self.catalog.version)])
+        """``GET /v1/models``: the constellation, each mode, each specialist of the catalog served now."""
+        return ModelList(object="list", data=[self.card(n) for n in self.names().values()])
+
+    def model(self, model_id: str) -> ModelCard:
+        """``GET /v1/models/{id}`` (404 for a name this server does not answer to)."""
+        return self.card(self.check_model(model_id))
 
     def index(self) -> dict:
         """The index diagnostics (as ``constellation index inspect --json``) and the catalog, for the
@@ -44,10 +54,10 @@ class ServingExplain(OpenAIServing):
         before any work, and again as a ``CompositionError`` from planning, should one get past the
         checks), or a prompt that is empty or longer than the server or the model's positions allow.
         """
-        self.check_model(body.model)
+        name = self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
-        comp = self.check_composition(body.composition)
+        comp = self.check_composition(body.composition, name)
         ids, fmask = self.explain_prompt(body)
         param = "prompt" if body.prompt is not None else "messages"
         limit = min(self.limits.max_prompt_tokens, self.max_positions)

@@ -66,6 +66,19 @@ def test_no_torch_on_the_web_thread(spied, comp, stream):
     assert recorder.calls[before:] == []
 
 
+def test_no_torch_on_the_web_thread_for_embeddings_and_names(spied):
+    """/v1/embeddings (the vectors come back from the engine thread as bytes), /tokenize, a model name."""
+    url, recorder = spied
+    before = len(recorder.calls)
+    for fmt in ("float", "base64"):
+        r = httpx.post(url + "/v1/embeddings", json={"input": ["The patient", "The court"], "encoding_format": fmt})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+    assert httpx.post(url + "/tokenize", json={"prompt": "The court"}).json()["count"] > 0
+    assert httpx.post(url + "/v1/completions", json={"model": "legal", "prompt": "The court", "max_tokens": 2}).json()[
+        "composition"]["selected"] == ["legal"]
+    assert recorder.calls[before:] == []
+
+
 def test_the_recorder_sees_torch_calls():
     """The check above can fail: the same mode records a call made on its thread."""
     import torch
