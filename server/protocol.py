@@ -127,7 +127,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    # one prompt (a string, token ids) or several (strings, lists of token ids): OpenAI's and vLLM's forms
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo (score the prompt)
@@ -136,17 +137,25 @@ class CompletionRequest(_Sampling):
 
     _refused = field_validator(*COMPLETION_REFUSED)(_refuse)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("prompt must not be empty")
-            if all(isinstance(x, str) for x in v):
-                if len(v) != 1:
-                    raise ValueError("one prompt per request (send a list of one string, or a string)")
-                return v[0]
+        """One clear message for any other shape (not one per member of the union)."""
+        def ids(x):
+            return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        several = isinstance(v, list) and (all(isinstance(x, str) for x in v) or all(ids(x) for x in v))
+        if not (isinstance(v, str) or ids(v) or several):
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids (integers) or a "
+                             "list of such lists")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request, in order: a string or a list of token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
 
 
 class ChatMessage(BaseModel):
@@ -276,7 +285,7 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: UsageInfo
-    composition: CompositionSummary | None
+    composition: CompositionSummary | list[CompositionSummary] | None  # a list: one per prompt, in order
 
 
 class CompletionStreamResponse(BaseModel):
@@ -286,7 +295,7 @@ class CompletionStreamResponse(BaseModel):
     model: str
     system_fingerprint: str
     choices: list[CompletionChoice]
-    composition: CompositionSummary | None = None
+    composition: CompositionSummary | None = None  # the prompt's whose choices the chunk carries
     usage: UsageInfo | None = None
 
 

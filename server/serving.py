@@ -26,6 +26,7 @@ from .model_names import NameConflict, ServedName, apply_name, served_names
 from .protocol import CompositionSummary, ErrorBody, ErrorResponse, UsageInfo, new_id, now
 from .structured import LimitError, compile_spec
 from .tool_calls import ToolPlan
+from .serving_batch import Batch, Collected
 
 log = logging.getLogger("constellation.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -95,18 +96,6 @@ def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
     """1 for each token overlapping a span; None when no token does (the fingerprint then uses all)."""
     mask = [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
     return mask if any(mask) else None
-
-
-@dataclass
-class Collected:
-    """One choice of a non-streamed request, gathered from its events."""
-
-    text: str = ""
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    finish: str | None = None
-    error: str | None = None
-    cumulative_logprob: float = 0.0
 
 
 def best_of(out: dict[int, Collected], n: int) -> list[Collected]:
@@ -245,14 +234,10 @@ class OpenAIServing:
         return self.tok.decode([i])
 
     # ---- the engine round trip ---------------------------------------------------------------
-    def submit(self, ids, params, composition, n, fmask=None, n_param: str = "n", shape=None
-               ) -> tuple[Request, asyncio.Queue]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        req = Request(ids, params, composition, n, fingerprint_mask=fmask,
-                      emit=lambda e: loop.call_soon_threadsafe(q.put_nowait, e), shape=shape)
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], composition, n, fmasks=None,
+               n_param: str = "n", shape=None) -> Batch:
         try:
-            self.engine.submit(req)
+            return Batch.submit(self.engine, prompts, params, composition, n, fmasks, shape)
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
@@ -260,10 +245,14 @@ class OpenAIServing:
             raise APIError(400, str(e), param=n_param) from None
         except Draining:
             raise draining_error() from None
-        return req, q
 
     def summary(self, req: Request) -> CompositionSummary | None:
         return self.summary_of(req.summary)
+
+    def compositions(self, summaries: list) -> CompositionSummary | list[CompositionSummary] | None:
+        """The ``composition`` extension: one prompt's summary; with several prompts, one per prompt."""
+        out = [self.summary_of(p) for p in summaries]
+        return out[0] if len(out) == 1 else out
 
     def summary_of(self, p) -> CompositionSummary | None:
         """A ``PlanSummary`` (plain Python, made on the engine thread) as the response extension."""
@@ -273,104 +262,75 @@ class OpenAIServing:
                                   alpha={d: round(a, 6) for d, a in zip(p.domains, p.alpha)},
                                   entropy_bits=round(p.mean_entropy_bits, 6), **(p.weighting or {}))
 
-    async def collect(self, req: Request, q: asyncio.Queue, http: HTTPRequest) -> dict[int, Collected]:
-        out = {i: Collected() for i in range(req.n)}
-        done = 0
-        try:
-            while done < req.n:
-                try:
-                    e: Event = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        self.engine.abort(req)
-                        return out
-                    continue
-                o = out[e.index]
-                o.text += e.text
-                o.ids += e.token_ids
-                o.logprobs += e.logprobs
-                if e.finish_reason:
-                    o.finish, o.error = e.finish_reason, e.error
-                    o.cumulative_logprob = e.cumulative_logprob or 0.0
-                    done += 1
-        except asyncio.CancelledError:
-            self.engine.abort(req)
-            raise
-        return out
-
-    async def events(self, req: Request, q: asyncio.Queue) -> AsyncIterator[Event | None]:
-        """Engine events for a stream; None means 'send a keep-alive'. Cancels on disconnect."""
-        done = 0
-        try:
-            while done < req.n:
-                try:
-                    e = await asyncio.wait_for(q.get(), timeout=self.limits.keepalive_s)
-                except asyncio.TimeoutError:
-                    yield None
-                    continue
-                if e.finish_reason:
-                    done += 1
-                yield e
-        finally:
-            if done < req.n:
-                self.engine.abort(req)
-
     # ---- answering -----------------------------------------------------------------------------
     async def generate(self, http: HTTPRequest, body, ids: list[int], params: SamplingParams,
                        comp: CompositionParams, fmask: list[int] | None = None, n_generate: int | None = None,
                        shape=None):
-        """Submit, then answer as one response model or as a server-sent event stream. ``n_generate``
-        (best_of) sequences are generated and the best ``body.n`` returned (not streamed); ``shape``:
-        what the subclass shapes the reply with (chat: the tool plan), kept on the request."""
+        """One prompt (chat): ``generate_all`` of one. ``shape``: what the subclass shapes the reply
+        with (chat: the tool plan), kept on the engine request."""
+        return await self.generate_all(http, body, [ids], [params], comp, [fmask], n_generate, shape)
+
+    async def generate_all(self, http: HTTPRequest, body, prompts: list[list[int]], params: list[SamplingParams],
+                           comp: CompositionParams, fmasks: list | None = None, n_generate: int | None = None,
+                           shape=None):
+        """Submit every prompt together, then answer as one response model or as a server-sent event
+        stream; prompt ``p``'s choice ``i`` is choice ``p * n + i``. ``n_generate`` (best_of) sequences
+        per prompt are generated and the best ``body.n`` returned (not streamed)."""
         if body.user or getattr(body, "safety_identifier", None):
             log.info("request for user=%r safety_identifier=%r", body.user, getattr(body, "safety_identifier", None))
         n_gen = n_generate or body.n
-        req, q = self.submit(ids, params, comp, n_gen, fmask, "best_of" if n_gen > body.n else "n", shape)
+        batch = self.submit(prompts, params, comp, n_gen, fmasks, "best_of" if n_gen > body.n else "n", shape)
         rid, created = new_id(self.id_prefix), now()
-        if not body.stream:
-            out = await self.collect(req, q, http)
-            err = next((o.error for o in out.values() if o.error), None)
-            if err:
-                raise APIError(500, err, "server_error")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self.stream(batch, body, rid, created, prompts, include_usage),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        outs = await batch.collect(http)
+        err = next((o.error for out in outs for o in out.values() if o.error), None)
+        if err:
+            raise APIError(500, err, "server_error")
+        prefixes = await asyncio.gather(*(self.prefix(r, body, ids, p)
+                                          for p, (r, ids) in enumerate(zip(batch.reqs, prompts))))
+        choices = []
+        for p, (out, prefix) in enumerate(zip(outs, prefixes)):
             kept = best_of(out, body.n) if n_gen > body.n else [o for _, o in sorted(out.items())]
-            prefix = await self.prefix(req, body, ids)
-            choices = [self.final_choice(i, o, body, prefix) for i, o in enumerate(kept)]
-            return self.response(rid, created, choices, usage(len(ids), sum(len(o.ids) for o in out.values())),
-                                 self.summary(req))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self.stream(req, q, body, rid, created, ids, include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+            choices += [self.final_choice(p * body.n + i, o, body, prefix) for i, o in enumerate(kept)]
+        use = usage(sum(map(len, prompts)), sum(len(o.ids) for out in outs for o in out.values()))
+        return self.response(rid, created, choices, use, self.compositions([r.summary for r in batch.reqs]))
 
-    async def prefix(self, req: Request, body, ids: list[int]):
-        """What a choice starts with before its generated text (completions' ``echo``); None here."""
+    async def prefix(self, req: Request, body, ids: list[int], p: int = 0):
+        """What prompt ``p``'s choices start with before their generated text (completions' ``echo``);
+        None here."""
         return None
 
-    async def stream(self, req: Request, q: asyncio.Queue, body, rid: str, created: int, ids: list[int],
+    async def stream(self, batch: Batch, body, rid: str, created: int, prompts: list[list[int]],
                      include_usage: bool) -> AsyncIterator[str]:
-        n_tokens, first, state = 0, True, {}
-        prompt_len = len(ids)
-        async for e in self.events(req, q):
-            if e is None:
+        """Chunks as events arrive; the first chunk of each prompt's choices carries its composition."""
+        n_tokens, states, announced = 0, [{} for _ in prompts], set()
+        async for item in batch.events(self.limits.keepalive_s):
+            if item is None:
                 yield KEEPALIVE
                 continue
+            p, e = item
             if e.error:
                 yield error_event(e)
                 break
             n_tokens += len(e.token_ids)
-            if "prefix" not in state:  # the plan is known once the first event arrives
-                state["prefix"] = await self.prefix(req, body, ids)
-            choice = self.stream_choice(e, state, body)
+            if "prefix" not in states[p]:  # the plan is known once the prompt's first event arrives
+                states[p]["prefix"] = await self.prefix(batch.reqs[p], body, prompts[p], p)
+            choice = self.stream_choice(e, states[p], body)
             if choice is None:
                 continue
+            choice.index += p * batch.reqs[p].n
             extra: dict[str, Any] = {}
-            if first:
-                extra["composition"] = self.summary(req)
-                first = False
+            if p not in announced:
+                extra["composition"] = self.summary_of(batch.reqs[p].summary)
+                announced.add(p)
             if include_usage:
                 extra["usage"] = None
             yield sse(self.chunk(rid, created, [choice], **extra))
         if include_usage:
-            yield sse(self.chunk(rid, created, [], usage=usage(prompt_len, n_tokens)))
+            yield sse(self.chunk(rid, created, [], usage=usage(sum(map(len, prompts)), n_tokens)))
         yield DONE
 
     # ---- what the subclasses shape -------------------------------------------------------------
@@ -383,7 +343,7 @@ class OpenAIServing:
         raise NotImplementedError
 
     def response(self, rid: str, created: int, choices: list, use: UsageInfo,
-                 composition: CompositionSummary | None) -> BaseModel:
+                 composition: CompositionSummary | list[CompositionSummary] | None) -> BaseModel:
         raise NotImplementedError
 
     def chunk(self, rid: str, created: int, choices: list, **extra) -> BaseModel:

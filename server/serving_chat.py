@@ -35,7 +35,7 @@ class OpenAIServingChat(OpenAIServing):
         await self.constrain(params, spec, "tools" if tools is not None else "response_format")
         return await self.generate(http, body, ids, params, comp, fmask, shape=tools)
 
-    async def prefix(self, req, body, ids):
+    async def prefix(self, req, body, ids, p: int = 0):
         """The request's tool plan (None without tools): the choices are shaped by it."""
         return req.shape
 

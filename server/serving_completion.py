@@ -1,11 +1,13 @@
-"""``POST /v1/completions``: text (or token id) prompts, OpenAI's legacy completion shape, with
-``echo`` (the prompt, and with ``logprobs`` its tokens' log-probabilities, before the completion),
-``best_of`` and ``max_tokens=0`` with ``echo`` (score a prompt without generating)."""
+"""``POST /v1/completions``: text (or token id) prompts, one or several per request (prompt ``p``'s
+choice ``i`` is choice ``p * n + i``), OpenAI's legacy completion shape, with ``echo`` (the prompt,
+and with ``logprobs`` its tokens' log-probabilities, before the completion), ``best_of`` and
+``max_tokens=0`` with ``echo`` (score a prompt without generating)."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
@@ -28,12 +30,26 @@ class Echo:
     entries: list[dict]
 
 
+def each(prompts: list, check: Callable):
+    """``check`` of every prompt; with several, an error says which (``prompt 2: ...``)."""
+    out = []
+    for p, x in enumerate(prompts):
+        try:
+            out.append(check(x))
+        except APIError as e:
+            if len(prompts) > 1:
+                e.message = f"prompt {p}: {e.message}"
+            raise
+    return out
+
+
 class OpenAIServingCompletion(OpenAIServing):
     id_prefix = "cmpl"
 
     async def create_completion(self, body: CompletionRequest, http: HTTPRequest):
         comp = self.check_composition(body.composition, self.check_model(body.model))
-        ids = self.text_prompt(body.prompt)
+        raw = self.check_prompts(body)
+        prompts = each(raw, self.text_prompt)
         if body.best_of is not None and body.best_of < body.n:
             raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
         if body.best_of is not None and body.best_of > body.n and body.stream:
@@ -42,50 +58,76 @@ class OpenAIServingCompletion(OpenAIServing):
         if body.max_tokens == 0:
             if not body.echo:
                 raise APIError(400, "max_tokens=0 needs echo=true (it scores the prompt)", param="max_tokens")
-            return await self.score_only(body, ids, comp)
-        params = self.sampling(body, ids, DEFAULT_MAX_TOKENS, body.logprobs, "prompt")
+            return await self.score_only(body, prompts, comp)
+        params = each(prompts, lambda ids: self.sampling(body, ids, DEFAULT_MAX_TOKENS, body.logprobs, "prompt"))
         try:
             spec = response_spec(body.response_format)
         except LimitError as e:
             raise APIError(400, str(e), param=e.param) from None
-        await self.constrain(params, spec, "response_format")
-        return await self.generate(http, body, ids, params, comp, n_generate=body.best_of)
+        for one in params:  # compiled once (the cache), each prompt's sequences their own matchers
+            await self.constrain(one, spec, "response_format")
+        return await self.generate_all(http, body, prompts, params, comp, n_generate=body.best_of)
+
+    def check_prompts(self, body: CompletionRequest) -> list[str | list[int]]:
+        """The request's prompts, within the server's bounds on prompts and on prompts x n."""
+        raw, lim = body.prompts(), self.limits
+        if len(raw) > lim.max_prompts:
+            raise APIError(400, f"{len(raw)} prompts; this server takes at most {lim.max_prompts} per request",
+                           param="prompt")
+        per = max(body.n, body.best_of or 0)
+        if len(raw) * per > lim.max_choices:
+            name = "best_of" if per > body.n else "n"
+            raise APIError(400, f"{len(raw)} prompts x {name}={per} is {len(raw) * per} sequences; this server "
+                           f"generates at most {lim.max_choices} per request", param=name)
+        return raw
 
     # ---- echo --------------------------------------------------------------------------------
-    async def echo(self, body: CompletionRequest, ids: list[int], comp: CompositionParams):
-        """The prompt's text and, with ``logprobs``, its tokens' entries (on the engine thread)."""
+    def prompt_text(self, body: CompletionRequest, ids: list[int], p: int) -> str:
+        """Prompt ``p`` as echoed: the string sent, or its token ids decoded."""
+        raw = body.prompts()[p]
+        return raw if isinstance(raw, str) else self.tok.decode(ids)
+
+    def check_echo(self, ids: list[int]) -> None:
         most = min(self.limits.max_prompt_tokens, self.max_positions)
         if not ids or len(ids) > most:
             raise APIError(400, f"prompt has {len(ids)} tokens; it must have 1..{most}", param="prompt",
                            code="context_length_exceeded" if ids else None)
-        text = body.prompt if isinstance(body.prompt, str) else self.tok.decode(ids)
-        if body.logprobs is None:
+
+    async def echo(self, body: CompletionRequest, ids: list[int], p: int, comp: CompositionParams,
+                   top: int | None = None):
+        """Prompt ``p``'s text and, with ``logprobs``, its tokens' entries and its composition (on the
+        engine thread); ``top=0`` scores it for the composition alone when no logprobs are asked."""
+        self.check_echo(ids)
+        text = self.prompt_text(body, ids, p)
+        top = body.logprobs if body.logprobs is not None else top
+        if top is None:
             return Echo(text, []), None
         if self.engine.draining:
             raise draining_error()
         entries, summary = await asyncio.get_running_loop().run_in_executor(
-            None, self.engine.score_prompt, ids, comp, None, body.logprobs)
-        return Echo(text, entries), summary
+            None, self.engine.score_prompt, ids, comp, None, top)
+        return Echo(text, entries if body.logprobs is not None else []), summary
 
-    async def prefix(self, req, body: CompletionRequest, ids: list[int]) -> Echo | None:
-        return (await self.echo(body, ids, req.composition))[0] if body.echo else None
+    async def prefix(self, req, body: CompletionRequest, ids: list[int], p: int = 0) -> Echo | None:
+        return (await self.echo(body, ids, p, req.composition))[0] if body.echo else None
 
-    async def score_only(self, body: CompletionRequest, ids: list[int], comp: CompositionParams):
-        """``echo`` with ``max_tokens=0``: the prompt (and its logprobs) as each choice, nothing generated."""
-        echo, summary = await self.echo(body, ids, comp)
-        if summary is None:  # no logprobs asked: the composition is still reported
-            _, summary = await asyncio.get_running_loop().run_in_executor(
-                None, self.engine.score_prompt, ids, comp, None, 0)
-        comp_summary = self.summary_of(summary)
-        choices = [self.final_choice(i, Collected(finish="length"), body, echo) for i in range(body.n)]
-        rid, created, use = new_id(self.id_prefix), now(), usage(len(ids), 0)
+    async def score_only(self, body: CompletionRequest, prompts: list[list[int]], comp: CompositionParams):
+        """``echo`` with ``max_tokens=0``: each prompt (and its logprobs) as its choices, nothing
+        generated; the composition is reported whether or not logprobs were asked."""
+        each(prompts, self.check_echo)
+        scored = await asyncio.gather(*(self.echo(body, ids, p, comp, top=0) for p, ids in enumerate(prompts)))
+        choices = [[self.final_choice(p * body.n + i, Collected(finish="length"), body, echo) for i in range(body.n)]
+                   for p, (echo, _) in enumerate(scored)]
+        summaries = [s for _, s in scored]
+        rid, created, use = new_id(self.id_prefix), now(), usage(sum(map(len, prompts)), 0)
         if not body.stream:
-            return self.response(rid, created, choices, use, comp_summary)
+            return self.response(rid, created, [c for cs in choices for c in cs], use, self.compositions(summaries))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events():
+        async def events():  # a chunk per prompt: its choices and its composition
             extra = {"usage": None} if include_usage else {}
-            yield sse(self.chunk(rid, created, choices, composition=comp_summary, **extra))
+            for cs, summary in zip(choices, summaries):
+                yield sse(self.chunk(rid, created, cs, composition=self.summary_of(summary), **extra))
             if include_usage:
                 yield sse(self.chunk(rid, created, [], usage=use))
             yield DONE

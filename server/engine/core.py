@@ -103,24 +103,26 @@ class Engine(CatalogSwitch):
             self.inputs.append(item)
             self.lock.notify()
 
-    def submit(self, req: Request) -> None:
-        """Queue a request (429 ``QueueFull`` beyond ``max_waiting``, ``Draining`` while draining,
-        ``ValueError`` for one that could never run: too many rows, or more KV than the cache)."""
-        need = self.rows_needed(req)
-        if need > self.limits.max_running:
-            raise ValueError(f"this request needs {need} batch rows (n x components); "
-                             f"the server runs at most {self.limits.max_running}")
-        longest = min(len(req.prompt_ids) + req.params.max_tokens, self.limits.max_seq_len)
-        if not self.pool.could_fit([longest] * need):
-            raise ValueError(f"this request's {need} rows of up to {longest} tokens exceed the KV cache "
-                             f"({self.pool.tokens} positions); lower n or max_tokens")
+    def submit(self, *reqs: Request) -> None:
+        """Queue requests (429 ``QueueFull`` once ``max_waiting`` are queued, ``Draining`` while draining,
+        ``ValueError`` for one that could never run: too many rows, or more KV than the cache). Several
+        (one HTTP request's prompts) go in together, all or none, so the loop takes them into one step."""
+        for req in reqs:
+            need = self.rows_needed(req)
+            if need > self.limits.max_running:
+                raise ValueError(f"this request needs {need} batch rows (n x components); "
+                                 f"the server runs at most {self.limits.max_running}")
+            longest = min(len(req.prompt_ids) + req.params.max_tokens, self.limits.max_seq_len)
+            if not self.pool.could_fit([longest] * need):
+                raise ValueError(f"this request's {need} rows of up to {longest} tokens exceed the KV cache "
+                                 f"({self.pool.tokens} positions); lower n or max_tokens")
         with self.lock:
             if self.draining:
                 raise Draining()
             if self.queued >= self.limits.max_waiting:
                 raise QueueFull()
-            self.queued += 1
-            self.inputs.append(AddRequest(req))
+            self.queued += len(reqs)
+            self.inputs.extend(AddRequest(r) for r in reqs)
             self.lock.notify()
         self._gauges()
 

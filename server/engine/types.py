@@ -19,6 +19,8 @@ class Limits:
     max_prompt_tokens: int = 1536
     max_new_tokens: int = 1024  # cap on max_tokens
     max_seq_len: int = 2048  # prompt + generated, per sequence
+    max_prompts: int = 64  # prompts in one /v1/completions request (each queued as one request)
+    max_choices: int = 128  # prompts x max(n, best_of): the sequences one request generates
     # key/value positions held for all rows together (the KV cache's memory); requests are admitted
     # while theirs fit. None: room for 16 sequences of max_seq_len (what 16 slots of 2048 took before)
     kv_cache_tokens: int | None = None
