@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request as HTTPRequest
