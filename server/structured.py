@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .engine.grammar import Grammar, GrammarError, Grammars, GrammarSpec
@@ -72,12 +75,25 @@ def response_spec(fmt: ResponseFormat | None) -> GrammarSpec | None:
     return GrammarSpec("json_schema", schema)
 
 
+def _lower_priority() -> None:
+    """The compiling thread yields the CPU to the engine's threads (Linux: a thread's own nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: compile at normal priority
+        pass
+
+
+# one thread, niced: a large schema's compile never takes a core from decoding streams
+COMPILER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constellation-grammar",
+                              initializer=_lower_priority)
+
+
 async def compile_spec(grammars: Grammars, spec: GrammarSpec | None, param: str) -> Grammar | None:
-    """Compile on a worker thread (llguidance releases the GIL), so the engine and other requests
-    go on; an uncompilable grammar is a ``LimitError`` naming ``param``."""
+    """Compile on the grammar thread (llguidance releases the GIL; the thread runs niced), so the
+    engine and other requests go on; an uncompilable grammar is a ``LimitError`` naming ``param``."""
     if spec is None:
         return None
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, grammars.compile, spec)
+        return await asyncio.get_running_loop().run_in_executor(COMPILER, grammars.compile, spec)
     except GrammarError as e:
         raise LimitError(f"{param}: the grammar engine cannot use this schema: {e}", param) from None
