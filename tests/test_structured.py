@@ -200,3 +200,11 @@ def test_bench_structured_smoke(built):
     from bench import structured
 
     assert structured.main(["--smoke", "--config", str(built("llama", max_positions=2048))]) == 0
+
+
+def test_bench_grammar_engines_smoke(built, capsys):
+    from bench import grammar_engines
+
+    assert grammar_engines.main(["--rows", "2", "--steps", "3", "--config", str(built("llama", max_positions=2048))]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["llguidance"]["compile_ms"] > 0 and out["rows"] == 2
