@@ -224,10 +224,10 @@ def cmd_serve(args) -> int:
     from server.engine import Limits
     from server.serve import serve
 
-    if args.max_prompt_tokens >= args.max_seq_len:
+    if args.max_prompt_tokens and args.max_seq_len and args.max_prompt_tokens >= args.max_seq_len:
         raise UsageError(f"--max-prompt-tokens: {args.max_prompt_tokens} must be smaller than --max-seq-len "
                          f"({args.max_seq_len})")
-    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.max_seq_len:
+    if args.kv_cache_tokens and args.max_seq_len and args.kv_cache_tokens < args.max_seq_len:
         raise UsageError(f"--kv-cache-tokens: {args.kv_cache_tokens} cannot hold one sequence of --max-seq-len "
                          f"({args.max_seq_len}) tokens")
     limits = Limits(max_running=args.max_running, max_waiting=args.max_waiting,

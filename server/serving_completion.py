@@ -49,9 +49,9 @@ class OpenAIServingCompletion(OpenAIServing):
     # ---- echo --------------------------------------------------------------------------------
     async def echo(self, body: CompletionRequest, ids: list[int], comp: CompositionParams):
         """The prompt's text and, with ``logprobs``, its tokens' entries (on the engine thread)."""
-        most = min(self.limits.max_prompt_tokens, self.max_positions)
+        most, hint = self.prompt_limit()
         if not ids or len(ids) > most:
-            raise APIError(400, f"prompt has {len(ids)} tokens; it must have 1..{most}", param="prompt",
+            raise APIError(400, f"prompt has {len(ids)} tokens; it must have 1..{most} ({hint})", param="prompt",
                            code="context_length_exceeded" if ids else None)
         text = body.prompt if isinstance(body.prompt, str) else self.tok.decode(ids)
         if body.logprobs is None:

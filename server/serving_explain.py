@@ -50,10 +50,10 @@ class ServingExplain(OpenAIServing):
         comp = self.check_composition(body.composition)
         ids, fmask = self.explain_prompt(body)
         param = "prompt" if body.prompt is not None else "messages"
-        limit = min(self.limits.max_prompt_tokens, self.max_positions)
+        limit, hint = self.prompt_limit()
         if not ids or len(ids) > limit:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; /explain accepts 1..{limit}", param=param,
-                           code="context_length_exceeded" if ids else None)
+            raise APIError(400, f"the prompt has {len(ids)} tokens; /explain accepts 1..{limit} ({hint})",
+                           param=param, code="context_length_exceeded" if ids else None)
         if self.engine.draining:
             raise draining_error()
         engine = self.engine
