@@ -262,6 +262,12 @@ def test_banner_never_prints_the_api_key():
     assert "http://[::1]:8080/" in open_banner
 
 
+def banner_examples(text: str) -> list[str]:
+    """The banner's examples as pasted into a shell: indented blocks between blank lines, no comments."""
+    blocks = text.split("\n\n")
+    return [b.strip() for b in blocks if b.startswith("  ") and not b.lstrip().startswith("#")]
+
+
 def test_serve_on_a_port_bound_before_loading(conf):
     """The real server on ``--port 0``: the port is bound before the models load and served; the
     banner names the port the system picked and never the key; Ctrl+C exits 0."""
@@ -279,7 +285,7 @@ def test_serve_on_a_port_bound_before_loading(conf):
     reader.start()
     try:
         deadline = time.time() + 120
-        while not any(line.startswith("API key:") for line in lines):
+        while not any("-c 'import os" in line for line in lines):
             assert proc.poll() is None and time.time() < deadline, "".join(lines)
             time.sleep(0.05)
         text = "".join(lines)
@@ -287,6 +293,14 @@ def test_serve_on_a_port_bound_before_loading(conf):
         url = text.split("Constellation is serving 'constellation' at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
         assert httpx.get(url + "/ready", timeout=30).status_code == 200
+        pasted = banner_examples(text)
+        assert len(pasted) == 3 and pasted[2].startswith(f"{sys.executable} -c "), pasted
+        shell = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/"),
+                 "CONSTELLATION_API_KEY": "s3cret-key"}  # a plain shell: no venv, no PYTHONPATH
+        chat, explain, client = (subprocess.run(["bash", "-c", cmd], env=shell, capture_output=True, text=True,
+                                                timeout=120) for cmd in pasted)
+        assert client.returncode == 0, client.stderr  # the banner's interpreter has the OpenAI client
+        assert "choices" in json.loads(chat.stdout) and "selected" in json.loads(explain.stdout), (chat, explain)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         reader.join(timeout=10)
