@@ -7,7 +7,7 @@ import asyncio
 import torch
 
 from composer.modes import CompositionError
-from index_store.store import diagnostics_doc
+from index_store.store import diagnostics_doc, recommendation_note, residual_note
 from .protocol import ExplainRequest, ModelCard, ModelList, now
 from .serving import APIError, OpenAIServing, draining_error
 
@@ -31,6 +31,9 @@ class ServingExplain(OpenAIServing):
         doc = diagnostics_doc(self.catalog.manifest)
         doc["catalog_version"] = self.catalog.version
         doc["specialists"] = self.catalog.listing()
+        doc["default_mode"] = self.c.settings.default_mode  # the mode a request without composition.mode gets
+        doc["recommendation_note"] = recommendation_note(doc, doc["default_mode"])
+        doc["residual_note"] = residual_note(doc["basis"])
         return doc
 
     def explain_prompt(self, body: ExplainRequest) -> tuple[list[int], list[int] | None]:

@@ -42,6 +42,8 @@ def test_index_build_and_inspect(conf):
     shutil.rmtree(conf.parent / "index")
     p = run("index", "build", conf)
     assert "index written" in p.stdout and "fingerprinting probes" in p.stderr
+    # the recommendation says what it is, beside the mode in force (the config sets none: the default)
+    assert "the paper's rule of thumb" in p.stdout and "[composition].mode, constellation (the default)" in p.stdout
     doc = json.loads(run("index", "inspect", conf.parent / "index", "--json").stdout)
     for key in ("domains", "raw_cosine", "mean_collinearity", "post_gs_max_abs_cos", "residual_ratios",
                 "recommendation"):
@@ -50,7 +52,8 @@ def test_index_build_and_inspect(conf):
     assert len(doc["raw_cosine"]) == 3 and doc["raw_cosine"][1][1] == pytest.approx(1.0)
     assert doc["post_gs_max_abs_cos"] <= 1e-9
     text = run("index", "inspect", conf.parent / "index").stdout
-    assert "raw centroid cosine" in text and "recommendation" in text
+    assert "raw centroid cosine" in text and f"recommendation: {doc['recommendation']}, by the paper's" in text
+    assert "Advice only" in text and doc["basis"] == "symmetric" and "does not use them" in text  # the residuals
 
 
 def test_explain_json_equals_the_library(conf):
