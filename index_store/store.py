@@ -156,3 +156,26 @@ def diagnostics_doc(manifest: dict) -> dict:
         "format_version": manifest["format_version"],
         "calibration": manifest.get("calibration"),
     }
+
+
+def recommendation_note(diag: dict, mode: str | None = None) -> str:
+    """What the index's recommendation means: the paper's rule of thumb on the mean collinearity,
+    advice that changes nothing, beside the mode requests compose with (``[composition].mode``, when
+    known: ``index inspect`` reads an index without its config)."""
+    rec, col = diag["recommendation"], diag["mean_collinearity"]
+    in_force = (f"the config's [composition].mode, {mode}{' (the default)' if mode == 'constellation' else ''},"
+                if mode else "the config's [composition].mode (default constellation)")
+    return (f"{rec}, by the paper's rule of thumb on the mean collinearity ({col:.4f}; below 0.93 task arithmetic "
+            "suffices, 0.93-0.97 constellation composition, above 0.97 add noise with [index].noise_fraction). "
+            f"Advice only: requests compose with {in_force} unless they name a composition.mode.")
+
+
+def residual_note(basis: str) -> str:
+    """What the Gram-Schmidt residual ratios are, and whether this index's basis uses them."""
+    what = ("Gram-Schmidt residual ratio |r_k|/|c_k|: how much of a domain's centroid is left once the domains "
+            "before it (config order) are projected out; 1 = independent of them, near 0 = spanned by them. A "
+            "collinearity diagnostic")
+    if basis == "symmetric":
+        return what + "; this index's basis is symmetric (Löwdin: all domains alike, order-free) and does not use them"
+    return (what + "; this index's gram_schmidt basis is built from these residuals, so its first domain's axis "
+            "also carries what all domains share")

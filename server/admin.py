@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from index_store.catalog import CatalogError, Change, read_probe_texts
+from index_store.catalog import CatalogError, Change, check_under_root, read_probe_texts
 from .live_catalog import LiveCatalog
 from .protocol import SpecialistRequest
 from .serving import APIError, draining_error
@@ -61,11 +61,8 @@ def add_admin_routes(app: FastAPI, catalog: LiveCatalog) -> None:
             if probes is not None:
                 raise APIError(400, "send one of 'probes' or 'probes_path'", param="probes_path")
             path = under_root(catalog, body.probes_path).resolve()
-            root = catalog.loaded.config.catalog.models_root
-            if root is None or not path.is_relative_to(root.resolve()):
-                raise APIError(403, f"probes_path {body.probes_path}: outside the models root {root}",
-                               "permission_error", "probes_path")
             try:
+                check_under_root(catalog.loaded.config, path, body.probes_path, "probes_path")
                 probes = read_probe_texts(path, body.name)
             except CatalogError as e:
                 raise _api_error(e) from None

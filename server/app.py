@@ -267,6 +267,7 @@ def create_app(loaded, limits: Limits = Limits(), api_key: str | None = None, mo
     c, tok = loaded.constellation, loaded.tokenizer
     metrics = Metrics(model_name)
     engine = engine or Engine(c, tok, limits, metrics)
+    limits = limits.for_model(c.g)  # the defaults from the model, as the engine's
     if engine.metrics is None:
         engine.metrics = metrics
 

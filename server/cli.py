@@ -37,6 +37,7 @@ def checked_config(path, specialists: bool = True):
 
 def cmd_index_build(args) -> int:
     from index_store.loader import build_index
+    from index_store.store import recommendation_note
 
     cfg = checked_config(args.config, specialists=False)
     if cfg.index.calibrate:  # calibration composes the specialists
@@ -48,15 +49,15 @@ def cmd_index_build(args) -> int:
     print(f"index written: {cfg.index.path}")
     print(f"domains: {', '.join(manifest['domains'])}  basis: {manifest['settings']['basis']}  "
           f"probes: {sum(manifest['probe_counts'].values())}  ({manifest['build_seconds']:.1f} s)")
-    print(f"mean collinearity {diag['mean_collinearity']:.4f}; post-GS max |cos| {diag['post_gs_max_abs_cos']:.1e}; "
-          f"{diag['recommendation_text']}")
+    print(f"mean collinearity {diag['mean_collinearity']:.4f}; post-GS max |cos| {diag['post_gs_max_abs_cos']:.1e}")
+    print(f"recommendation: {recommendation_note(diag, cfg.composition.mode)}")
     for line in calibration_lines(manifest.get("calibration"), domains=manifest["domains"]):
         print(line)
     return 0
 
 
 def cmd_index_inspect(args) -> int:
-    from index_store.store import diagnostics_doc, read_manifest
+    from index_store.store import diagnostics_doc, read_manifest, recommendation_note, residual_note
 
     doc = diagnostics_doc(read_manifest(Path(args.index_dir)))
     if args.json:
@@ -72,9 +73,10 @@ def cmd_index_inspect(args) -> int:
     print(f"post-orth max |cos|    {doc['post_gs_max_abs_cos']:.2e}")
     print("Gram-Schmidt residual ratios (domain order): "
           + ", ".join(f"{d} {doc['residual_ratios'][d]:.4f}" for d in doms))
+    print(f"  ({residual_note(doc['basis'])})")
     for c, info in doc["controls"].items():
         print(f"control '{c}': cosine " + ", ".join(f"{d} {info['cosine'][d]:.3f}" for d in doms))
-    print(f"recommendation: {doc['recommendation']} ({doc['recommendation_text']})")
+    print(f"recommendation: {recommendation_note(doc)}")
     for line in calibration_lines(doc["calibration"], detail=True, domains=doc["domains"]):
         print(line)
     return 0
@@ -224,10 +226,10 @@ def cmd_serve(args) -> int:
     from server.engine import Limits
     from server.serve import serve
 
-    if args.max_prompt_tokens >= args.max_seq_len:
+    if args.max_prompt_tokens and args.max_seq_len and args.max_prompt_tokens >= args.max_seq_len:
         raise UsageError(f"--max-prompt-tokens: {args.max_prompt_tokens} must be smaller than --max-seq-len "
                          f"({args.max_seq_len})")
-    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.max_seq_len:
+    if args.kv_cache_tokens and args.max_seq_len and args.kv_cache_tokens < args.max_seq_len:
         raise UsageError(f"--kv-cache-tokens: {args.kv_cache_tokens} cannot hold one sequence of --max-seq-len "
                          f"({args.max_seq_len}) tokens")
     limits = Limits(max_running=args.max_running, max_waiting=args.max_waiting,

@@ -16,6 +16,7 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_specialist_change(args) -> int:
     from index_store.catalog import NAME, CatalogError, Change, apply, read_probe_texts
+    from index_store.store import recommendation_note
 
     op = args.specialist_command
     if not NAME.match(args.name):
@@ -37,8 +38,7 @@ def cmd_specialist_change(args) -> int:
     diag = r.manifest["diagnostics"]
     print(f"{op} {args.name}: catalog version {r.version}; specialists: {', '.join(r.config.specialists)}")
     print(f"fingerprinted: {', '.join(r.fingerprinted) or 'nothing (centroids reused)'}; {r.seconds:.1f} s")
-    print(f"mean collinearity {diag['mean_collinearity']:.3f}; recommendation: {diag['recommendation']} "
-          f"({diag['recommendation_text']})")
+    print(f"recommendation: {recommendation_note(diag, r.config.composition.mode)}")
     return 0
 
 

@@ -169,14 +169,17 @@ def _add_serve(sub) -> None:
                     "requests are admitted while their keys/values fit in --kv-cache-tokens (default 256)")
     sv.add_argument("--kv-cache-tokens", type=positive_int, default=None,
                     help="key/value positions held for all sequences together (the KV cache's memory; the "
-                    "banner prints its GiB). Default: 16 x --max-seq-len, what 16 fixed slots held before")
+                    "banner prints its GiB). Default: 16 x --max-seq-len, in at most 4 GiB, and never less than "
+                    "one sequence")
     sv.add_argument("--max-waiting", type=positive_int, default=64, help="queued requests before 429 (default 64)")
-    sv.add_argument("--max-prompt-tokens", type=positive_int, default=1536,
-                    help="longest prompt accepted (default 1536)")
+    sv.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                    help="longest prompt accepted (default: the longest --max-seq-len leaves room to generate "
+                    "from, --max-seq-len - 2)")
     sv.add_argument("--max-new-tokens", type=positive_int, default=1024,
                     help="largest max_tokens accepted (default 1024)")
-    sv.add_argument("--max-seq-len", type=positive_int, default=2048,
-                    help="prompt + generation per sequence (default 2048)")
+    sv.add_argument("--max-seq-len", type=positive_int, default=None,
+                    help="prompt + generation per sequence (default: the model's own context, its "
+                    "max_position_embeddings, as vLLM's; no more than --kv-cache-tokens when that is given)")
     sv.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
     sv.add_argument("--prefill-chunk", type=positive_int, default=512,
                     help="most prompt tokens prefilled in one engine step; while streams decode, a step's "

@@ -62,9 +62,18 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def examples(host: str, port: int, model: str, api_key: str | None, admin: bool = False) -> str:
-    """The start-up banner: pasteable examples. The key itself is never printed (the banner ends up
-    in logs): the examples read it from $CONSTELLATION_API_KEY."""
+def examples(host: str, port: int, model: str, api_key: str | None, admin: bool = False,
+             python: str = sys.executable) -> str:
+    """The start-up banner: examples to paste into a plain shell. The key itself is never printed (the
+    banner ends up in logs): the examples read it from $CONSTELLATION_API_KEY. The Python example runs
+    ``python``, the server's own interpreter (a venv's, where the OpenAI client is installed with the dev
+    extra), by its full path: ``python`` on a shell's PATH may not have ``openai``."""
+    import importlib.util
+    import shlex
+
+    missing = python == sys.executable and importlib.util.find_spec("openai") is None
+    python = shlex.quote(python)
+    client = f"  # the OpenAI client first: {python} -m pip install openai\n" if missing else ""
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
     auth = ' -H "Authorization: Bearer $CONSTELLATION_API_KEY"' if api_key else ""
@@ -82,7 +91,7 @@ API key: {note}{admin_note}
   curl {base}/explain{auth} -H "Content-Type: application/json" \\
     -d '{{"prompt": "The licensee shall indemnify the licensor"}}'
 
-  python -c 'import os; from openai import OpenAI; c = OpenAI(base_url="{base}/v1", api_key={key}); print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Write a Python function that reverses a list."}}], max_tokens=64, extra_body={{"composition": {{"mode": "constellation"}}}}).choices[0].message.content)'
+{client}  {python} -c 'import os; from openai import OpenAI; c = OpenAI(base_url="{base}/v1", api_key={key}); print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Write a Python function that reverses a list."}}], max_tokens=64, extra_body={{"composition": {{"mode": "constellation"}}}}).choices[0].message.content)'
 """
 
 

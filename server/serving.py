@@ -196,24 +196,41 @@ class OpenAIServing:
             raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         return ids
 
+    def context_hint(self) -> str:
+        """What raises the context (prompt + max_tokens): ``--max-seq-len`` up to the model's own, or nothing."""
+        model = self.c.g.mc.max_positions
+        if self.limits.max_seq_len < model:
+            return f"`constellation serve --max-seq-len` raises it, up to the model's {model}"
+        return f"the model's own context is {model} positions"
+
+    def prompt_limit(self) -> tuple[int, str]:
+        """The longest prompt accepted, and what raises it: ``--max-prompt-tokens``, or the context less
+        room for one generated token (a sequence ends a position short of the context)."""
+        context = self.max_positions - 2
+        if self.limits.max_prompt_tokens < context:
+            return self.limits.max_prompt_tokens, "`constellation serve --max-prompt-tokens` raises it"
+        return context, self.context_hint()
+
     def sampling(self, body, ids: list[int], default_max: int | None, logprobs: int | None,
                  param: str) -> SamplingParams:
         lim = self.limits
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
-        if len(ids) > lim.max_prompt_tokens:
-            raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most "
-                           f"{lim.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        most, hint = self.prompt_limit()
+        if len(ids) > most:
+            raise APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most {most} ({hint})",
+                           param=param, code="context_length_exceeded")
         room = self.max_positions - len(ids) - 1
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:
             max_tokens = min(default_max or room, lim.max_new_tokens, room)
         if max_tokens > lim.max_new_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {lim.max_new_tokens}",
-                           param="max_tokens")
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {lim.max_new_tokens} "
+                           "(`constellation serve --max-new-tokens` raises it)", param="max_tokens")
         if max_tokens > room:
             raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                           f"{self.max_positions}-token context", param="max_tokens", code="context_length_exceeded")
+                           f"{self.max_positions}-token context ({self.context_hint()})", param="max_tokens",
+                           code="context_length_exceeded")
         if max_tokens < 1:
             raise APIError(400, "no room left to generate", param=param, code="context_length_exceeded")
         if body.min_tokens > max_tokens:

@@ -88,9 +88,9 @@ class OpenAIServingCompletion(OpenAIServing):
         return raw if isinstance(raw, str) else self.tok.decode(ids)
 
     def check_echo(self, ids: list[int]) -> None:
-        most = min(self.limits.max_prompt_tokens, self.max_positions)
+        most, hint = self.prompt_limit()
         if not ids or len(ids) > most:
-            raise APIError(400, f"prompt has {len(ids)} tokens; it must have 1..{most}", param="prompt",
+            raise APIError(400, f"prompt has {len(ids)} tokens; it must have 1..{most} ({hint})", param="prompt",
                            code="context_length_exceeded" if ids else None)
 
     async def echo(self, body: CompletionRequest, ids: list[int], p: int, comp: CompositionParams,

@@ -8,7 +8,7 @@ import asyncio
 import torch
 
 from composer.modes import CompositionError
-from index_store.store import diagnostics_doc
+from index_store.store import diagnostics_doc, recommendation_note, residual_note
 from .protocol import ExplainRequest, ModelCard, ModelList, now
 from .model_names import ServedName
 from .serving import APIError, OpenAIServing, draining_error
@@ -41,6 +41,9 @@ class ServingExplain(OpenAIServing):
         doc = diagnostics_doc(self.catalog.manifest)
         doc["catalog_version"] = self.catalog.version
         doc["specialists"] = self.catalog.listing()
+        doc["default_mode"] = self.c.settings.default_mode  # the mode a request without composition.mode gets
+        doc["recommendation_note"] = recommendation_note(doc, doc["default_mode"])
+        doc["residual_note"] = residual_note(doc["basis"])
         return doc
 
     def explain_prompt(self, body: ExplainRequest) -> tuple[list[int], list[int] | None]:
@@ -60,10 +63,10 @@ class ServingExplain(OpenAIServing):
         comp = self.check_composition(body.composition, name)
         ids, fmask = self.explain_prompt(body)
         param = "prompt" if body.prompt is not None else "messages"
-        limit = min(self.limits.max_prompt_tokens, self.max_positions)
+        limit, hint = self.prompt_limit()
         if not ids or len(ids) > limit:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; /explain accepts 1..{limit}", param=param,
-                           code="context_length_exceeded" if ids else None)
+            raise APIError(400, f"the prompt has {len(ids)} tokens; /explain accepts 1..{limit} ({hint})",
+                           param=param, code="context_length_exceeded" if ids else None)
         if self.engine.draining:
             raise draining_error()
         engine = self.engine

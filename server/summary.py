@@ -35,15 +35,19 @@ def load_summary(loaded) -> str:
 
 
 def engine_summary(loaded, limits) -> str:
-    """The engine's memory: the KV cache (positions, bytes, the longest sequence) and prepacked weights."""
+    """The engine's memory and limits: the KV cache (positions, bytes), the longest sequence and prompt
+    (with the options that change them) and prepacked weights."""
     g = loaded.constellation.g
     mc = g.mc
     per = mc.n_layers * 2 * mc.n_kv_heads * mc.head_dim * g.dtype.itemsize
+    limits = limits.for_model(g)
     kv = limits.kv_tokens
     packed = (f"; prepacked matrices (oneDNN) {g.packed_bytes / 2**20:.1f} MiB" if g.packed
               else "; matrices not prepacked")
-    return (f"KV cache: {kv} positions ({kv * per / 2**30:.2f} GiB), sequences up to {limits.max_seq_len} tokens, "
-            f"up to {limits.max_running} rows per step, admitted while their KV fits{packed}")
+    return (f"KV cache: {kv} positions ({kv * per / 2**30:.2f} GiB, --kv-cache-tokens), sequences up to "
+            f"{limits.max_seq_len} tokens (--max-seq-len; the model's context: {mc.max_positions}), prompts up to "
+            f"{limits.max_prompt_tokens} (--max-prompt-tokens), max_tokens up to {limits.max_new_tokens} "
+            f"(--max-new-tokens), up to {limits.max_running} rows per step, admitted while their KV fits{packed}")
 
 
 def describe_weighting(name: str, sharpness: float | None, strength: dict[str, float] | None) -> str:

@@ -56,6 +56,45 @@ def test_nan_weight_is_400(url):
     assert r.status_code == 400 and r.json()["error"]["param"] == "composition.weights"
 
 
+def _refusal(client, prompt_len: int, max_tokens: int) -> dict:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="constellation", prompt=[5] * prompt_len, max_tokens=max_tokens)
+    return e.value.body
+
+
+def test_limit_errors_name_the_option_that_raises_them(url, built):
+    """A 400 for a prompt's length, max_tokens or the context names the `constellation serve` option
+    that raises the limit, or says the model's own context is the bound; by default the limits are
+    the model's own (its 128 positions here), as vLLM's."""
+    from index_store.loader import load_constellation
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)  # prompts <= 64, max_tokens <= 16
+    err = _refusal(client, 65, 2)
+    assert err["param"] == "prompt" and err["code"] == "context_length_exceeded"
+    assert "at most 64 (`constellation serve --max-prompt-tokens` raises it)" in err["message"], err
+    err = _refusal(client, 4, 17)
+    assert err["param"] == "max_tokens" and "(`constellation serve --max-new-tokens` raises it)" in err["message"]
+    loaded = load_constellation(built("llama", domains=("medical", "legal", "code")))
+    assert loaded.constellation.g.mc.max_positions == 128
+    for limits, hint in [(Limits(max_running=4), "the model's own context is 128 positions"),
+                         (Limits(max_running=4, max_seq_len=100),
+                          "`constellation serve --max-seq-len` raises it, up to the model's 128")]:
+        app = create_app(loaded, limits)
+        seq = app.state.limits.max_seq_len
+        assert seq == (limits.max_seq_len or 128) and app.state.limits.max_prompt_tokens == seq - 2
+        assert app.state.limits.kv_cache_tokens == 16 * seq  # a small model: 16 sequences fit in the 4 GiB bound
+        with LoopbackServer(app) as u:
+            c = openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0)
+            r = c.completions.create(model="constellation", prompt=[5] * (seq - 2), max_tokens=1)
+            assert r.usage.prompt_tokens == seq - 2 and r.usage.completion_tokens == 1
+            err = _refusal(c, seq - 1, 1)
+            assert err["param"] == "prompt" and err["code"] == "context_length_exceeded"
+            assert f"at most {seq - 2} ({hint})" in err["message"], err
+            err = _refusal(c, 10, seq - 10)
+            assert err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+            assert f"exceeds the {seq}-token context ({hint})" in err["message"], err
+
+
 def test_the_bounds_admit_what_they_should(url):
     """The edges of each range are served (the checks above are not refusing everything)."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)

@@ -184,6 +184,7 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_catalog(fresh, step):
     # the next change goes through and cleans up what the crash left
     p = run_cli("specialist", "remove", str(fresh), "code")
     assert p.returncode == 0, p.stderr
+    assert "the paper's rule of thumb" in p.stdout and "[composition].mode, constellation (the default)" in p.stdout
     assert load_constellation(fresh).constellation.domains == [d for d in want if d != "code"]
     assert not list((fresh.parent / ".catalog").glob(".v*.tmp-*"))
 

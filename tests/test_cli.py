@@ -42,6 +42,8 @@ def test_index_build_and_inspect(conf):
     shutil.rmtree(conf.parent / "index")
     p = run("index", "build", conf)
     assert "index written" in p.stdout and "fingerprinting probes" in p.stderr
+    # the recommendation says what it is, beside the mode in force (the config sets none: the default)
+    assert "the paper's rule of thumb" in p.stdout and "[composition].mode, constellation (the default)" in p.stdout
     doc = json.loads(run("index", "inspect", conf.parent / "index", "--json").stdout)
     for key in ("domains", "raw_cosine", "mean_collinearity", "post_gs_max_abs_cos", "residual_ratios",
                 "recommendation"):
@@ -50,7 +52,8 @@ def test_index_build_and_inspect(conf):
     assert len(doc["raw_cosine"]) == 3 and doc["raw_cosine"][1][1] == pytest.approx(1.0)
     assert doc["post_gs_max_abs_cos"] <= 1e-9
     text = run("index", "inspect", conf.parent / "index").stdout
-    assert "raw centroid cosine" in text and "recommendation" in text
+    assert "raw centroid cosine" in text and f"recommendation: {doc['recommendation']}, by the paper's" in text
+    assert "Advice only" in text and doc["basis"] == "symmetric" and "does not use them" in text  # the residuals
 
 
 def test_explain_json_equals_the_library(conf):
@@ -262,6 +265,12 @@ def test_banner_never_prints_the_api_key():
     assert "http://[::1]:8080/" in open_banner
 
 
+def banner_examples(text: str) -> list[str]:
+    """The banner's examples as pasted into a shell: indented blocks between blank lines, no comments."""
+    blocks = text.split("\n\n")
+    return [b.strip() for b in blocks if b.startswith("  ") and not b.lstrip().startswith("#")]
+
+
 def test_serve_on_a_port_bound_before_loading(conf):
     """The real server on ``--port 0``: the port is bound before the models load and served; the
     banner names the port the system picked and never the key; Ctrl+C exits 0."""
@@ -279,7 +288,7 @@ def test_serve_on_a_port_bound_before_loading(conf):
     reader.start()
     try:
         deadline = time.time() + 120
-        while not any(line.startswith("API key:") for line in lines):
+        while not any("-c 'import os" in line for line in lines):
             assert proc.poll() is None and time.time() < deadline, "".join(lines)
             time.sleep(0.05)
         text = "".join(lines)
@@ -287,6 +296,14 @@ def test_serve_on_a_port_bound_before_loading(conf):
         url = text.split("Constellation is serving 'constellation' at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
         assert httpx.get(url + "/ready", timeout=30).status_code == 200
+        pasted = banner_examples(text)
+        assert len(pasted) == 3 and pasted[2].startswith(f"{sys.executable} -c "), pasted
+        shell = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/"),
+                 "CONSTELLATION_API_KEY": "s3cret-key"}  # a plain shell: no venv, no PYTHONPATH
+        chat, explain, client = (subprocess.run(["bash", "-c", cmd], env=shell, capture_output=True, text=True,
+                                                timeout=120) for cmd in pasted)
+        assert client.returncode == 0, client.stderr  # the banner's interpreter has the OpenAI client
+        assert "choices" in json.loads(chat.stdout) and "selected" in json.loads(explain.stdout), (chat, explain)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         reader.join(timeout=10)

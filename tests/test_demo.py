@@ -152,6 +152,50 @@ def test_build_prints_the_config_path_last_and_reruns_only_verify(demo_cache):
     assert again.returncode == 0
     assert again.stdout.strip().splitlines()[-1] == str(conf)
     assert "verified, nothing to do" in again.stderr
+    # an older demo's config (before [catalog].models_root) is written anew; the index is kept
+    text = conf.read_text()
+    assert 'models_root = "."' in text
+    conf.write_text(text.split("\n[catalog]")[0] + "\n")
+    older = _cli("demo", "build", "--cache", cache)
+    assert older.returncode == 0 and "rebuilt config" in older.stderr, older.stderr
+    assert "building the index" not in older.stderr and conf.read_text() == text
+
+
+def test_the_catalog_docs_admin_example_runs_on_the_demo(demo_cache, tmp_path):
+    """docs/catalog.md's admin example, pasted into a shell against a copy of the demo: the demo's
+    [catalog].models_root takes its relative paths; science goes out and comes back, the same."""
+    import httpx
+
+    from bench.loopback import LoopbackServer
+    from index_store.loader import load_constellation
+    from server.app import create_app
+    from server.engine import Limits
+
+    cache, _ = demo_cache
+    shutil.copytree(cache / "demo", tmp_path / "demo", copy_function=os.link)  # commits replace the config
+    text = (ROOT / "docs" / "catalog.md").read_text()
+    block = next(b for b in text.split("```bash\n")[1:] if "/v1/specialists/science" in b).split("```")[0]
+    commands = block.replace("\\\n", " ").strip().splitlines()
+    assert len(commands) == 2 and all(c.startswith("curl ") for c in commands), commands
+    loaded = load_constellation(tmp_path / "demo" / "constellation.toml")
+    with LoopbackServer(create_app(loaded, Limits(max_seq_len=256), admin_key="docs-admin")) as url:
+        before = httpx.get(url + "/v1/specialists", headers={"Authorization": "Bearer docs-admin"}).json()
+        shell = {"PATH": "/usr/local/bin:/usr/bin:/bin", "CONSTELLATION_ADMIN_KEY": "docs-admin"}
+        answers = []
+        for cmd in commands:
+            p = subprocess.run(["bash", "-c", cmd.replace("http://127.0.0.1:8000", url)], env=shell,
+                               capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stderr
+            answers.append(json.loads(p.stdout))
+            assert "error" not in answers[-1], answers[-1]
+    assert [a["catalog_version"] for a in answers] == [1, 2]
+    assert [s["name"] for s in answers[0]["specialists"]] == ["medical", "legal", "code"]
+    assert answers[1]["specialists"] == before["specialists"]
+    # the same index, but that a domain added by a catalog change runs uncalibrated, at strength 1
+    # (docs/weightings.md); science's calibrated strength was 1 too
+    cal, was = answers[1]["index"].pop("calibration"), before["index"].pop("calibration")
+    assert answers[1]["index"] == before["index"] and was["strength"].pop("science") == 1.0
+    assert cal.pop("uncalibrated") == ["science"] and cal == was
 
 
 def test_demo_is_an_ordinary_constellation(demo):

@@ -178,6 +178,20 @@ def test_the_admin_api_is_off_without_an_admin_key(built, tmp_path):
     with LoopbackServer(app) as url:
         r = httpx.get(url + "/v1/specialists", headers={"Authorization": "Bearer user-key"})
         assert r.status_code == 404 and "admin API is off" in r.json()["error"]["message"]
+    # with the key but no [catalog].models_root: every path is refused, naming the key and the file
+    conf.write_text(conf.read_text().replace('[catalog]\nmodels_root = "models"\n', ""))
+    app = create_app(load_constellation(conf), Limits(max_running=4, max_seq_len=128, max_prompt_tokens=64),
+                     admin_key="admin-secret")
+    science, texts = conf.parent / "models" / "science", fixtures.probe_texts(0)["science"]
+    with LoopbackServer(app) as url:
+        for body, param in [({"name": "x", "path": str(science), "probes": texts}, "path"),
+                            ({"name": "x", "path": str(science), "probes_path": str(conf.parent / "probes.json")},
+                             "probes_path")]:
+            r = httpx.post(url + "/v1/specialists", headers=ADMIN, json=body)
+            err = r.json()["error"]
+            assert r.status_code == 403 and err["param"] == param, r.text
+            assert "sets no [catalog].models_root" in err["message"] and str(conf) in err["message"], err
+            assert "None" not in err["message"]
 
 
 def test_a_change_through_one_replica_reaches_the_other(built, tmp_path):

@@ -176,9 +176,15 @@ def test_index_tab_keyboard_and_narrow_screen(browser, srv):
     page.keyboard.press("ArrowRight")
     page.wait_for_selector("#collinearity")
     assert page.evaluate("document.activeElement.id") == "tab-index"
-    assert "Recommendation" in page.text_content("#index-doc")
     # the catalog: its version and one row per specialist, as GET /index has them
     doc = httpx.get(srv.url + "/index", headers={"Authorization": f"Bearer {KEY}"}).json()
+    # the recommendation beside the mode in force, and what the residual table is (the basis is symmetric)
+    assert page.text_content("#default-mode") == doc["default_mode"] == "constellation"
+    note = page.text_content("#recommendation")
+    assert note == "Recommendation: " + doc["recommendation_note"] and note.count(doc["recommendation"]) >= 1
+    assert "Advice only" in note and "[composition].mode, constellation (the default)" in note
+    assert doc["basis"] == "symmetric" and page.text_content("#residual-note") == doc["residual_note"]
+    assert "does not use them" in doc["residual_note"]
     assert page.text_content("#catalog-version") == str(doc["catalog_version"])
     rows = page.eval_on_selector_all("#specialists tr td:first-child", "els => els.map(e => e.textContent)")
     assert rows == [r["name"] for r in doc["specialists"]] == doc["domains"]

@@ -44,7 +44,8 @@ log = logging.getLogger("constellation.engine")
 class Engine(CatalogSwitch):
     def __init__(self, constellation: Constellation, tokenizer, limits: Limits, metrics=None,
                  eos_ids: set[int] | None = None):
-        self.c, self.g, self.tok, self.limits, self.metrics = constellation, constellation.g, tokenizer, limits, metrics
+        self.c, self.g, self.tok, self.metrics = constellation, constellation.g, tokenizer, metrics
+        self.limits = limits = limits.for_model(self.g)  # the defaults from the model (its context, KV bytes)
         mc = self.g.mc
         self.pool = KVPool(mc.n_layers, mc.n_kv_heads, mc.head_dim, limits.max_seq_len, limits.kv_tokens,
                            self.g.dtype, self.g.device)
@@ -115,7 +116,8 @@ class Engine(CatalogSwitch):
             longest = min(len(req.prompt_ids) + req.params.max_tokens, self.limits.max_seq_len)
             if not self.pool.could_fit([longest] * need):
                 raise ValueError(f"this request's {need} rows of up to {longest} tokens exceed the KV cache "
-                                 f"({self.pool.tokens} positions); lower n or max_tokens")
+                                 f"({self.pool.tokens} positions); lower n or max_tokens (`constellation serve "
+                                 "--kv-cache-tokens` raises the cache)")
         with self.lock:
             if self.draining:
                 raise Draining()

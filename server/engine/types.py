@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -12,17 +12,30 @@ import torch
 from composer.modes import CompositionParams, Plan
 
 
+# the default KV cache's most memory, so that a model with a long context does not take a machine's
+# memory by default (the demo: 16 sequences of 8192 positions in bfloat16, 2.8 GiB; 11 in float32, 3.9 GiB)
+KV_BUDGET_BYTES = 4 << 30
+
+
 @dataclass(frozen=True)
 class Limits:
+    """The server's limits. ``None`` in the three sizes below means "from the model", as vLLM does;
+    ``fit`` fills them in when the engine starts (``constellation serve``'s banner prints them)."""
+
     max_running: int = 256  # batch rows decoded together (a logit-mode sequence takes 1 + K), vLLM's max_num_seqs
     max_waiting: int = 64  # queued requests; beyond that: 429
-    max_prompt_tokens: int = 1536
+    # longest prompt; None: the longest that leaves room to generate (max_seq_len - 2: a sequence ends
+    # one position short of max_seq_len)
+    max_prompt_tokens: int | None = None
     max_new_tokens: int = 1024  # cap on max_tokens
-    max_seq_len: int = 2048  # prompt + generated, per sequence
+    # prompt + generated, per sequence; None: the model's own context (max_position_embeddings), no
+    # more than kv_cache_tokens when that is given (a longer sequence could never be admitted)
+    max_seq_len: int | None = None
     max_prompts: int = 64  # prompts in one /v1/completions request (each queued as one request)
     max_choices: int = 128  # prompts x max(n, best_of): the sequences one request generates
     # key/value positions held for all rows together (the KV cache's memory); requests are admitted
-    # while theirs fit. None: room for 16 sequences of max_seq_len (what 16 slots of 2048 took before)
+    # while theirs fit. None: room for 16 sequences of max_seq_len, or as many whole ones as
+    # KV_BUDGET_BYTES holds, and never less than one sequence
     kv_cache_tokens: int | None = None
 
     @property
@@ -35,6 +48,20 @@ class Limits:
     # take about as long as a decode step (measured), between the two bounds; alone it takes the max.
     prefill_chunk_max: int = 512
     prefill_chunk_min: int = 32
+
+    def fit(self, context: int, position_bytes: int) -> "Limits":
+        """These limits with the defaults filled in for a model of ``context`` positions whose KV cache
+        takes ``position_bytes`` a position (all layers, keys and values); given values are kept, but
+        for a prompt limit beyond what the sequence length leaves room for."""
+        seq = self.max_seq_len or min(context, self.kv_cache_tokens or context)
+        kv = self.kv_cache_tokens or seq * max(1, min(16, KV_BUDGET_BYTES // (seq * max(position_bytes, 1))))
+        prompt = min(self.max_prompt_tokens or seq, seq - 2)
+        return replace(self, max_seq_len=seq, kv_cache_tokens=kv, max_prompt_tokens=max(prompt, 1))
+
+    def for_model(self, g) -> "Limits":
+        """``fit`` for a loaded generalist ``g`` (its context, and its KV bytes a position in its dtype)."""
+        mc = g.mc
+        return self.fit(mc.max_positions, mc.n_layers * 2 * mc.n_kv_heads * mc.head_dim * g.dtype.itemsize)
 
 
 @dataclass

@@ -375,8 +375,11 @@ async function loadIndex() {
   });
   html += `</table><p>Mean collinearity <b>${doc.mean_collinearity.toFixed(4)}</b>; max |cos| after orthogonalisation ${doc.post_gs_max_abs_cos.toExponential(1)}</p>`;
   html += `<table id="residuals"><tr><th>domain</th><th>Gram-Schmidt residual ratio</th></tr>` +
-    ds.map((d) => `<tr><td>${d}</td><td>${doc.residual_ratios[d].toFixed(4)}</td></tr>`).join("") + "</table>";
-  html += `<p>Recommendation: <b>${doc.recommendation}</b> — ${doc.recommendation_text}</p>`;
+    ds.map((d) => `<tr><td>${d}</td><td>${doc.residual_ratios[d].toFixed(4)}</td></tr>`).join("") + "</table>" +
+    `<p class="muted" id="residual-note">${esc(doc.residual_note)}</p>`;
+  html += `<p>Default mode in force: <b id="default-mode">${esc(doc.default_mode)}</b> ` +
+    `([composition].mode; a request's composition.mode overrides it)</p>`;
+  html += `<p id="recommendation">Recommendation: ${esc(doc.recommendation_note)}</p>`;
   el.innerHTML = html;
   el.classList.remove("muted");
 }
