@@ -314,3 +314,24 @@ def test_favicon(browser, srv):
     assert ok[0] == 200 and ok[1].startswith("image/svg+xml")
     assert not missing, missing
     ctx.close()
+
+
+def test_json_schema_box_constrains_the_reply(browser, srv):
+    import json
+
+    schema = {"type": "object", "properties": {"urgent": {"type": "boolean"}, "level": {"enum": [1, 2, 3]}},
+              "required": ["urgent", "level"], "additionalProperties": False}
+    ctx, page, _ = _with_key(browser, srv)
+    page.fill("#prompt", PROMPT)
+    page.click("#schema-box summary")
+    page.fill("#schema", "{not json")
+    page.click("#run")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "JSON schema" in page.text_content("#error")
+    page.fill("#schema", json.dumps(schema))
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#pane-a').dataset.done === 'true'")
+    reply = json.loads(page.text_content("#pane-a .answer"))
+    assert set(reply) == {"urgent", "level"} and reply["level"] in (1, 2, 3)
+    page.screenshot(path=str(ART / "6-json-schema.png"), full_page=True)
+    ctx.close()

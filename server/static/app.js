@@ -100,12 +100,21 @@ function body(mode, stream) {
   if (stream) b.stream_options = { include_usage: true };
   if (kind === "chat") b.messages = [{ role: "user", content: $("prompt").value }];
   else b.prompt = $("prompt").value;
+  const schema = $("schema").value.trim();  // structured output: the reply constrained to this schema
+  if (schema) {
+    let parsed;
+    try { parsed = JSON.parse(schema); } catch (e) { throw new Error("JSON schema: " + e.message); }
+    b.response_format = { type: "json_schema", json_schema: { name: "playground", schema: parsed } };
+  }
   return { kind, b };
 }
 
 // ---- streaming one answer into a pane ------------------------------------------------------------
 async function stream(pane, mode) {
-  const { kind, b } = body(mode, true);
+  let kind, b;
+  try { ({ kind, b } = body(mode, true)); } catch (e) {
+    showError(400, e.message); pane.dataset.done = "error"; return;
+  }
   const out = pane.querySelector(".answer");
   const stats = pane.querySelector(".stats");
   pane.querySelector(".pane-mode").textContent = mode;
@@ -150,7 +159,7 @@ async function stream(pane, mode) {
 
 // ---- the composition panels from /explain: one per mode shown ------------------------------------------
 async function explain(mode, panel) {
-  const { kind } = body(mode, false);
+  const kind = document.querySelector("input[name=kind]:checked").value;
   const req = { composition: composition(mode), include_node_weights: true };
   if (kind === "chat") req.messages = [{ role: "user", content: $("prompt").value }];
   else req.prompt = $("prompt").value;
