@@ -311,3 +311,19 @@ def test_serve_on_a_port_bound_before_loading(conf):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_make_help_and_the_benchmarks_use_the_cache_in_use(tmp_path):
+    """`make help` names $CONSTELLATION_CACHE when it is set (else ~/.cache/constellation), and the
+    peers' build cache it names is where bench.llamacpp and bench.vllm put it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CONSTELLATION_CACHE", "XDG_CACHE_HOME")}
+    plain = subprocess.run(["make", "-s", "help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and "~/.cache/constellation/peers" in plain.stdout, plain.stderr
+    env["CONSTELLATION_CACHE"] = str(tmp_path / "cc")
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
+    assert f"{tmp_path / 'cc'}/peers" in out and f"not the demo's cache, {tmp_path / 'cc'})" in out, out
+    assert "~/.cache" not in out
+    code = "import bench.llamacpp, bench.vllm; print(bench.llamacpp.CACHE, bench.vllm.CACHE)"
+    got = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert got.stdout.split() == [str(tmp_path / "cc" / "peers")] * 2, got.stderr
