@@ -209,7 +209,8 @@ def test_serve_port_out_of_range_is_a_usage_error(capsys, unloadable, port):
 def test_serve_numeric_limits_are_usage_errors(capsys, unloadable):
     for args, option in [(["--max-running", "0"], "--max-running"), (["--threads", "-2"], "--threads"),
                          (["--drain-timeout", "inf"], "--drain-timeout"),
-                         (["--max-prompt-tokens", "4096"], "--max-prompt-tokens")]:
+                         (["--max-prompt-tokens", "4096", "--max-seq-len", "2048"], "--max-prompt-tokens"),
+                         (["--kv-cache-tokens", "1000", "--max-seq-len", "2048"], "--kv-cache-tokens")]:
         code, _, err = cli(capsys, "serve", "--config", unloadable, "--port", "0", *args)
         assert code == 2 and one_error_line(err).startswith(f"constellation: {option}: "), err
 
