@@ -209,7 +209,8 @@ def test_serve_port_out_of_range_is_a_usage_error(capsys, unloadable, port):
 def test_serve_numeric_limits_are_usage_errors(capsys, unloadable):
     for args, option in [(["--max-running", "0"], "--max-running"), (["--threads", "-2"], "--threads"),
                          (["--drain-timeout", "inf"], "--drain-timeout"),
-                         (["--max-prompt-tokens", "4096"], "--max-prompt-tokens")]:
+                         (["--max-prompt-tokens", "4096", "--max-seq-len", "2048"], "--max-prompt-tokens"),
+                         (["--kv-cache-tokens", "1000", "--max-seq-len", "2048"], "--kv-cache-tokens")]:
         code, _, err = cli(capsys, "serve", "--config", unloadable, "--port", "0", *args)
         assert code == 2 and one_error_line(err).startswith(f"constellation: {option}: "), err
 
@@ -311,3 +312,19 @@ def test_serve_on_a_port_bound_before_loading(conf):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_make_help_and_the_benchmarks_use_the_cache_in_use(tmp_path):
+    """`make help` names $CONSTELLATION_CACHE when it is set (else ~/.cache/constellation), and the
+    peers' build cache it names is where bench.llamacpp and bench.vllm put it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CONSTELLATION_CACHE", "XDG_CACHE_HOME")}
+    plain = subprocess.run(["make", "-s", "help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and "~/.cache/constellation/peers" in plain.stdout, plain.stderr
+    env["CONSTELLATION_CACHE"] = str(tmp_path / "cc")
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
+    assert f"{tmp_path / 'cc'}/peers" in out and f"not the demo's cache, {tmp_path / 'cc'})" in out, out
+    assert "~/.cache" not in out
+    code = "import bench.llamacpp, bench.vllm; print(bench.llamacpp.CACHE, bench.vllm.CACHE)"
+    got = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert got.stdout.split() == [str(tmp_path / "cc" / "peers")] * 2, got.stderr
