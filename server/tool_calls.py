@@ -33,10 +33,26 @@ def family(tok) -> str:
     return HERMES if OPEN in (getattr(tok, "chat_template", None) or "") else GENERIC
 
 
-def call_schema(fn) -> dict:
-    return {"type": "object", "properties": {"name": {"const": fn.name},
-                                             "arguments": fn.parameters or {"type": "object"}},
+def call_schema(fn) -> tuple[dict, dict]:
+    """A call of ``fn`` as a JSON schema, and the definitions its parameters refer to. The call is
+    nested in a larger schema, so the parameters' local ``$defs`` (pydantic writes them for enums and
+    nested models) move to that schema's root, renamed per function, and their ``$ref``s with them."""
+    params = dict(fn.parameters or {"type": "object"})
+    defs = {**params.pop("definitions", {}), **params.pop("$defs", {})}
+    rename = {f"#/{k}/{d}": f"#/$defs/{fn.name}__{d}" for k in ("$defs", "definitions") for d in defs}
+    params = _reref(params, rename)
+    call = {"type": "object", "properties": {"name": {"const": fn.name}, "arguments": params},
             "required": ["name", "arguments"], "additionalProperties": False}
+    return call, {f"{fn.name}__{d}": _reref(v, rename) for d, v in defs.items()}
+
+
+def _reref(node, rename: dict):
+    if isinstance(node, dict):
+        return {k: (rename.get(v, v) if k == "$ref" and isinstance(v, str) else _reref(v, rename))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_reref(v, rename) for v in node]
+    return node
 
 
 @dataclass
@@ -56,12 +72,14 @@ class ToolPlan:
         return self.family == GENERIC or self.choice != "auto"
 
     def grammar(self) -> GrammarSpec | None:
-        calls = [call_schema(t.function) for t in self.tools]
+        pairs = [call_schema(t.function) for t in self.tools]
+        calls, defs = [c for c, _ in pairs], {k: v for _, d in pairs for k, v in d.items()}
         one = {"anyOf": calls} if len(calls) > 1 else calls[0]
+        root = {"$defs": defs} if defs else {}
         if self.family == HERMES:
             if self.choice == "auto":
                 return None
-            obj = json.dumps({**one, "x-guidance": JSON_STYLE})
+            obj = json.dumps({**one, **root, "x-guidance": JSON_STYLE})
             rep = ' ("\\n" call)*' if self.parallel else ""
             return GrammarSpec("lark", f'start: call{rep}\ncall: "{OPEN}\\n" args "\\n{CLOSE}"\nargs: %json {obj}\n')
         if self.parallel:
@@ -73,7 +91,7 @@ class ToolPlan:
             answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
                       "additionalProperties": False}
             schema = {"anyOf": [schema, answer]}
-        return GrammarSpec("json_schema", schema)
+        return GrammarSpec("json_schema", {**schema, **root})
 
     def system_text(self) -> str:
         """The generic format's description of the tools and the reply (a system turn)."""
@@ -87,7 +105,12 @@ class ToolPlan:
 
     # ---- the reply ------------------------------------------------------------------------------
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """``text`` as (content, tool calls); unparseable text stays content with no calls."""
+        """``text`` as (content, tool calls), at most one call without ``parallel_tool_calls`` (hermes
+        under ``auto`` is not constrained: its later blocks are dropped); unparseable text stays content."""
+        content, calls = self._parse(text)
+        return content, calls if self.parallel else calls[:1]
+
+    def _parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.family == HERMES:
             found = BLOCK.findall(text)
             calls = [c for c in (_call(b) for b in found) if c is not None]

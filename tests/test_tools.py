@@ -144,11 +144,45 @@ def test_bad_tools_are_400s_naming_the_field(client, kw, param, needle):
     assert e.value.body["param"].startswith(param) and needle in e.value.body["message"]
 
 
+def test_parameters_with_defs_as_pydantic_writes_them(client):
+    """An enum field makes pydantic write ``$defs`` and a ``$ref``: the nested call schema keeps them."""
+    from enum import Enum
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Unit(str, Enum):
+        celsius = "celsius"
+        fahrenheit = "fahrenheit"
+
+    class Forecast(BaseModel):
+        city: Literal["Paris", "Rome"]
+        unit: Unit
+
+    tool = openai.pydantic_function_tool(Forecast)
+    assert "$defs" in tool["function"]["parameters"]
+    for choice in ("required", "auto"):
+        r = client.chat.completions.create(model="constellation", messages=ASK, tools=[tool], tool_choice=choice,
+                                           max_tokens=96, parallel_tool_calls=False)
+        calls = r.choices[0].message.tool_calls or []
+        assert calls or choice == "auto"  # before: a 400, "Pointer '/$defs/Unit' does not exist"
+        for c in calls:
+            Forecast(**json.loads(c.function.arguments))
+
+
 # ---- the parsers, on their own -------------------------------------------------------------------
-def _plan(fam, choice="auto"):
+def _plan(fam, choice="auto", parallel=True):
     from server.protocol_tools import Tool
 
-    return ToolPlan(fam, choice, True, [Tool(**t) for t in TOOLS], [Tool(**t) for t in TOOLS])
+    return ToolPlan(fam, choice, parallel, [Tool(**t) for t in TOOLS], [Tool(**t) for t in TOOLS])
+
+
+def test_without_parallel_calls_only_the_first_counts():
+    two = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+    assert len(_plan(HERMES).parse(two)[1]) == 2
+    calls = _plan(HERMES, parallel=False).parse(two)[1]
+    assert [json.loads(c.function.arguments)["zone"] for c in calls] == ["UTC"]
 
 
 def test_hermes_auto_streams_text_then_holds_the_call():

@@ -72,8 +72,12 @@ class Grammars:
             if self._lltok is None:
                 import llguidance.hf
 
-                self._lltok = llguidance.hf.from_tokenizer(self.tok, n_vocab=self.vocab_size,
-                                                           eos_token=self.eos_ids)
+                try:
+                    self._lltok = llguidance.hf.from_tokenizer(self.tok, n_vocab=self.vocab_size,
+                                                               eos_token=self.eos_ids)
+                except Exception as e:  # e.g. a slow (Python) tokenizer: llguidance reads fast ones only
+                    raise GrammarError(f"structured outputs and tools need a fast (tokenizers) tokenizer whose "
+                                       f"vocabulary fits the model's {self.vocab_size} outputs: {e}") from None
             return self._lltok
 
     def compile(self, spec: GrammarSpec) -> Grammar:
@@ -95,6 +99,7 @@ class Grammars:
         import llguidance
 
         M = llguidance.LLMatcher
+        lltok = self.lltokenizer
         try:
             if spec.kind == "json_schema":
                 grammar = M.grammar_from_json_schema(spec.value, defaults=JSON_STYLE)
@@ -108,7 +113,7 @@ class Grammars:
             raise
         except Exception as e:  # llguidance's schema front end raises on what it cannot read
             raise GrammarError(str(e)) from None
-        m = M(self.lltokenizer, grammar, log_level=0)
+        m = M(lltok, grammar, log_level=0)
         if m.is_error():
             raise GrammarError(_clean(m.get_error()))
         return m
