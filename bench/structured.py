@@ -53,23 +53,19 @@ class Timed:
         self.mod, self.seconds, self.calls = sampler.grammar, 0.0, 0
         self._masks, self._apply = self.mod.masks, self.mod.apply
 
+    def _timed(self, fn, counts: bool):
+        def wrapper(*a):
+            t = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.calls += counts  # steps: one masks() call each
+
+        return wrapper
+
     def __enter__(self):
-        def masks(*a):
-            t = time.perf_counter()
-            try:
-                return self._masks(*a)
-            finally:
-                self.seconds += time.perf_counter() - t
-                self.calls += 1
-
-        def apply(*a):
-            t = time.perf_counter()
-            try:
-                return self._apply(*a)
-            finally:
-                self.seconds += time.perf_counter() - t
-
-        self.mod.masks, self.mod.apply = masks, apply
+        self.mod.masks, self.mod.apply = self._timed(self._masks, True), self._timed(self._apply, False)
         return self
 
     def __exit__(self, *exc):

@@ -181,10 +181,10 @@ class OpenAIServing:
         spans = content_spans(text, contents)
         return enc["input_ids"], span_mask(enc["offset_mapping"], spans)
 
-    async def constrain(self, params: SamplingParams, spec: GrammarSpec | None, param: str) -> None:
-        """Compile the reply's grammar (cached by spec, off the engine thread) into ``params``."""
+    async def grammar(self, spec: GrammarSpec | None, param: str):
+        """The reply's compiled grammar (cached by spec, compiled off the engine thread), or None."""
         try:
-            params.grammar = await compile_spec(self.engine.grammars, spec, param)
+            return await compile_spec(self.engine.grammars, spec, param)
         except LimitError as e:
             raise APIError(400, str(e), param=e.param) from None
 

@@ -32,7 +32,7 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         lp = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling(body, ids, None, lp, "messages")
-        await self.constrain(params, spec, "tools" if tools is not None else "response_format")
+        params.grammar = await self.grammar(spec, "tools" if tools is not None else "response_format")
         return await self.generate(http, body, ids, params, comp, fmask, shape=tools)
 
     async def prefix(self, req, body, ids, p: int = 0):

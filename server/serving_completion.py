@@ -64,8 +64,9 @@ class OpenAIServingCompletion(OpenAIServing):
             spec = response_spec(body.response_format)
         except LimitError as e:
             raise APIError(400, str(e), param=e.param) from None
-        for one in params:  # compiled once (the cache), each prompt's sequences their own matchers
-            await self.constrain(one, spec, "response_format")
+        grammar = await self.grammar(spec, "response_format")
+        for one in params:  # one grammar; each prompt's sequences get their own matchers
+            one.grammar = grammar
         return await self.generate_all(http, body, prompts, params, comp, n_generate=body.best_of)
 
     def check_prompts(self, body: CompletionRequest) -> list[str | list[int]]:
