@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from demo.build import demo_config
     from demo.paths import cache_dir
     from index_store.config import load_config
-    from index_store.loader import load_tokenizer
+    from index_store.models import load_tokenizer
 
     config = Path(a.config) if a.config else demo_config()
     tok = load_tokenizer(load_config(config).generalist.path)

@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.captured", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a constellation.toml (default: the embedded demo's)")
+    p.add_argument("--weights", choices=["bf16", "int8", "int4"], default=None,
+                   help="the generalist's weights format (default: the config's; its index must exist)")
     p.add_argument("--streams", default="1,16", help="comma-separated stream counts (default 1,16)")
     p.add_argument("--buckets", default=None, help="row buckets to capture (default: the stream counts)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per stream (default 64)")
@@ -60,13 +62,15 @@ def generate(engine, tok, prompts: list[str], comp: dict, n: int) -> tuple[list[
 def main(argv=None) -> int:
     args = parse_args(argv)
     from demo.build import demo_config
+    from index_store.config import load_config
     from index_store.loader import load_constellation
     from server.engine import Engine, Limits
 
     streams = [int(s) for s in args.streams.split(",")]
     buckets = [int(s) for s in (args.buckets or args.streams).split(",")]
     tokens, repeats = (4, 1) if args.smoke else (args.tokens, args.repeats)
-    loaded = load_constellation(Path(args.config) if args.config else demo_config())
+    cfg = load_config(Path(args.config) if args.config else demo_config())
+    loaded = load_constellation(cfg.with_weights(args.weights) if args.weights else cfg)
     c = loaded.constellation
     if loaded.config.runtime.packed_weights:
         c.g.pack()  # (the eager side as served)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     graphs, engine.runner.graphs = engine.runner.graphs, None
     print(f"captured the decode step for {buckets} rows in {time.perf_counter() - t0:.1f} s "
           f"({graphs.status()['ready']} s per bucket)", flush=True)
-    weights = sum(t.numel() * t.element_size() for t in c.g.params.values())
+    weights = c.resident_bytes()["generalist"]  # (every matrix read once a step; quantized: their packed bytes)
     bw = read_bandwidth()
     rows = []
     for mode in args.modes.split(","):

@@ -92,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     from bench.served import ServedConstellation
     from index_store.config import load_config
-    from index_store.loader import load_probes
+    from index_store.probes import load_probes
     from demo.build import demo_config
 
     config = Path(args.config) if args.config else demo_config()

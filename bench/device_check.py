@@ -175,7 +175,7 @@ def exactness(c32, c, prompts: list[list[int]], comps: list[dict]) -> dict:
 
 def throughput(engine, g, prompts: list[list[int]], args, rng: random.Random, log) -> tuple[float, list[dict]]:
     """Decode tok/s per mode and stream count beside ``streams x bandwidth / weight bytes``."""
-    wbytes = sum(t.numel() * t.element_size() for t in g.params.values())
+    wbytes = engine.c.resident_bytes()["generalist"]  # (quantized: the packed bytes read)
     bw = bandwidth(g.device)
     doms = engine.c.domains
     rows = []
@@ -195,22 +195,38 @@ def throughput(engine, g, prompts: list[list[int]], args, rng: random.Random, lo
     return round(bw / 1e9, 1), rows
 
 
-def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log) -> dict:
+def dequantized(g):
+    """``g`` with its quantized matrices as fp32 tensors (the reference its composition is checked against)."""
+    from composer.model import Transformer
+    from composer.quant import dense
+
+    return Transformer(g.mc, g.arch, {n: dense(t).float() for n, t in g.params.items()})
+
+
+def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log, weights: str = "bf16") -> dict:
+    from composer.quant import quantize_model
     from server.engine import Engine, Limits
 
     t0 = time.perf_counter()
     g = synthetic_llama(size, device, dtype)
+    if weights != "bf16":
+        quantize_model(g.fuse(), weights, 32)
     c = catalog(g, args.adapters)
     sync(device)
-    res = {"size": size, "params": sum(t.numel() for t in g.params.values()), "dtype": str(dtype),
-           "adapters": args.adapters, "build_s": round(time.perf_counter() - t0, 1)}
+    res = {"size": size, "weights": weights, "params": sum(t.numel() for t in g.params.values()), "dtype": str(dtype),
+           "adapters": args.adapters, "build_s": round(time.perf_counter() - t0, 1),
+           "weight_bytes": c.resident_bytes()["generalist"]}
+    size = f"{size} {weights}" if weights != "bf16" else size
     log(f"[{size}] built: {res['params'] / 1e9:.2f} B parameters, {args.adapters} adapters, {res['build_s']} s")
     rng = random.Random(0)
     doms = c.domains
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(8, 24))] for _ in range(max(args.streams_list))]
     comps = [{"mode": "generalist"}, {"mode": "constellation"}, {"mode": "routed"},
              {"mode": "weights", "weights": {d: round(rng.uniform(0.2, 1), 3) for d in rng.sample(doms, min(3, len(doms)))}}]
-    if dtype != torch.float32:
+    if weights != "bf16":  # against the same composition over the dequantized matrices in fp32
+        res["exactness_vs_dequantized_fp32"] = exactness(catalog(dequantized(g), args.adapters), c, prompts[:2], comps)
+        log(f"[{size}] vs the dequantized model in fp32: {res['exactness_vs_dequantized_fp32']}")
+    elif dtype != torch.float32:
         g32 = synthetic_llama(size, device, torch.float32)
         res["exactness_vs_fp32"] = exactness(catalog(g32, args.adapters), c, prompts[:2], comps)
         del g32
@@ -250,13 +266,20 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also capture the decode step (default on)")
     p.add_argument("--buckets", default=None, help="row buckets to capture (default: the stream counts)")
+    p.add_argument("--weights", default="bf16", help="comma-separated generalist formats, each checked in turn: "
+                   "bf16 (full precision, --dtype), int8, int4 (quantized; composition checked against the "
+                   "dequantized model in fp32; default bf16)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, 2 adapters, few tokens (the tests)")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.adapters, args.streams, args.tokens, args.device = "tiny", 2, "1,2", 4, "cpu"
         args.buckets = args.buckets or "2"
+        args.weights = "bf16,int8"
     args.streams_list = [int(x) for x in args.streams.split(",")]
     args.buckets = [int(x) for x in (args.buckets or args.streams).split(",")]
+    args.weights_list = [w.strip() for w in args.weights.split(",") if w.strip()]
+    if not args.weights_list or any(w not in ("bf16", "int8", "int4") for w in args.weights_list):
+        p.error("--weights: a comma-separated list of bf16, int8, int4")
     bad = [s for s in args.sizes.split(",") if s not in SIZES]
     if bad:
         p.error(f"--sizes: unknown {bad} (choose from {', '.join(SIZES)})")
@@ -280,10 +303,11 @@ def main(argv=None) -> int:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "args": {k: v for k, v in vars(args).items() if k != "out"}, "sizes": []}
     for size in args.sizes.split(","):
-        report["sizes"].append(check_size(size, args, device, dtype, log))
-        (out / "device_check.json").write_text(json.dumps(report, indent=1))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for weights in args.weights_list:
+            report["sizes"].append(check_size(size, args, device, dtype, log, weights))
+            (out / "device_check.json").write_text(json.dumps(report, indent=1))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     log(f"done: {out / 'device_check.json'}")

@@ -18,7 +18,8 @@ import torch
 from composer.constellation import Constellation
 from composer.modes import CompositionParams
 from composer.policies import POLICIES
-from index_store.loader import build_index, load_constellation
+from index_store.indexing import build_index
+from index_store.loader import load_constellation
 from tests import fixtures
 
 PROMPTS = ["The patient fever biopsy dose tumor renal.", "The contract clause licensee warranty court.",

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from demo.build import demo_config
     from index_store.config import load_config
-    from index_store.loader import load_tokenizer
+    from index_store.models import load_tokenizer
 
     cfg = load_config(Path(args.config) if args.config else demo_config())
     tok = load_tokenizer(cfg.generalist.path)

@@ -22,7 +22,7 @@ every candidate sees the same inputs and its logits can be compared position by 
 tolerance (max|Δlogp| <= ``LOGPROB_TOL`` and top-1 >= ``TOP1_MIN``) and, since one model is held
 for every batch size, the candidate within tolerance at every B with the lowest geometric-mean
 ratio (within ``TIE`` of it, the first listed, plainer one): the choice ``runtime.dtype = "auto"``
-makes on a CPU (``index_store.loader.pick_dtype``).
+makes on a CPU (``index_store.models.pick_dtype``).
 ``--compile`` then times that candidate's decode step under ``torch.compile`` (compile time
 included). ``--quick`` is a smoke run: B in {1, 2}, 3 steps, one round, short prompts.
 """
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     cands = [c for c in CANDIDATES if names is None or c.name in names]
     folder = a.model or default_model()
 
-    from index_store.loader import load_tokenizer
+    from index_store.models import load_tokenizer
 
     ref = load_model(folder, "cpu", torch.float32)
     tok = load_tokenizer(folder)

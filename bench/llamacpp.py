@@ -60,8 +60,17 @@ def cmake_configure_cmd(src: Path, build: Path) -> list[str]:
     return cmd
 
 
-def cmake_build_cmd(build: Path, jobs: int = 2) -> list[str]:
-    return ["cmake", "--build", str(build), "--target", "llama-server", "--config", "Release", f"-j{jobs}"]
+def quantize_binary(root: Path) -> Path:
+    return root / "build" / "bin" / "llama-quantize"
+
+
+def cmake_build_cmd(build: Path, jobs: int = 2, targets: tuple[str, ...] = ("llama-server", "llama-quantize")
+                    ) -> list[str]:
+    return ["cmake", "--build", str(build), "--target", *targets, "--config", "Release", f"-j{jobs}"]
+
+
+def quantize_cmd(binary: Path, src: Path, out: Path, qtype: str, threads: int = 2) -> list[str]:
+    return [str(binary), str(src), str(out), qtype.upper(), str(threads)]
 
 
 def convert_cmd(src: Path, model_dir: Path, out: Path, outtype: str = "f32") -> list[str]:
@@ -119,10 +128,15 @@ def source_tree(root: Path, version: str = VERSION, log=print) -> Path:
 
 
 def ensure_server(root: Path, version: str = VERSION, jobs: int = 2, log=print) -> Path:
-    """The ``llama-server`` binary, built once (cmake, ~10 min on 2 cores) and reused after."""
+    """The ``llama-server`` binary (and ``llama-quantize``), built once (cmake, ~10 min on 2 cores) and
+    reused after."""
     binary = server_binary(root)
-    if binary.exists():
+    if binary.exists() and quantize_binary(root).exists():
         log(f"llama.cpp server: {binary} (cached)")
+        return binary
+    if binary.exists():  # built before llama-quantize was: that target alone (a minute)
+        log("building llama.cpp's llama-quantize (once)")
+        _run(cmake_build_cmd(root / "build", jobs, ("llama-quantize",)), log)
         return binary
     src = source_tree(root, version, log)
     build = root / "build"
@@ -163,6 +177,27 @@ def ensure_gguf(root: Path, model_dir: Path, version: str = VERSION, log=print, 
     part = out.with_suffix(".part")
     log(f"converting {model_dir} to {out.name} ({outtype})")
     _run(convert_cmd(src, model_dir, part, outtype), log, env=convert_env(src, deps=deps))
+    part.rename(out)
+    return out
+
+
+QUANTIZED = ("q8_0", "q4_0", "q4_1")  # what ensure_quantized_gguf makes
+
+
+def ensure_quantized_gguf(root: Path, model_dir: Path, qtype: str, version: str = VERSION, log=print) -> Path:
+    """``model_dir`` as a ``qtype`` GGUF (``q8_0``: by the converter; ``q4_0``/``q4_1``: ``llama-quantize``
+    from the bf16 GGUF, as llama.cpp's users make them), once."""
+    if qtype == "q8_0":
+        return ensure_gguf(root, model_dir, version, log, "q8_0")
+    out = gguf_path(root, model_dir, qtype)
+    if out.exists():
+        log(f"GGUF: {out} (cached)")
+        return out
+    src = ensure_gguf(root, model_dir, version, log, "bf16")
+    ensure_server(root, version, log=log)
+    part = out.with_suffix(".part")
+    log(f"quantizing {src.name} to {out.name} ({qtype})")
+    _run(quantize_cmd(quantize_binary(root), src, part, qtype), log)
     part.rename(out)
     return out
 

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from index_store.loader import release_freed_memory
+from index_store.models import release_freed_memory
 
 # ~20-40 tokens each with SmolLM2's tokenizer
 PROMPTS = [
@@ -176,7 +176,7 @@ class BenchLoaded:
     report: dict = field(default_factory=dict)
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from index_store.loader import tokenize
+        from index_store.models import tokenize
 
         return tokenize(self.tokenizer, texts, 1 << 30, self.constellation.g.device)
 
@@ -251,7 +251,7 @@ async def _run(url, prompts, comps, tokens):
 def run_one(n: int, args) -> dict:
     from composer.constellation import Constellation, Settings
     from composer.model import Transformer
-    from index_store.loader import load_tokenizer
+    from index_store.models import load_tokenizer
     from composer.weights import load_model
 
     torch.manual_seed(0)
@@ -314,7 +314,7 @@ def run_one(n: int, args) -> dict:
 @torch.inference_mode()
 def _sanity(c, tok, comp: dict) -> dict:
     from composer.modes import CompositionParams
-    from index_store.loader import tokenize
+    from index_store.models import tokenize
 
     ids, am = tokenize(tok, PROMPTS[:4], 1 << 30, c.g.device)
     gp = c.generalist_pass(ids, am)

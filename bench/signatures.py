@@ -48,7 +48,8 @@ def main() -> None:
     from composer.modes import CompositionParams
     from demo.build import demo_config
     from eval.core import token_nll
-    from index_store.loader import load_constellation, load_probes
+    from index_store.loader import load_constellation
+    from index_store.probes import load_probes
 
     loaded = load_constellation(Path(args.config) if args.config else demo_config())
     base = loaded.constellation

@@ -31,6 +31,7 @@ import torch
 
 from .batch import BlockApply, CatalogKernel, _Term
 from .model import Transformer
+from .quant import QuantizedWeight
 
 _local = threading.local()
 
@@ -122,10 +123,19 @@ def as_parameters(g: Transformer) -> tuple[Transformer, dict[int, torch.Tensor]]
     params: dict[str, torch.Tensor] = {}
     pmap: dict[int, torch.Tensor] = {}
 
-    def wrap(t: torch.Tensor) -> torch.nn.Parameter:
+    def wrap(t):
         if id(t) not in pmap:
-            pmap[id(t)] = torch.nn.Parameter(t, requires_grad=False)
+            if isinstance(t, QuantizedWeight):  # its packed tensors become the parameters
+                pmap[id(t)] = t.with_tensors(*(torch.nn.Parameter(x, requires_grad=False) for x in t.tensors()))
+            else:
+                pmap[id(t)] = torch.nn.Parameter(t, requires_grad=False)
         return pmap[id(t)]
+
+    def split(whole, sizes: list[int]) -> list:
+        if isinstance(whole, QuantizedWeight):
+            starts = [sum(sizes[:j]) for j in range(len(sizes))]
+            return [whole.rows(s, n) for s, n in zip(starts, sizes)]
+        return list(whole.split(sizes))
 
     for i, layer in enumerate(g._layers):
         for modules, (w, b) in layer.fused.items():
@@ -133,13 +143,15 @@ def as_parameters(g: Transformer) -> tuple[Transformer, dict[int, torch.Tensor]]
                 if whole is None:
                     continue
                 names = [g.arch.layer_name(i, m + suffix) for m in modules]
-                parts = wrap(whole).split([g.params[n].shape[0] for n in names])
+                parts = split(wrap(whole), [g.params[n].shape[0] for n in names])
                 for n, part in zip(names, parts):
                     params[n] = pmap[id(g.params[n])] = part
     for name, t in g.params.items():
         if name not in params:
             params[name] = wrap(t)
-    return Transformer(g.mc, g.arch, params), pmap
+    model = Transformer(g.mc, g.arch, params)
+    model.weights_format, model.weights_group = g.weights_format, g.weights_group
+    return model, pmap
 
 
 def _constant(t: torch.Tensor, pmap: dict, own: dict) -> torch.Tensor:
@@ -149,7 +161,7 @@ def _constant(t: torch.Tensor, pmap: dict, own: dict) -> torch.Tensor:
     p = pmap.get(id(t))
     if p is None:
         p = pmap[id(t)] = torch.nn.Parameter(t, requires_grad=False)  # a full fine-tune's own tensor
-    if isinstance(p, torch.nn.Parameter):
+    if isinstance(p, (torch.nn.Parameter, QuantizedWeight)):  # (a quantized member multiplies through its whole)
         return p
     if id(t) not in own:
         own[id(t)] = torch.nn.Parameter(t.detach().clone(), requires_grad=False)
@@ -196,7 +208,9 @@ class CapturedStep(torch.nn.Module):
         self.model, pmap = as_parameters(c.g)
         own: dict[int, torch.nn.Parameter] = {}
         self.blocks = {i: _remap_terms(kernel, i, pmap, own) for i in kernel.blocks}
-        params = {id(p): p for p in list(pmap.values()) + list(own.values()) if isinstance(p, torch.nn.Parameter)}
+        held = [t for p in list(pmap.values()) + list(own.values())
+                for t in (p.tensors() if isinstance(p, QuantizedWeight) else [p])]
+        params = {id(p): p for p in held if isinstance(p, torch.nn.Parameter)}
         self.consts = torch.nn.ParameterList(list(params.values()))
         code = _forward.__code__.replace(co_name=f"captured_step_{id(self):x}")
         self.forward = types.MethodType(types.FunctionType(code, _forward.__globals__, code.co_name), self)

@@ -21,6 +21,7 @@ from .lowrank import Stack
 from .model import Context, KVCache, LayerParams, Transformer
 from .modes import Calibrated, CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
+from .quant import QuantizedWeight
 from .signatures import SIGNATURES, PassRecord, in_pass_signatures
 from .weights import Difference, diff_params, specialist_difference
 
@@ -147,7 +148,7 @@ class Constellation:
 
         def size(tensors):
             total = 0
-            for t in tensors:
+            for t in [x for t in tensors for x in (t.tensors() if isinstance(t, QuantizedWeight) else [t])]:
                 key = t.untyped_storage().data_ptr()
                 if key not in seen:
                     seen.add(key)

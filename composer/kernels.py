@@ -26,12 +26,12 @@ multiplied in fp32 and rounded once to the activations' dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .arch import Arch
 from .lowrank import LowRank, Segments, Stack, fold, segment_weights, segmented_delta
-from .linear import fused_base
+from .linear import fused_base, linear_with
 from .policies import BroadcastPolicy
+from .quant import dense
 
 Source = dict[str, torch.Tensor]  # one decoder block's dense tensors (names relative to the block)
 LowRankSource = dict[str, LowRank]  # one decoder block's low-rank updates
@@ -107,9 +107,12 @@ def scaled(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_sum(groups, how: str, t0: torch.Tensor) -> torch.Tensor:
-    """``sum f(w) ⊙ t`` over the groups, in fp32 (or wider), **not** yet rounded to the storage dtype."""
+    """``sum f(w) ⊙ t`` over the groups, in fp32 (or wider), **not** yet rounded to the storage dtype
+    (a quantized matrix enters dequantized: the reference of what its kernel computes)."""
     acc = None
+    t0 = dense(t0)
     for t, w in groups:
+        t = dense(t)
         f = _factor(w.to(wide(t.dtype)), how, t.ndim)
         if acc is None:
             acc = t * f
@@ -138,7 +141,7 @@ def materialize(sources: list[Source], weights: torch.Tensor, policy: BroadcastP
 
 
 def _apply(x: torch.Tensor, w: torch.Tensor, conv: bool) -> torch.Tensor:
-    return x @ w if conv else F.linear(x, w)
+    return linear_with(x, w, None, conv, None)
 
 
 def _fusable(arch: Arch, part) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None, list[int]]]:
@@ -261,7 +264,7 @@ class MixedParams:
             for t, w in groups:
                 f = (w.mean(-1, keepdim=True) if how == "mean" else w).to(wide(t.dtype))[:, None, :]  # [B, 1, d|1]
                 terms.append((t, how, None if bool(torch.all((f - 1).abs() < 1e-6)) else f))
-            self.dense[name] = terms or [(t0, "mean", t0.new_zeros(B, 1, 1))]  # no active source: zeros
+            self.dense[name] = terms or [(t0, "mean", torch.zeros(B, 1, 1, dtype=t0.dtype, device=t0.device))]
         segments = {} if segments is None else segments
         for name, st in (stacks or {}).items():
             key = tuple(st.sources.tolist())
@@ -320,4 +323,4 @@ def _fused_outputs(fused: dict, x: torch.Tensor, modules: tuple[str, ...]) -> tu
     if modules not in fused:
         return None
     w, f, sizes = fused[modules]
-    return F.linear(x if f is None else scaled(x, f), w).split(sizes, dim=-1)
+    return linear_with(x if f is None else scaled(x, f), w, None, False, None).split(sizes, dim=-1)

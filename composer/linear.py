@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .quant import QuantizedWeight
+
 
 # bf16 matmuls of at most this many rows run on ATen's own CPU kernels, larger ones on oneDNN's: on
 # the CPU measured oneDNN took ~2.5x as long for one row and ATen ~4x as long for 16 (docs/precision.md).
@@ -50,8 +52,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def linear_with(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool,
                 packed: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """``x`` through weight ``w`` (and ``bias``): its prepacked copy in ``packed`` (by ``id(w)``) if there
-    is one, else ``F.linear`` (``x @ w`` for a ``conv`` layout)."""
+    """``x`` through weight ``w`` (and ``bias``): a quantized matrix through its kernel, else its prepacked
+    copy in ``packed`` (by ``id(w)``) if there is one, else ``F.linear`` (``x @ w`` for a ``conv`` layout)."""
+    if isinstance(w, QuantizedWeight):
+        return w.linear(x, bias)
     p = packed.get(id(w)) if packed else None
     if p is not None:
         return packed_linear(x, p, bias)
@@ -62,7 +66,16 @@ def linear_with(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, con
 
 
 def fused_base(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor whose consecutive row blocks ``parts`` are (as ``Transformer.fuse`` leaves them), or None."""
+    """The tensor whose consecutive row blocks ``parts`` are (as ``Transformer.fuse`` leaves them), or None.
+    Quantized parts: the quantized whole they are the row blocks of (``QuantizedWeight.rows``)."""
+    if any(isinstance(p, QuantizedWeight) for p in parts):
+        base = parts[0].base if isinstance(parts[0], QuantizedWeight) else None
+        row = 0
+        for p in parts:
+            if not isinstance(p, QuantizedWeight) or p.base is not base or p.row0 != row:
+                return None
+            row += p.shape[0]
+        return base if base is not None and row == base.shape[0] else None
     base = parts[0]._base
     if base is None or not base.is_contiguous() or any(p._base is not base or not p.is_contiguous() for p in parts):
         return None

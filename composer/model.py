@@ -20,6 +20,7 @@ from .arch import GATE_UP, QKV, Arch, ModelConfig, rope_inv_freq
 from .attention import one_query_attention
 from .linear import ATEN_MAX_ROWS, can_pack, fused_base, linear_with, matmul_kernels, pack_weight
 from .lowrank import LowRank
+from .quant import QuantizedWeight, embedding
 
 
 class LayerParams(Protocol):
@@ -135,6 +136,8 @@ class Transformer:
         self.residual_dtype = torch.promote_types(self.dtype, torch.float32)
         self.aten_max_rows = ATEN_MAX_ROWS  # see matmul_kernels
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its prepacked copy (``pack``)
+        self.weights_format = "bf16"  # or int8 / int4: matrices quantized (``composer.quant.quantize_model``)
+        self.weights_group: int | None = None  # int4's group size
         self._layers = [self._layer_params(i) for i in range(mc.n_layers)]
         self.inv_freq = rope_inv_freq(mc) if mc.family == "llama" else None
 
@@ -168,12 +171,14 @@ class Transformer:
         for layer in self._layers:
             grouped = {m + ".weight" for modules in layer.fused for m in modules}
             for w, _ in layer.fused.values():
-                self.packed.setdefault(id(w), pack_weight(w))
+                if isinstance(w, torch.Tensor):
+                    self.packed.setdefault(id(w), pack_weight(w))
             for name, t in layer.t.items():
-                if t.dim() == 2 and name not in grouped and id(t) not in self.packed:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and name not in grouped and id(t) not in self.packed:
                     self.packed[id(t)] = pack_weight(t, self.arch.roles[name].layout == "conv1d")
         head = self.lm_head_weight()
-        self.packed[id(head)] = pack_weight(head)
+        if isinstance(head, torch.Tensor):
+            self.packed[id(head)] = pack_weight(head)
         return self
 
     @property
@@ -201,6 +206,11 @@ class Transformer:
         return self
 
     # ---- parameters -------------------------------------------------------------------------
+    def replace_params(self, updates: dict[str, "torch.Tensor | QuantizedWeight"]) -> None:
+        """Replace tensors by name (e.g. matrices by their quantized form) and rebuild the layers' views."""
+        self.params.update(updates)
+        self._layers = [self._layer_params(i) for i in range(self.mc.n_layers)]
+
     def set_lowrank(self, name: str, lr: LowRank) -> None:
         """Replace the low-rank update of decoder-layer weight ``name`` (e.g. by a view into a stack)."""
         split = self.arch.split_layer_name(name, self.mc.n_layers)
@@ -265,7 +275,7 @@ class Transformer:
 
     def embed(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         """The residual stream entering block 0, in ``residual_dtype``."""
-        x = F.embedding(input_ids, self.params[self.arch.embed]).to(self.residual_dtype)
+        x = embedding(input_ids, self.params[self.arch.embed]).to(self.residual_dtype)
         if self.mc.family == "gpt2":
             x = x + F.embedding(ctx.positions, self.params["transformer.wpe.weight"])
         return x

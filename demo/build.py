@@ -136,7 +136,8 @@ def _specialist(root: Path, dom: str, src: Path) -> None:
 
 def build(cache: Path | None = None, artifacts: Path = ARTIFACTS) -> Path:
     """Build (or verify) the demo constellation; return its config path."""
-    from index_store.loader import build_index, load_constellation
+    from index_store.indexing import build_index
+    from index_store.loader import load_constellation
 
     t0 = time.perf_counter()
     root = (cache or cache_dir()) / "demo"

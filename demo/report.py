@@ -12,7 +12,8 @@ HERE = Path(__file__).parent
 
 
 def report(config: Path, probes: Path = HERE / "probes" / "eval.json", quiet: bool = False) -> str:
-    from index_store.loader import load_constellation, load_probes
+    from index_store.loader import load_constellation
+    from index_store.probes import load_probes
     from index_store.store import recommendation_note
 
     t0 = time.perf_counter()

@@ -224,7 +224,7 @@ def sha256(path: Path) -> str:
 def run(domains: list[str], tc: TrainConfig, work: Path, out_dir: Path = ARTIFACTS) -> dict:
     """Train the given domains and (re)write ``out_dir/manifest.json``."""
     from composer.weights import load_model
-    from index_store.loader import load_tokenizer
+    from index_store.models import load_tokenizer
     from .generalist import convert, gguf_path
 
     torch.manual_seed(tc.seed)

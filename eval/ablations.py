@@ -103,7 +103,8 @@ def run_ablations(loaded, c, raw_c, items, cross, srows, crows, quiet) -> dict:
 def _calibrate_others(loaded, c, names: list[str], strength: dict[str, float], quiet: bool) -> dict:
     """Each weighting's sharpness calibrated as ``index build`` does, on the index probes."""
     from index_store.calibrate import calibrate
-    from index_store.loader import fingerprints, load_probes
+    from index_store.fingerprints import fingerprints
+    from index_store.probes import load_probes
 
     cfg = loaded.config
     probes = load_probes(cfg.index.probes)

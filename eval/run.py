@@ -32,7 +32,7 @@ class EvalError(ValueError):
 
 # ---- probes ----------------------------------------------------------------------------------------
 def load_single(path: Path) -> dict[str, list[str]]:
-    from index_store.loader import load_probes
+    from index_store.probes import load_probes
 
     return load_probes(path)
 
@@ -75,7 +75,7 @@ def measure(loaded, c: Constellation, items: list[tuple[str, list[str]]], which:
             desc: str, quiet: bool, batch_size: int = 8, joint: bool = False) -> list[Row]:
     from tqdm import tqdm
 
-    from index_store.loader import tokenize
+    from index_store.models import tokenize
 
     rows: list[Row] = []
     with tqdm(total=len(items), desc=desc, unit="probe", file=sys.stderr, disable=quiet) as bar:
@@ -106,7 +106,7 @@ def measure(loaded, c: Constellation, items: list[tuple[str, list[str]]], which:
 
 def index_probe_texts(loaded) -> set[str]:
     """The probes the index was built from (to tell in-sample evaluation probes apart)."""
-    from index_store.loader import load_probes
+    from index_store.probes import load_probes
 
     path = loaded.config.index.probes
     return {t for ts in load_probes(path).values() for t in ts} if path.is_file() else set()
@@ -152,7 +152,7 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
     results["targets"] = targets(results)
     from index_store.store import read_index
 
-    _, tensors = read_index(loaded.config.index.path)
+    _, tensors = read_index(loaded.config.index_path)
     raw_c = tensors["raw_centroids"][: len(domains)].to(torch.float64)
     if noise_sweep:
         results["noise_sweep"] = sweep_noise(loaded, c, raw_c, cross or [], crows, quiet,

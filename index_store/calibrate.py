@@ -35,6 +35,8 @@ from composer import basis as basis_mod
 from composer.loss import token_nll
 from composer.modes import CompositionParams, Plan
 from composer.weightings import WEIGHTINGS
+from .fingerprints import index_basis
+from .models import tokenize
 
 FOLDS = 4
 STRENGTHS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5)
@@ -76,8 +78,6 @@ def fold_basis(fps: dict[str, torch.Tensor], specialists: list[str], fold: int, 
     for d in specialists:
         keep = [j for j in range(fps[d].shape[0]) if j % folds != fold]
         cents.append(fps[d][keep].to(torch.float64).mean(0))
-    from .loader import index_basis
-
     return index_basis(torch.stack(cents), cfg)[1]
 
 
@@ -93,8 +93,6 @@ class Batch:
 def _batches(c, tok, items: list[Item], fps, cfg, folds: int, kinds=("single", "control", "pair"), bar=None):
     """The calibration set in batches, each with its generalist pass under its fold's basis. Made
     lazily: one batch's pass (hidden states, in-pass signature records) is resident at a time."""
-    from .loader import tokenize
-
     for f in range(folds):
         cf = copy.copy(c)  # shares the models; only the basis differs
         cf.basis = fold_basis(fps, c.domains, f, folds, cfg)

@@ -35,8 +35,15 @@ from pathlib import Path
 import tomllib
 
 from composer.basis import BasisError
+from composer.weights import WeightsError, check_same_config
 
 from .config import ConfigError, ConstellationConfig, load_config
+from .calibrate import carried
+from .fingerprints import centroids, probe_order
+from .indexing import index_from_centroids
+from .models import check_same_tokenizer, load_generalist, load_tokenizer
+from .peft import is_adapter_folder, load_adapter
+from .probes import load_probes, probes_hash
 from .store import _fsync_dir, read_index, write_index
 
 CATALOG = ".catalog"
@@ -182,11 +189,6 @@ def check_change(cfg: ConstellationConfig, change: Change, root_only: bool = Fal
 def check_fits(cfg: ConstellationConfig, name: str, path: Path, g, tok) -> None:
     """The specialist loads against the generalist ``g`` (an adapter's targets and shapes, a full
     model's config and tokenizer), or CatalogError naming the problem."""
-    from composer.weights import WeightsError, check_same_config
-
-    from .loader import check_same_tokenizer, load_tokenizer
-    from .peft import is_adapter_folder, load_adapter
-
     try:
         if is_adapter_folder(path):
             load_adapter(path, g, g.device, g.dtype)
@@ -220,31 +222,31 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
           quiet: bool = True) -> Result:
     """Apply ``change`` to the constellation at ``config_path`` and commit it (see the module doc).
     ``generalist``: ``(g, tokenizer)`` already loaded (the server's), else loaded here when needed."""
-    from .calibrate import carried
-    from .loader import centroids, index_from_centroids, load_probes, probe_order
-
     config_path = Path(config_path).expanduser().resolve()
     t0 = time.perf_counter()
     with locked(config_path):
         cfg = load_config(config_path)
+        g, tok = generalist or (None, None)
+        if g is not None:  # the index of the weights the server runs
+            cfg = cfg.with_weights(g.weights_format, g.weights_group)
         check_change(cfg, change, root_only)
         probes = load_probes(cfg.index.probes)
-        manifest, tensors = read_index(cfg.index.path)
+        manifest, tensors = read_index(cfg.index_path)
         version = cfg.catalog.version + 1
         snap_name = f"v{version:06d}"
         raw, new_probes = _changed(tomllib.loads(config_path.read_text()), probes, change, config_path.parent,
                                    snap_name, version)
         new_cfg = ConstellationConfig.model_validate(raw).resolved(config_path.parent)
         new_cfg.source = config_path
+        new_cfg = new_cfg.with_weights(cfg.runtime.weights, cfg.runtime.int4_group)
         # centroids: the current index's for domains whose probes did not change
         old_order = manifest["probe_domains"]
         reuse = {d: tensors["raw_centroids"][i] for i, d in enumerate(old_order)
                  if d in new_probes and probes.get(d) == new_probes[d]}
         order = probe_order(new_cfg, new_probes)
-        g, tok = generalist or (None, None)
         needs_g = change.op != "remove" and (g is None)
         if needs_g:
-            g, tok = _load_generalist(new_cfg)
+            g, tok = load_generalist(new_cfg)
         if change.op != "remove":
             check_fits(new_cfg, change.name, Path(change.path).expanduser().resolve(), g, tok)
         todo = [d for d in order if d not in reuse]
@@ -260,7 +262,8 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
             new_manifest["calibration"] = carried(manifest["calibration"], list(new_cfg.specialists),
                                                   None if change.op == "remove" else change.name)
         new_manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-        _write_snapshot(config_path.parent / CATALOG, snap_name, new_probes, new_tensors, new_manifest)
+        _write_snapshot(config_path.parent / CATALOG, snap_name, new_probes, new_tensors, new_manifest,
+                        new_cfg.index_path.name)
         _write_atomically(config_path, to_toml(raw))  # the commit point
         failpoint("config-renamed")
         prune(config_path.parent / CATALOG, new_cfg.catalog.keep)
@@ -287,18 +290,9 @@ def _changed(raw: dict, probes: dict, change: Change, folder: Path, snap_name: s
     return raw, new_probes
 
 
-def _load_generalist(cfg: ConstellationConfig):
-    from composer.weights import load_model
-
-    from .loader import load_tokenizer, pick_device, pick_dtype
-
-    device = pick_device(cfg.runtime.device)
-    g = load_model(cfg.generalist.path, device, pick_dtype(cfg.runtime.dtype, device))
-    return g, load_tokenizer(cfg.generalist.path)
-
-
-def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manifest: dict) -> Path:
-    """``folder/name`` complete (probes and index, fsynced) or not there at all."""
+def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manifest: dict, index: str = "index"
+                    ) -> Path:
+    """``folder/name`` complete (probes and the index, as ``index``, fsynced) or not there at all."""
     final = folder / name
     if final.exists():  # left by a change that crashed before its commit: never committed, so unused
         shutil.rmtree(final)
@@ -311,7 +305,7 @@ def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manife
             f.write(json.dumps({"domains": probes}, indent=1, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        write_index(tmp / "index", tensors, manifest)
+        write_index(tmp / index, tensors, manifest)
         _fsync_dir(tmp)
         failpoint("snapshot-tmp-written")
         os.rename(tmp, final)
@@ -357,8 +351,6 @@ def read_probe_texts(path: str | Path, name: str, what: str = "probes_path") -> 
 
 def listing(cfg: ConstellationConfig, manifest: dict) -> list[dict]:
     """The specialists as ``specialist list`` and ``GET /v1/specialists`` show them."""
-    from .loader import load_probes, probes_hash
-    from .peft import is_adapter_folder
 
     probes = load_probes(cfg.index.probes)
     out = []

@@ -73,12 +73,17 @@ def check_buckets(v: list[int]) -> list[int]:
 class RuntimeConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    weights: Literal["bf16", "int8", "int4"] = Field(
+        "bf16", description="the generalist's matrices: bf16 = full precision, held in [runtime].dtype; int8 "
+        "(per output channel) or int4 (groups of int4_group inputs) = quantized at load, the embedding and "
+        "output head in int8, adapters on top in [runtime].dtype (docs/precision.md)")
+    int4_group: Literal[32, 64, 128] = Field(32, description="inputs per int4 scale and zero (weights = int4)")
     packed_weights: bool = Field(True, description="serve: hold the generalist's matrices a second time in "
                                  "oneDNN's prepacked layout on a CPU (faster matmuls, one more copy in memory)")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="serve: capture the decode step as one compiled graph per row bucket (inductor on a "
         "CPU, CUDA graphs on CUDA), built in the background while decoding runs eagerly; auto = on for CUDA and "
-        "for float32 on a CPU, where it was measured faster (docs/benchmarks.md)")
+        "for float32 or quantized weights on a CPU, where it was measured faster (docs/benchmarks.md)")
     compile_buckets: list[int] = Field([1, 2, 4, 8, 16], min_length=1, max_length=16, description="serve: row "
                                        "counts a captured decode step is compiled for (a step pads its rows up "
                                        "to the next one; more rows than the largest decode eagerly)")
@@ -94,7 +99,7 @@ class RuntimeConfig(_Strict):
             return self.compile == "on"
         import torch
 
-        return device.type == "cuda" or (device.type == "cpu" and dtype == torch.float32)
+        return device.type == "cuda" or (device.type == "cpu" and (dtype == torch.float32 or self.weights != "bf16"))
 
 
 class CatalogConfig(_Strict):
@@ -120,6 +125,24 @@ class ConstellationConfig(_Strict):
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"domain name '{name}' must be letters, digits, '-' or '_'")
         return v
+
+    @property
+    def weights(self) -> dict:
+        """The generalist's weights format as an index records it."""
+        w = self.runtime.weights
+        return {"format": w, "group": self.runtime.int4_group} if w == "int4" else {"format": w}
+
+    def with_weights(self, fmt: str, group: int | None = None) -> "ConstellationConfig":
+        """This config serving the generalist's weights in ``fmt`` (int4: in groups of ``group``)."""
+        update = {"weights": fmt} | ({"int4_group": group} if fmt == "int4" and group else {})
+        return self.model_copy(update={"runtime": self.runtime.model_copy(update=update)})
+
+    @property
+    def index_path(self) -> Path:
+        """The index for the weights served: ``[index].path`` for bf16 weights, the sibling folder
+        ``<path>-int8`` / ``<path>-int4`` for quantized ones (fingerprints move with the weights)."""
+        p, w = self.index.path, self.runtime.weights
+        return p if w == "bf16" else p.with_name(f"{p.name}-{w}")
 
     def resolved(self, base: Path) -> "ConstellationConfig":
         def r(p: Path) -> Path:

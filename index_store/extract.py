@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from composer.arch import resolve
 from composer.weights import WeightsError, comparable_config, normalize_names, read_config, safetensor_files
+from .models import load_tokenizer
 
 PEFT_PREFIX = "base_model.model."
 ENERGY_ROUNDOFF = 1e-12  # --energy 1.0 may drop at most this fraction of the energy (float64 round-off)
@@ -228,10 +229,7 @@ def extract(
     texts = read_heldout(Path(heldout)) if heldout is not None else None
     tok = None
     if texts is not None:
-        from .loader import load_tokenizer
-
         tok = load_tokenizer(base)
-
     with contextlib.ExitStack() as stack:
         fc, bc = _Checkpoint(full, arch, stack), _Checkpoint(base, arch, stack)
         fnames, changed, delta_bytes = compare_checkpoints(fc, bc, arch, mc)

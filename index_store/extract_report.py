@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from composer.model import Transformer
+from composer.weights import load_model
 from .extract import ExtractError, Extraction, ModuleResult, check_out
+from .models import tokenize
+from .probes import load_probes
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -96,8 +100,6 @@ def read_heldout(path: Path) -> list[str]:
     if not path.is_file():
         raise ExtractError(f"{path}: held-out file not found")
     if path.suffix.lower() == ".json":
-        from .loader import load_probes
-
         return [t for texts in load_probes(path).values() for t in texts]
     try:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
@@ -112,8 +114,6 @@ def read_heldout(path: Path) -> list[str]:
 @torch.inference_mode()
 def mean_loss(model, tok, texts: list[str], max_tokens: int, batch_size: int = 8) -> tuple[float, int]:
     """Mean next-token cross-entropy over the real tokens of ``texts`` (and how many were scored)."""
-    from .loader import tokenize
-
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         ids, am = tokenize(tok, texts[i: i + batch_size], max_tokens, model.device)
@@ -128,9 +128,6 @@ def mean_loss(model, tok, texts: list[str], max_tokens: int, batch_size: int = 8
 def evaluate(ex: Extraction, tok, texts: list[str], max_tokens: int) -> dict:
     """Held-out loss of the generalist, the full fine-tune and the generalist + extracted adapter
     (merged densely: ``W_G + B A`` and the whole-saved tensors, run by ``composer.model.Transformer``)."""
-    from composer.model import Transformer
-    from composer.weights import load_model
-
     g = load_model(ex.base)
     max_tokens = min(max_tokens, g.mc.max_positions)
     lg, n = mean_loss(g, tok, texts, max_tokens)

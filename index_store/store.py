@@ -152,6 +152,7 @@ def diagnostics_doc(manifest: dict) -> dict:
         "settings": manifest["settings"],
         "probe_counts": manifest["probe_counts"],
         "generalist_architecture": manifest.get("generalist_architecture"),
+        "weights": manifest.get("weights") or {"format": "bf16"},
         "d": manifest["d"],
         "format_version": manifest["format_version"],
         "calibration": manifest.get("calibration"),

@@ -25,28 +25,43 @@ class UsageError(ValueError):
     the message starts with the option: ``--port 8000: ...``."""
 
 
-def checked_config(path, specialists: bool = True):
-    """The config (the demo's without a path), its folders and files checked, before any loading."""
+def checked_config(path, specialists: bool = True, args=None):
+    """The config (the demo's without a path), its folders and files checked, before any loading;
+    ``args``' ``--weights`` / ``--int4-group`` applied."""
     from index_store.config import check_paths, check_top_k, load_config
 
     cfg = load_config(Path(path) if path else default_config())
     check_paths(cfg, specialists)
     check_top_k(cfg)
+    fmt, group = getattr(args, "weights", None), getattr(args, "int4_group", None)
+    if fmt or group:
+        cfg = cfg.with_weights(fmt or cfg.runtime.weights, group or cfg.runtime.int4_group)
     return cfg
 
 
+def demo_index_for(cfg) -> None:
+    """The demo served in quantized weights: build its index for them the first time (a config of
+    one's own gets the message saying to run `index build --weights` instead)."""
+    from index_store.indexing import build_index
+
+    if cfg.runtime.weights != "bf16" and not (cfg.index_path / "manifest.json").is_file():
+        print(f"demo: building its index for {cfg.runtime.weights} weights at {cfg.index_path} (once; a few "
+              "minutes: fingerprints and calibration move with the weights)", file=sys.stderr, flush=True)
+        build_index(cfg)
+
+
 def cmd_index_build(args) -> int:
-    from index_store.loader import build_index
+    from index_store.indexing import build_index
     from index_store.store import recommendation_note
 
-    cfg = checked_config(args.config, specialists=False)
+    cfg = checked_config(args.config, specialists=False, args=args)
     if cfg.index.calibrate:  # calibration composes the specialists
         from index_store.config import check_paths
 
         check_paths(cfg, True)
     manifest = build_index(cfg, quiet=args.quiet)
     diag = manifest["diagnostics"]
-    print(f"index written: {cfg.index.path}")
+    print(f"index written: {cfg.index_path}")
     print(f"domains: {', '.join(manifest['domains'])}  basis: {manifest['settings']['basis']}  "
           f"probes: {sum(manifest['probe_counts'].values())}  ({manifest['build_seconds']:.1f} s)")
     print(f"mean collinearity {diag['mean_collinearity']:.4f}; post-GS max |cos| {diag['post_gs_max_abs_cos']:.1e}")
@@ -65,7 +80,8 @@ def cmd_index_inspect(args) -> int:
         return 0
     doms = doc["domains"]
     print(f"index {args.index_dir}: {len(doms)} domains, d={doc['d']}, basis={doc['basis']}, "
-          f"architecture {doc['generalist_architecture']}")
+          f"architecture {doc['generalist_architecture']}, fingerprinted with its {doc['weights']['format']} weights"
+          + (f" (int4 groups of {doc['weights']['group']})" if doc["weights"].get("group") else ""))
     print("\nraw centroid cosine (paper Table 1):")
     rows = [[a] + [f"{v:.4f}" for v in row] for a, row in zip(doms, doc["raw_cosine"])]
     print(fmt_table(rows, ["", *doms]))
@@ -120,7 +136,7 @@ def _calibration(cfg):
     from index_store.store import IndexStoreError, read_manifest
 
     try:
-        return calibrated_of(read_manifest(cfg.index.path), cfg.index.path)
+        return calibrated_of(read_manifest(cfg.index_path), cfg.index_path)
     except (IndexStoreError, OSError):
         return None  # loading reports what is wrong with the index
 
@@ -238,7 +254,9 @@ def cmd_serve(args) -> int:
                     max_body_bytes=args.max_body_bytes,
                     drain_timeout_s=args.drain_timeout, prefill_chunk_max=args.prefill_chunk,
                     prefill_chunk_min=min(args.prefill_chunk_min, args.prefill_chunk))
-    config = checked_config(args.config)
+    config = checked_config(args.config, args=args)
+    if args.config is None:
+        demo_index_for(config)
     if args.dtype:
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
     if args.packed_weights is not None:
@@ -270,7 +288,7 @@ def cmd_eval(args) -> int:
 
     single = load_single(Path(args.probes))
     cross = load_cross(Path(args.cross)) if args.cross else None
-    loaded = load_constellation(checked_config(args.config))
+    loaded = load_constellation(checked_config(args.config, args=args))
     results = run(loaded, single, cross, Path(args.out), args.noise_sweep, args.ablations, args.quiet,
                   {"single": args.probes, "cross": args.cross or ""})
     print(headline(results))
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from eval.run import EvalError
     from index_store.catalog import CatalogError
     from index_store.config import ConfigError
-    from index_store.loader import ProbeError
+    from index_store.probes import ProbeError
     from index_store.store import IndexStoreError
 
     handlers = {("index", "build"): cmd_index_build, ("index", "inspect"): cmd_index_inspect,

@@ -48,7 +48,7 @@ def cmd_specialist_list(args) -> int:
     from index_store.store import read_manifest
 
     cfg = load_config(args.config)
-    manifest = read_manifest(cfg.index.path)
+    manifest = read_manifest(cfg.index_path)
     rows = listing(cfg, manifest)
     if args.json:
         print(json.dumps({"version": cfg.catalog.version, "specialists": rows}, indent=1))

@@ -101,6 +101,17 @@ def _group(sub, name: str, dest: str, **kw):
     return g
 
 
+def _weights_args(p, what: str) -> None:
+    """``--weights`` and ``--int4-group``: the generalist's weights format (``[runtime].weights``)."""
+    p.add_argument("--weights", choices=["bf16", "int8", "int4"], default=None,
+                   help=f"the generalist's matrices {what}: bf16 = full precision (held in [runtime].dtype), "
+                   "int8 = one scale per output channel, int4 = a scale and zero per --int4-group inputs; "
+                   "quantized at load (seconds), adapters composing on top in full precision; each format "
+                   "has its own index (default: the config's [runtime].weights, bf16; docs/precision.md)")
+    p.add_argument("--int4-group", type=int, choices=[32, 64, 128], default=None,
+                   help="inputs per int4 scale and zero (default: [runtime].int4_group, 32)")
+
+
 def _add_index(sub) -> None:
     """``constellation index build | inspect``."""
     isub = _group(sub, "index", "index_command", help="build or inspect a constellation index")
@@ -113,6 +124,7 @@ def _add_index(sub) -> None:
                         "index is replaced only when the new one is complete).")
     b.add_argument("config", metavar="CONFIG", help="constellation config file (TOML)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _weights_args(b, "fingerprinted with (the index is for that format: serve with the same)")
     i = isub.add_parser("inspect", help="print an index's diagnostics and calibration (verifies its checksums first)")
     i.add_argument("index_dir", metavar="INDEX_DIR", help="the index folder")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -193,6 +205,7 @@ def _add_serve(sub) -> None:
     sv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights' dtype, overriding the config's [runtime].dtype (auto: bf16 on CUDA and on "
                     "CPUs with native bf16, else float32; see docs/precision.md)")
+    _weights_args(sv, "served")
     sv.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's, one per core)")
     sv.add_argument("--packed-weights", action=argparse.BooleanOptionalAction, default=None,
                     help="on a CPU, hold the generalist's matrices a second time in oneDNN's prepacked layout: "
@@ -217,6 +230,7 @@ def _add_eval(sub) -> None:
                         "arithmetic's lambda chosen on a held-out half; writes OUT/report.md, OUT/results.json "
                         "and PNG plots, and prints the headline table.")
     ev.add_argument("--config", help="constellation config (default: the demo)")
+    _weights_args(ev, "evaluated (its own index, built first with `index build --weights`)")
     ev.add_argument("--probes", required=True, help='single-domain probes {"domains": {"medical": [...], ...}}')
     ev.add_argument("--cross", help='cross-domain probes {"probes": [{"text": ..., "domains": [...]}, ...]}')
     ev.add_argument("--out", required=True, help="output folder")

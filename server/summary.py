@@ -30,7 +30,10 @@ def load_summary(loaded) -> str:
             if exact else "")
     cal = loaded.constellation.settings.calibrated
     weighting = describe_weighting(cal.weighting, cal.sharpness_for(cal.weighting), cal.strength)
-    return (f"loaded on {r['device']} ({r['dtype']}) in {r['load_seconds']:.1f} s; specialists: {kinds}; "
+    w = r.get("weights") or {"format": "bf16"}
+    weights = ("" if w["format"] == "bf16" else f", generalist's matrices {w['format']}"
+               + (f" in groups of {w['group']}" if w.get("group") else "") + ", embedding and head int8")
+    return (f"loaded on {r['device']} ({r['dtype']}{weights}) in {r['load_seconds']:.1f} s; specialists: {kinds}; "
             f"composed layers {layer_ranges(r['composed_layers'])}; {weighting}; resident: {parts}{note}")
 
 

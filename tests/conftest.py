@@ -23,7 +23,7 @@ def fixture_root(tmp_path_factory):
 
 
 def _built(root: Path, arch: str, **kw) -> Path:
-    from index_store.loader import build_index
+    from index_store.indexing import build_index
 
     name = arch + "".join(f"-{k}={v}" for k, v in sorted(kw.items()))
     conf = root / name / "constellation.toml"

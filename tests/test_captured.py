@@ -148,11 +148,17 @@ def test_device_check_smoke(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.device_check", str(tmp_path), "--smoke"], cwd=root,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    size = json.loads((tmp_path / "device_check.json").read_text())["sizes"][0]
-    assert size["engine_end_to_end"] and size["captured_equals_eager"] and size["captured_steps"] > 0
-    assert {(r["mode"], r["streams"]) for r in size["decode"]} == {(m, s) for m in ("generalist", "constellation")
-                                                                   for s in (1, 2)}
-    assert all(0 < r["tok_s"] and 0 < r["of_bound"] for r in size["decode"])
+    sizes = json.loads((tmp_path / "device_check.json").read_text())["sizes"]
+    assert [s["weights"] for s in sizes] == ["bf16", "int8"]  # the smoke checks an int8 generalist too
+    for size in sizes:
+        assert size["engine_end_to_end"] and size["captured_equals_eager"] and size["captured_steps"] > 0
+        assert {(r["mode"], r["streams"]) for r in size["decode"]} == {(m, s) for m in ("generalist", "constellation")
+                                                                       for s in (1, 2)}
+        assert all(0 < r["tok_s"] and 0 < r["of_bound"] for r in size["decode"])
+    # the int8 generalist's compositions against the same over its dequantized matrices in fp32
+    exact = sizes[1]["exactness_vs_dequantized_fp32"]
+    assert len(exact) == 4 and all(e["max_rel_err"] < 0.05 for e in exact.values()), exact
+    assert sizes[1]["weight_bytes"] < 0.6 * sizes[0]["weight_bytes"] / 2  # int8 against fp32
 
 
 def test_compile_settings_are_checked():
@@ -175,6 +181,7 @@ def test_compile_settings_are_checked():
     assert rt.compile_buckets == [1, 2, 4, 8, 16]
     assert rt.compiles(torch.device("cpu"), torch.float32) and not rt.compiles(torch.device("cpu"), torch.bfloat16)
     assert rt.compiles(torch.device("cuda"), torch.bfloat16)
+    assert RuntimeConfig(weights="int8").compiles(torch.device("cpu"), torch.bfloat16)  # the packed kernels: captured
     assert not RuntimeConfig(compile="off").compiles(torch.device("cpu"), torch.float32)
 
 

@@ -16,7 +16,8 @@ import torch
 import fixtures
 from index_store.catalog import STEPS, CatalogError, Change, apply, listing
 from index_store.config import load_config
-from index_store.loader import load_constellation, load_probes
+from index_store.loader import load_constellation
+from index_store.probes import load_probes
 from index_store.store import read_index, read_manifest
 from peft_fixtures import make_peft_adapter
 

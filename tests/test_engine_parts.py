@@ -366,7 +366,7 @@ def test_rows_mix_into_each_sequences_log_probabilities():
 # ---- detokenizer --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok(built):
-    from index_store.loader import load_tokenizer
+    from index_store.models import load_tokenizer
 
     return load_tokenizer(built("llama", domains=("medical", "legal")).parent / "models" / "generalist")
 

@@ -11,7 +11,9 @@ import fixtures
 from composer.arch import ArchitectureError
 from composer.weights import WeightsError
 from index_store.config import ConfigError, load_config
-from index_store.loader import ProbeError, build_index, load_constellation
+from index_store.indexing import build_index
+from index_store.loader import load_constellation
+from index_store.probes import ProbeError
 from index_store.store import MANIFEST, TENSORS, IndexStoreError, read_index
 
 

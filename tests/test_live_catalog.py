@@ -32,7 +32,7 @@ def make_constellation(built, tmp_path: Path) -> Path:
     text = conf.read_text().replace('science = "models/science"\n', "")
     conf.write_text(text + '\n[catalog]\nmodels_root = "models"\n')
     # the index of the three (the fixture's was built for four)
-    from index_store.loader import build_index
+    from index_store.indexing import build_index
     build_index(conf, quiet=True)
     return conf
 
@@ -236,7 +236,7 @@ def test_adapters_on_other_layers_join_while_every_mode_streams(built, tmp_path)
                     'legal = "models/legal"\n\n[index]\npath = "index"\nprobes = "probes.json"\n\n[composition]\n'
                     'top_k = 2\nlayers = "auto"\nsignature = "generalist"\n\n[runtime]\ndevice = "cpu"\n'
                     'dtype = "float32"\ncompile = "off"\n\n[catalog]\nmodels_root = "models"\n')
-    from index_store.loader import build_index
+    from index_store.indexing import build_index
     build_index(conf, quiet=True)
     app = create_app(load_constellation(conf), Limits(max_running=16, max_prompt_tokens=64, max_new_tokens=100,
                                                       max_seq_len=128), admin_key="admin-secret")

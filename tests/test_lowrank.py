@@ -82,7 +82,7 @@ def _adapters(g: Transformer):
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request, built):
     """(adapter constellation, the same specialists merged dense, encoded prompts) per architecture."""
-    from index_store.loader import load_tokenizer, tokenize
+    from index_store.models import load_tokenizer, tokenize
 
     conf = built(request.param, domains=("medical", "legal", "code"))
     gdir = conf.parent / "models" / "generalist"
@@ -188,7 +188,7 @@ def test_adapters_are_held_once(pair):
 def test_generalist_signature_is_exact_where_only_the_last_writer_differs(built):
     """With adapters only on the MLP's residual writer of one block, the in-pass signature of that
     block equals the specialist's own block run on the generalist's input, and differs between them."""
-    from index_store.loader import load_tokenizer, tokenize
+    from index_store.models import load_tokenizer, tokenize
 
     conf = built("llama", domains=("medical", "legal", "code"))
     gdir = conf.parent / "models" / "generalist"

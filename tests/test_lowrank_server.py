@@ -49,7 +49,7 @@ compile = "off"
 
 @pytest.fixture(scope="module")
 def peft_conf(built, tmp_path_factory):
-    from index_store.loader import build_index
+    from index_store.indexing import build_index
 
     base = built("llama", domains=("medical", "legal", "code", "science"), everywhere=("science",))
     gdir = base.parent / "models" / "generalist"

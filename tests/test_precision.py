@@ -25,7 +25,8 @@ from composer.model import KVCache, Transformer
 from composer.modes import CompositionParams
 from composer.weights import load_model
 from index_store.config import load_config
-from index_store.loader import load_constellation, load_tokenizer, pick_dtype, tokenize
+from index_store.loader import load_constellation
+from index_store.models import load_tokenizer, pick_dtype, tokenize
 from test_lowrank import PROMPTS  # the same five prompts, one per fixture domain
 
 BF16_LOGPROB_TOL = 0.01

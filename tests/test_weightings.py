@@ -227,7 +227,8 @@ def test_index_inspect_reports_the_calibration(calibrated):
 
 
 def test_calibrate_false_builds_the_paper_rule_and_a_changed_setting_needs_a_rebuild(built, tmp_path):
-    from index_store.loader import build_index, load_constellation
+    from index_store.indexing import build_index
+    from index_store.loader import load_constellation
     from index_store.store import IndexStoreError
 
     src = built("llama", domains=("medical", "legal", "code")).parent

@@ -1,0 +1,323 @@
+"""A quantized generalist (``[runtime].weights = int8 | int4``, ``composer.quant``) under exact
+adapter composition: its matrices multiply as their dequantized form, every composition equals the
+same composition over the dequantized generalist in fp32 (and a one-hot one equals PEFT's own
+``PeftModel`` on that base), the index records the weights it was fingerprinted with and refuses
+others, a full specialist is refused with a way out, and the quantized model is served over HTTP,
+its decode step captured token for token as the eager one."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from composer.modes import CompositionParams
+from index_store.config import load_config
+from composer.quant import QuantizedWeight, QuantizeError, quantize
+from composer.weights import WeightsError
+from index_store.store import IndexStoreError
+from peft_fixtures import make_peft_adapter
+from test_server import Server
+
+PROMPTS = ["The patient fever biopsy", "The contract clause licensee", "The def return import class",
+           "The protein enzyme photon"]
+COMPOSITIONS = [{"mode": "generalist"}, {"mode": "constellation"}, {"mode": "routed"},
+                {"mode": "weights", "weights": {"medical": 0.6, "code": 0.4}},
+                {"mode": "weights", "weights": {"legal": 1.0}}]
+# The quantized products take bf16 activations (composer.quant), so they differ from the fp32
+# product with the same dequantized matrix by bf16 rounding of the activations (and of the product):
+# measured max |d log p| over the fixtures' vocabulary at most 0.003 (int4 and int8, every path);
+# stated bound:
+TOL_LOGP = 0.02
+
+
+# ---- the matrices ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_matrix_multiplies_as_its_dequantized_form(fmt):
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) * 0.05
+    q = quantize(w, fmt, 32)
+    assert isinstance(q, QuantizedWeight) and q.shape == w.shape and q.dtype == torch.float32
+    d = q.dequantize()
+    # the quantization error itself: int8 per channel ~1%, int4 in groups of 32 ~8% of the matrix
+    rel = float((d - w).norm() / w.norm())
+    assert rel < (0.02 if fmt == "int8" else 0.12)
+    x = torch.randn(3, 5, 64)
+    y = q.linear(x)
+    want = torch.nn.functional.linear(x.bfloat16().float(), d)
+    assert y.shape == (3, 5, 96) and y.dtype == torch.float32
+    assert float((y - want).norm() / want.norm()) < 5e-3  # bf16 rounding of the product
+    bias = torch.randn(96)
+    assert torch.allclose(q.linear(x, bias), y + bias)
+    # a fused group's member is a row block of the whole
+    part = q.rows(32, 48)
+    assert part.shape == (48, 64) and part.nbytes == 0
+    assert torch.equal(part.linear(x), y[..., 32:80])
+    assert torch.equal(part.dequantize(), d[32:80])
+    # held in ~1/4 (int8) or ~1/6 (int4 + bf16 scales and zeros) of fp32's bytes
+    assert q.nbytes < w.numel() * 4 * (0.27 if fmt == "int8" else 0.17)
+
+
+def test_int8_embedding_rows_and_bad_groups():
+    torch.manual_seed(1)
+    w = torch.randn(50, 32)
+    q = quantize(w, "int8")
+    ids = torch.tensor([[3, 7, 3], [49, 0, 1]])
+    assert torch.equal(q.embedding(ids), q.dequantize()[ids])
+    with pytest.raises(QuantizeError, match="does not divide a matrix's 48 inputs.*group sizes that do: none"):
+        quantize(torch.randn(16, 48), "int4", 32)
+    with pytest.raises(QuantizeError, match="choose from 32, 64, 128"):
+        quantize(torch.randn(16, 64), "int4", 16)
+    with pytest.raises(QuantizeError, match="multiple of 16 output rows, not 8"):
+        quantize(torch.randn(8, 64), "int4", 32)
+    with pytest.raises(QuantizeError, match="whole int8"):
+        quantize(torch.randn(16, 64), "int4", 32).embedding(ids)
+
+
+# ---- a quantized constellation ------------------------------------------------------------------
+def _config(root: Path, gdir: Path, specialists: dict[str, Path], probes: Path, weights: str,
+            extra: str = "") -> Path:
+    spec = "\n".join(f'{d} = "{p}"' for d, p in specialists.items())
+    conf = root / f"constellation-{weights}.toml"
+    conf.write_text(f"""[generalist]
+path = "{gdir}"
+
+[specialists]
+{spec}
+
+[index]
+path = "index"
+probes = "{probes}"
+
+[runtime]
+device = "cpu"
+dtype = "float32"
+compile = "off"
+weights = "{weights}"
+{extra}""")
+    return conf
+
+
+@pytest.fixture(scope="module")
+def quant_root(built, tmp_path_factory):
+    base = built("llama", domains=("medical", "legal", "code", "science"), everywhere=("science",))
+    gdir = base.parent / "models" / "generalist"
+    root = tmp_path_factory.mktemp("quant_constellation")
+    ads = {
+        "medical": make_peft_adapter(gdir, root / "medical", seed=1, r=4, lora_alpha=8,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]),
+        "legal": make_peft_adapter(gdir, root / "legal", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                   layers_to_transform=[1, 4], modules_to_save=["model.layers.4.input_layernorm"]),
+        "code": make_peft_adapter(gdir, root / "code", seed=3, r=4, lora_alpha=4, use_rslora=True,
+                                  target_modules=["o_proj", "down_proj", "up_proj"], rank_pattern={"down_proj": 2},
+                                  alpha_pattern={"down_proj": 8}),
+    }
+    return root, gdir, ads, base.parent / "probes.json", base.parent / "models" / "science"
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quant(request, quant_root):
+    """(config, loaded) of the adapters over the generalist in ``int8`` / ``int4``."""
+    from index_store.indexing import build_index
+    from index_store.loader import load_constellation
+
+    root, gdir, ads, probes, _ = quant_root
+    conf = _config(root, gdir, ads, probes, request.param)
+    build_index(conf, quiet=True)
+    return conf, load_constellation(conf)
+
+
+def _dequantized_reference(loaded):
+    """The same constellation with its generalist's matrices dequantized to fp32 tensors."""
+    from composer.constellation import Constellation
+    from composer.model import Transformer
+
+    c = loaded.constellation
+    g = c.g
+    ref_g = Transformer(g.mc, g.arch, {n: (t.dequantize() if isinstance(t, QuantizedWeight) else t)
+                                       for n, t in g.params.items()})
+    specs = {}
+    for dom, s in zip(c.domains, c.specialists):  # G's tensors, the adapter's own whole tensors, its factors
+        own = {n: t for n, t in s.params.items() if t is not g.params[n]}
+        specs[dom] = Transformer(g.mc, g.arch, {**ref_g.params, **own}, s.lowrank)
+    return Constellation(ref_g, specs, c.basis, c.settings)
+
+
+def _logp(x: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(x.float(), -1)
+
+
+def test_quantized_generalist_composes_as_its_dequantized_form(quant):
+    conf, loaded = quant
+    c = loaded.constellation
+    fmt = loaded.config.runtime.weights
+    assert c.g.weights_format == fmt and loaded.report["weights"]["format"] == fmt
+    mats = [t for n, t in c.g.params.items() if n.endswith("proj.weight")]
+    assert mats and all(isinstance(t, QuantizedWeight) and t.fmt == fmt for t in mats)
+    assert isinstance(c.g.params[c.g.arch.embed], QuantizedWeight)  # the embedding / head: int8
+    ref = _dequantized_reference(loaded)
+    ids, am = loaded.encode(PROMPTS)
+    gp, rgp = c.generalist_pass(ids, am), ref.generalist_pass(ids, am)
+    real = am.bool()
+    assert float((_logp(c.g.logits(gp.final)) - _logp(ref.g.logits(rgp.final)))[real].abs().max()) < TOL_LOGP
+    for comp in COMPOSITIONS:
+        params = CompositionParams.model_validate(comp)
+        plans = [c.plan(gp, b, params) for b in range(len(PROMPTS))]
+        want = _logp(ref.composed_logits(rgp, [ref.plan(rgp, b, params) for b in range(len(PROMPTS))], "materialize"))
+        for path in ("batch", "mix", "materialize"):
+            got = _logp(c.composed_logits(gp, plans, path))
+            err = float((got - want)[real].abs().max())
+            assert err < TOL_LOGP, (comp, path, err)
+
+
+def test_resident_weights_shrink(quant):
+    _, loaded = quant
+    fmt = loaded.config.runtime.weights
+    g = loaded.constellation.g
+    full = sum(t.numel() * 2 for t in {id(t): t for t in g.params.values()}.values())  # as bf16
+    held = loaded.report["resident_bytes"]["generalist"]
+    # the fixture's matrices are tiny, so scales weigh more than on a real model (docs/precision.md)
+    assert held < full * (0.62 if fmt == "int8" else 0.5)
+
+
+def test_one_hot_composition_equals_peft_on_the_dequantized_base(quant, tmp_path):
+    """``PeftModel`` over the dequantized generalist (saved as a model folder) and Constellation's
+    one-hot composition over the quantized one agree within the bf16-activation tolerance."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    conf, loaded = quant
+    c, cfg = loaded.constellation, loaded.config
+    g = c.g
+    folder = tmp_path / "dequantized"
+    shutil.copytree(cfg.generalist.path, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    sd = {n: (t.dequantize() if isinstance(t, QuantizedWeight) else t).contiguous().clone() for n, t in g.params.items()}
+    if g.mc.tie_embeddings:
+        sd.pop(g.arch.lm_head, None)
+    save_file(sd, str(folder / "model.safetensors"))
+    ids, am = loaded.encode(PROMPTS)
+    gp = c.generalist_pass(ids, am)
+    for dom in ("medical", "legal", "code"):
+        base = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        peft = PeftModel.from_pretrained(base, str(cfg.specialists[dom])).eval()
+        with torch.inference_mode():
+            want = _logp(peft(input_ids=ids, attention_mask=am).logits)
+        plan = c.plan(gp, 0, CompositionParams(mode="weights", weights={dom: 1.0}))
+        got = _logp(c.composed_logits(gp, [plan] * len(PROMPTS), "batch"))
+        assert float((got - want)[am.bool()].abs().max()) < TOL_LOGP, dom
+
+
+def test_the_index_records_and_checks_the_weights(quant, quant_root):
+    from index_store.loader import load_constellation
+
+    conf, loaded = quant
+    fmt = loaded.config.runtime.weights
+    root, gdir, ads, probes, _ = quant_root
+    path = loaded.config.index_path
+    assert path.name == f"index-{fmt}" and loaded.manifest["weights"]["format"] == fmt
+    # the bf16 index is elsewhere and not built yet: the message says how to build it
+    if fmt == "int8":
+        (root / "fresh").mkdir()
+        other = _config(root / "fresh", gdir, ads, probes, "int8")
+        with pytest.raises(IndexStoreError, match=r"no index for the generalist's int8 weights.*"
+                                                  r"constellation index build .* --weights int8"):
+            load_constellation(other)
+    # an index fingerprinted with other weights, at this format's path: refused, saying which
+    if fmt == "int4":
+        (root / "moved").mkdir()
+        moved = _config(root / "moved", gdir, ads, probes, "int8")
+        shutil.copytree(path, moved.parent / "index-int8")
+        with pytest.raises(IndexStoreError, match=r"fingerprinted with the generalist's int4 \(groups of 32\) "
+                                                  r"weights, but it is served as int8; rebuild it with "
+                                                  r"`constellation index build .* --weights int8`"):
+            load_constellation(moved)
+        # a group size that does not divide the model's matrices: said before anything is served
+        (root / "g64").mkdir()
+        g64 = _config(root / "g64", gdir, ads, probes, "int4", "int4_group = 64")
+        shutil.copytree(path, g64.parent / "index-int4")
+        with pytest.raises(WeightsError, match=r"cannot serve it as \[runtime\].weights = int4: int4 group size 64 "
+                                               r"does not divide .* group sizes that do: \[32\]"):
+            load_constellation(g64)
+
+
+def test_full_specialist_is_refused_over_quantized_weights(quant_root):
+    from index_store.models import load_models
+
+    root, gdir, ads, probes, science = quant_root
+    (root / "full").mkdir(exist_ok=True)
+    conf = _config(root / "full", gdir, {**ads, "science": science}, probes, "int8")
+    with pytest.raises(WeightsError, match=r"'science' .* is a full model.*served in int8.*"
+                                           r"constellation specialist extract"):
+        load_models(load_config(conf), torch.device("cpu"), torch.float32)
+
+
+# ---- served -----------------------------------------------------------------------------------------
+def _greedy(engine, tok, prompt: str, comp: dict, n: int = 6) -> list[int]:
+    from server.engine import Request, SamplingParams
+
+    q: queue.Queue = queue.Queue()
+    engine.submit(Request(tok(prompt)["input_ids"], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                          CompositionParams.model_validate(comp), emit=q.put))
+    toks = []
+    while True:
+        e = q.get(timeout=300)
+        assert e.error is None, e.error
+        toks += e.token_ids
+        if e.finish_reason:
+            return toks
+
+
+def test_quantized_model_served_and_captured(quant):
+    """Over HTTP with the openai client; then the decode step captured (inductor lowers the packed
+    int8/int4 products) gives the eager step's tokens, across compositions without recompiling."""
+    from torch._dynamo.utils import counters
+
+    conf, loaded = quant
+    srv = Server(loaded)
+    try:
+        client = srv.client()
+        eager = {}
+        for comp in COMPOSITIONS[:3]:
+            r = client.completions.create(model="constellation", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True, "composition": comp})
+            assert r.usage.completion_tokens == 6
+            eager[json.dumps(comp)] = _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp)
+        srv.engine.capture([1], background=False)
+        assert srv.engine.graph_status()["error"] is None
+        before = counters["stats"]["unique_graphs"]
+        steps = srv.engine.runner.captured_steps
+        for comp in COMPOSITIONS[:3]:
+            assert _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp) == eager[json.dumps(comp)], comp
+        assert srv.engine.runner.captured_steps > steps
+        assert counters["stats"]["unique_graphs"] == before
+    finally:
+        srv.stop()
+
+
+def test_weights_options_and_config():
+    """``--weights`` / ``--int4-group`` on serve, index build and eval; the config key and its bounds."""
+    from pydantic import ValidationError
+
+    from index_store.config import RuntimeConfig
+    from server.cli_parser import parser
+
+    p = parser()
+    a = p.parse_args(["serve", "--weights", "int4", "--int4-group", "64"])
+    assert (a.weights, a.int4_group) == ("int4", 64)
+    assert p.parse_args(["index", "build", "c.toml", "--weights", "int8"]).weights == "int8"
+    assert p.parse_args(["eval", "--probes", "p.json", "--out", "o", "--weights", "int4"]).weights == "int4"
+    assert p.parse_args(["serve"]).weights is None  # the config's
+    for bad in (["--weights", "int3"], ["--int4-group", "16"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", *bad])
+    assert RuntimeConfig().weights == "bf16" and RuntimeConfig().int4_group == 32
+    with pytest.raises(ValidationError, match="weights"):
+        RuntimeConfig(weights="fp8")
