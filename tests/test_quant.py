@@ -321,3 +321,20 @@ def test_weights_options_and_config():
     assert RuntimeConfig().weights == "bf16" and RuntimeConfig().int4_group == 32
     with pytest.raises(ValidationError, match="weights"):
         RuntimeConfig(weights="fp8")
+
+
+def test_bench_quant_quality_smoke(quant, quant_root, tmp_path):
+    """``python -m bench.quant_quality``: the generalist's loss, retrieval and alpha movement per format."""
+    from bench.quant_quality import main
+    from index_store.indexing import build_index
+
+    conf, loaded = quant
+    if loaded.config.runtime.weights != "int8":
+        pytest.skip("one format is enough for the smoke")
+    build_index(load_config(conf).with_weights("bf16"), quiet=True)
+    out = tmp_path / "q.json"
+    assert main(["--config", str(conf), "--probes", str(quant_root[3]), "--formats", "int8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["weights"] for r in rows] == ["bf16", "int8"]
+    assert rows[1]["resident_mib"] < rows[0]["resident_mib"] and abs(rows[1]["nll_vs_bf16"]) < 0.1
+    assert 0 <= rows[1]["alpha_diff_mean"] <= rows[1]["alpha_diff_max"] < 0.1
