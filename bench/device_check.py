@@ -198,9 +198,10 @@ def throughput(engine, g, prompts: list[list[int]], args, rng: random.Random, lo
 def dequantized(g):
     """``g`` with its quantized matrices as fp32 tensors (the reference its composition is checked against)."""
     from composer.model import Transformer
-    from composer.quant import dense
+    from composer.quant import QuantizedWeight
 
-    return Transformer(g.mc, g.arch, {n: dense(t).float() for n, t in g.params.items()})
+    return Transformer(g.mc, g.arch, {n: (t.dequantize(torch.float32) if isinstance(t, QuantizedWeight) else t.float())
+                                      for n, t in g.params.items()})
 
 
 def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log, weights: str = "bf16") -> dict:
@@ -274,7 +275,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.sizes, args.adapters, args.streams, args.tokens, args.device = "tiny", 2, "1,2", 4, "cpu"
         args.buckets = args.buckets or "2"
-        args.weights = "bf16,int8"
+        args.weights = args.weights if args.weights != "bf16" else "bf16,int8"
     args.streams_list = [int(x) for x in args.streams.split(",")]
     args.buckets = [int(x) for x in (args.buckets or args.streams).split(",")]
     args.weights_list = [w.strip() for w in args.weights.split(",") if w.strip()]

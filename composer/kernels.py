@@ -110,7 +110,6 @@ def _dense_sum(groups, how: str, t0: torch.Tensor) -> torch.Tensor:
     """``sum f(w) ⊙ t`` over the groups, in fp32 (or wider), **not** yet rounded to the storage dtype
     (a quantized matrix enters dequantized: the reference of what its kernel computes)."""
     acc = None
-    t0 = dense(t0)
     for t, w in groups:
         t = dense(t)
         f = _factor(w.to(wide(t.dtype)), how, t.ndim)
@@ -118,7 +117,7 @@ def _dense_sum(groups, how: str, t0: torch.Tensor) -> torch.Tensor:
             acc = t * f
         else:
             acc.addcmul_(t, f)  # in place: one pass, no temporary per source
-    return acc if acc is not None else torch.zeros_like(t0, dtype=wide(t0.dtype))
+    return acc if acc is not None else torch.zeros(tuple(t0.shape), dtype=wide(t0.dtype), device=t0.device)
 
 
 def materialize(sources: list[Source], weights: torch.Tensor, policy: BroadcastPolicy, arch: Arch, d: int,

@@ -138,7 +138,10 @@ class QuantizedWeight:
                                self, start)
 
     def with_tensors(self, data: torch.Tensor, scales: torch.Tensor) -> "QuantizedWeight":
-        """The same matrix over other tensors holding the same values (a captured graph's parameters)."""
+        """The same matrix over other tensors holding the same values (a captured graph's parameters;
+        a row block: its whole over them, then the block)."""
+        if self.base is not None:
+            return self.base.with_tensors(data, scales).rows(self.row0, self.shape[0])
         out = QuantizedWeight(self.fmt, data, scales, tuple(self.shape), self.dtype, self.group)
         out._int4_unpack = self._int4_unpack
         return out

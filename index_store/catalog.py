@@ -41,7 +41,7 @@ from .config import ConfigError, ConstellationConfig, load_config
 from .calibrate import carried
 from .fingerprints import centroids, probe_order
 from .indexing import index_from_centroids
-from .models import check_same_tokenizer, load_generalist, load_tokenizer
+from .models import check_on_quantized, check_same_tokenizer, load_generalist, load_tokenizer
 from .peft import is_adapter_folder, load_adapter
 from .probes import load_probes, probes_hash
 from .store import _fsync_dir, read_index, write_index
@@ -191,8 +191,9 @@ def check_fits(cfg: ConstellationConfig, name: str, path: Path, g, tok) -> None:
     model's config and tokenizer), or CatalogError naming the problem."""
     try:
         if is_adapter_folder(path):
-            load_adapter(path, g, g.device, g.dtype)
+            check_on_quantized(g, name, path, load_adapter(path, g, g.device, g.dtype))
         else:
+            check_on_quantized(g, name, path)
             check_same_config(cfg.generalist.path, path, name)
             check_same_tokenizer(tok, load_tokenizer(path), name, path)
     except (WeightsError, ValueError) as e:
@@ -219,9 +220,11 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def apply(config_path: str | Path, change: Change, generalist=None, root_only: bool = False,
-          quiet: bool = True) -> Result:
+          quiet: bool = True, weights: tuple[str, int | None] | None = None) -> Result:
     """Apply ``change`` to the constellation at ``config_path`` and commit it (see the module doc).
-    ``generalist``: ``(g, tokenizer)`` already loaded (the server's), else loaded here when needed."""
+    ``generalist``: ``(g, tokenizer)`` already loaded (the server's), else loaded here when needed.
+    The change is made to the index of the weights the server runs (the generalist's format, else
+    ``weights``, else the config's ``[runtime].weights``); the snapshot holds that format's index."""
     config_path = Path(config_path).expanduser().resolve()
     t0 = time.perf_counter()
     with locked(config_path):
@@ -229,7 +232,15 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
         g, tok = generalist or (None, None)
         if g is not None:  # the index of the weights the server runs
             cfg = cfg.with_weights(g.weights_format, g.weights_group)
+        elif weights is not None:
+            cfg = cfg.with_weights(*weights)
         check_change(cfg, change, root_only)
+        if not (cfg.index_path / "manifest.json").is_file():
+            w = cfg.runtime.weights
+            raise CatalogError(f"{cfg.index_path}: no index for the generalist's {w} weights, which this change "
+                               f"is for; build it first with `constellation index build {config_path} --weights "
+                               f"{w}`" + (f" --int4-group {cfg.runtime.int4_group}" if w == "int4" else ""),
+                               409, "weights")
         probes = load_probes(cfg.index.probes)
         manifest, tensors = read_index(cfg.index_path)
         version = cfg.catalog.version + 1

@@ -16,7 +16,7 @@ from composer.weightings import WEIGHTINGS
 from .config import ConstellationConfig, check_top_k, load_config
 from .models import load_models, model_identity, pick_device, pick_dtype, release_freed_memory, tokenize
 from .probes import load_probes, probes_hash
-from .store import IndexStoreError, read_index
+from .store import IndexStoreError, read_index, read_manifest
 
 
 # ---- loaded constellation -----------------------------------------------------------------------
@@ -101,13 +101,25 @@ def calibrated_of(manifest: dict, where) -> Calibrated:
                       {k: float(v) for k, v in cal.get("strength", {}).items()})
 
 
+def build_command(cfg: ConstellationConfig) -> str:
+    """The ``index build`` command that makes ``cfg``'s index for its weights."""
+    w = cfg.runtime.weights
+    return (f"`constellation index build {cfg.source or '<config>'}"
+            + ("" if w == "bf16" else f" --weights {w}") + (f" --int4-group {cfg.runtime.int4_group}" if w == "int4"
+                                                             else "") + "`")
+
+
 def check_index_exists(cfg: ConstellationConfig) -> None:
-    """A quantized generalist's index lives apart (``ConstellationConfig.index_path``): say how to build it."""
+    """Before the minutes of loading: the index is there. A quantized generalist's lives apart
+    (``ConstellationConfig.index_path``): say how to build it."""
     path, w = cfg.index_path, cfg.runtime.weights
-    if w != "bf16" and not (path / "manifest.json").is_file():
-        raise IndexStoreError(f"{path}: no index for the generalist's {w} weights (fingerprints move with the "
-                              f"weights, so each format has its own index, beside {cfg.index.path}); build it with "
-                              f"`constellation index build {cfg.source or '<config>'} --weights {w}`")
+    if (path / "manifest.json").is_file():
+        return
+    if w == "bf16":
+        read_manifest(path)  # its own words for a missing or broken folder
+    raise IndexStoreError(f"{path}: no index for the generalist's {w} weights (fingerprints move with the "
+                          f"weights, so each format has its own index, beside {cfg.index.path}); build it with "
+                          f"{build_command(cfg)}")
 
 
 def weights_name(w: dict | None) -> str:
@@ -131,8 +143,7 @@ def verify_against(manifest: dict, cfg: ConstellationConfig, identity: str, d: i
     if built_on != cfg.weights:
         raise IndexStoreError(f"{where}: index was fingerprinted with the generalist's {weights_name(built_on)} "
                               f"weights, but it is served as {weights_name(cfg.weights)}; rebuild it with "
-                              f"`constellation index build {cfg.source or '<config>'} --weights "
-                              f"{cfg.runtime.weights}`")
+                              f"{build_command(cfg)}")
     if manifest.get("d") != d:
         raise IndexStoreError(f"{where}: index hidden size {manifest.get('d')} != generalist's {d}")
     if cfg.index.probes.is_file():

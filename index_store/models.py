@@ -180,6 +180,8 @@ def load_generalist(cfg: ConstellationConfig, device: torch.device | None = None
                       dynamic_ncols=True) as bar:
                 quantize_model(g, fmt, cfg.runtime.int4_group, bar.update)
         except QuantizeError as e:
-            raise WeightsError(f"{cfg.generalist.path}: cannot serve it as [runtime].weights = {fmt}: {e}") from None
+            raise WeightsError(f"{cfg.generalist.path}: cannot serve it as [runtime].weights = {fmt}"
+                               + (f" in groups of {cfg.runtime.int4_group} ([runtime].int4_group, --int4-group)"
+                                  if fmt == "int4" else "") + f": {e}") from None
         release_freed_memory()  # the full-precision matrices just dropped
     return g, load_tokenizer(cfg.generalist.path)

@@ -343,6 +343,9 @@ def _build_dense(dense_raw, factors, names: _Names, cfg: dict, bad, device, dtyp
         if not (saved or bias_ok):
             raise bad(key, f"unexpected tensor: not a LoRA factor, {pmod} is not in modules_to_save "
                       f"({mts}) and bias is {cfg['bias']!r}")
+        if not isinstance(gt, torch.Tensor):  # a quantized matrix (composer.quant)
+            raise bad(key, f"saves the whole matrix {gname} (modules_to_save), which cannot compose over the "
+                      f"generalist's {g.weights_format} quantized one; serve with --weights bf16")
         value = t.to(device=device, dtype=dtype)
         if torch.equal(value.to(gt.device), gt.to(dtype)):  # no effect at the precision we run
             unchanged.append(gname)

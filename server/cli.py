@@ -255,8 +255,6 @@ def cmd_serve(args) -> int:
                     drain_timeout_s=args.drain_timeout, prefill_chunk_max=args.prefill_chunk,
                     prefill_chunk_min=min(args.prefill_chunk_min, args.prefill_chunk))
     config = checked_config(args.config, args=args)
-    if args.config is None:
-        demo_index_for(config)
     if args.dtype:
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": args.dtype})})
     if args.packed_weights is not None:
@@ -270,6 +268,8 @@ def cmd_serve(args) -> int:
             update={"compile_buckets": args.compile_buckets})})
     sockets = listen(args.host, args.port)
     try:
+        if args.config is None:
+            demo_index_for(config)
         if args.threads is not None:
             import torch
 

@@ -26,7 +26,9 @@ def cmd_specialist_change(args) -> int:
     path = getattr(args, "path", None)
     change = Change(op, args.name, Path(path) if path else None, probes)
     try:
-        r = apply(args.config, change, quiet=getattr(args, "quiet", False))
+        fmt = getattr(args, "weights", None)
+        weights = (fmt, getattr(args, "int4_group", None)) if fmt else None
+        r = apply(args.config, change, quiet=getattr(args, "quiet", False), weights=weights)
     except CatalogError as e:  # the API's words for what the CLI calls the arguments
         where = {"probes": f"--probes {getattr(args, 'probes', None)}", "path": "FOLDER", "name": "NAME"}.get(e.param)
         if where is None or (e.param == "probes" and not getattr(args, "probes", None)):
@@ -48,7 +50,7 @@ def cmd_specialist_list(args) -> int:
     from index_store.store import read_manifest
 
     cfg = load_config(args.config)
-    manifest = read_manifest(cfg.index_path)
+    manifest = read_manifest(cfg.index_path) if (cfg.index_path / "manifest.json").is_file() else {}
     rows = listing(cfg, manifest)
     if args.json:
         print(json.dumps({"version": cfg.catalog.version, "specialists": rows}, indent=1))

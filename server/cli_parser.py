@@ -215,7 +215,7 @@ def _add_serve(sub) -> None:
                     help="capture the decode step as one compiled graph per row bucket (torch.compile: inductor on "
                     "a CPU, CUDA graphs on CUDA), built in the background while requests decode eagerly; the "
                     "log says when each bucket is ready and how long it took; --no-compile for debugging "
-                    "(default: the config's [runtime].compile, auto = on for CUDA and float32 CPU weights)")
+                    "(default: the config's [runtime].compile, auto = on for CUDA, and on a CPU for float32 or quantized (--weights int8/int4) weights)")
     sv.add_argument("--compile-buckets", type=_buckets, metavar="N,N,...",
                     help="row counts the decode step is captured for, e.g. 1,16 (a step pads its rows up to the "
                     "next; more rows than the largest run eagerly; default: [runtime].compile_buckets, 1,2,4,8,16)")
@@ -343,10 +343,13 @@ def _add_catalog(ssub) -> None:
                        help='the domain\'s probe texts: a JSON list of strings, {"domains": {NAME: [...]}}, or a '
                        f".txt file, one text per line (at least 4){'' if op == 'add' else '; default: keep them'}")
         a.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+        _weights_args(a, "the change fingerprints with (the index of the format the servers run; default "
+                      "the config's)")
     r = ssub.add_parser("remove", help="remove a specialist and its domain from the basis",
                         description=f"Remove a specialist (its domain's probes go too). {CATALOG_NOTE}")
     r.add_argument("config", metavar="CONFIG", help="the constellation's config file")
     r.add_argument("name", metavar="NAME", help="the specialist to remove")
+    _weights_args(r, "whose index the removal rewrites")
     ls = ssub.add_parser("list", help="the specialists: kind, path, rank, probes, catalog version")
     ls.add_argument("config", metavar="CONFIG", help="the constellation's config file")
     ls.add_argument("--json", action="store_true", help="print JSON")

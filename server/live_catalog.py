@@ -31,6 +31,7 @@ class LiveCatalog:
         self.path: Path | None = loaded.config.source if loaded.config is not None else None
         self.lock = threading.Lock()  # one change or reload at a time in this process (flock: across)
         self.stopped = threading.Event()
+        self.failed: int | None = None  # a committed version this server could not load (not retried)
         self._gauge()
 
     @property
@@ -81,9 +82,13 @@ class LiveCatalog:
             except Exception as e:  # noqa: BLE001 - a half-edited file by hand: keep serving, say so
                 log.warning("catalog: cannot read %s: %s", self.path, e)
                 return False
-            if cfg.catalog.version <= self.version:
+            if cfg.catalog.version <= self.version or cfg.catalog.version == self.failed:
                 return False
-            self._serve(cfg)
+            try:
+                self._serve(cfg)
+            except Exception:
+                self.failed = cfg.catalog.version  # said once (the watcher logs it); the next version is tried
+                raise
             log.info("catalog version %d picked up from %s", self.version, self.path)
             return True
 

@@ -123,7 +123,8 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
               file=sys.stderr, flush=True)
         engine.capture(rt.compile_buckets)
     else:
-        print(f"decode step: eager ([runtime].compile = {rt.compile} for {str(g.dtype).replace('torch.', '')} on "
+        print(f"decode step: eager ([runtime].compile = {rt.compile} for {str(g.dtype).replace('torch.', '')} "
+              f"{rt.weights} weights on "
               f"{g.device.type})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
     server = DrainingServer(config, engine, limits.drain_timeout_s)

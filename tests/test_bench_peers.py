@@ -45,7 +45,9 @@ def test_command_lines(tmp_path):
     for flag in ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_CUDA=OFF"):
         assert flag in conf
     assert llamacpp.cmake_build_cmd(build, 2) == ["cmake", "--build", str(build), "--target", "llama-server",
-                                                  "--config", "Release", "-j2"]
+                                                  "llama-quantize", "--config", "Release", "-j2"]
+    q = llamacpp.quantize_cmd(build / "bin" / "llama-quantize", tmp_path / "g-bf16.gguf", tmp_path / "g-q4_0.gguf", "q4_0")
+    assert q[1:] == [str(tmp_path / "g-bf16.gguf"), str(tmp_path / "g-q4_0.gguf"), "Q4_0", "2"]
     conv = llamacpp.convert_cmd(src, tmp_path / "gen", tmp_path / "g.gguf")
     assert conv[1] == str(src / "convert_hf_to_gguf.py") and conv[2] == str(tmp_path / "gen")
     assert conv[conv.index("--outtype") + 1] == "f32" and conv[conv.index("--outfile") + 1] == str(tmp_path / "g.gguf")
@@ -116,11 +118,15 @@ def test_cache_hits_skip_the_build_and_the_conversion(tmp_path, monkeypatch):
     binary = llamacpp.server_binary(root)
     binary.parent.mkdir(parents=True)
     binary.write_text("")
+    llamacpp.quantize_binary(root).write_text("")
     assert llamacpp.ensure_server(root, "1", log=lambda m: None) == binary
     model = _model(tmp_path)
     gguf = llamacpp.gguf_path(root, model)
     gguf.write_text("")
     assert llamacpp.ensure_gguf(root, model, "1", log=lambda m: None) == gguf
+    for q in ("q8_0", "q4_0"):  # quantized GGUFs: cached too
+        llamacpp.gguf_path(root, model, q).write_text("")
+        assert llamacpp.ensure_quantized_gguf(root, model, q, "1", log=lambda m: None) == llamacpp.gguf_path(root, model, q)
     (model / "model.safetensors").write_bytes(b"1" * 11)  # a rebuilt model gets a new GGUF name
     assert llamacpp.gguf_path(root, model) != gguf
     # --skip-build never builds, and says what is missing
