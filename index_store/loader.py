@@ -16,7 +16,7 @@ from composer.weightings import WEIGHTINGS
 from .config import ConstellationConfig, check_top_k, load_config
 from .models import load_models, model_identity, pick_device, pick_dtype, release_freed_memory, tokenize
 from .probes import load_probes, probes_hash
-from .store import IndexStoreError, read_index, read_manifest
+from .store import IndexStoreError, read_index
 
 
 # ---- loaded constellation -----------------------------------------------------------------------
@@ -110,13 +110,11 @@ def build_command(cfg: ConstellationConfig) -> str:
 
 
 def check_index_exists(cfg: ConstellationConfig) -> None:
-    """Before the minutes of loading: the index is there. A quantized generalist's lives apart
-    (``ConstellationConfig.index_path``): say how to build it."""
+    """Before the minutes of loading: a quantized generalist's index is there (it lives apart,
+    ``ConstellationConfig.index_path``), or say how to build it."""
     path, w = cfg.index_path, cfg.runtime.weights
-    if (path / "manifest.json").is_file():
+    if w == "bf16" or (path / "manifest.json").is_file():  # (bf16: read_index's own words, after the models)
         return
-    if w == "bf16":
-        read_manifest(path)  # its own words for a missing or broken folder
     raise IndexStoreError(f"{path}: no index for the generalist's {w} weights (fingerprints move with the "
                           f"weights, so each format has its own index, beside {cfg.index.path}); build it with "
                           f"{build_command(cfg)}")
