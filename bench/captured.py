@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -75,7 +76,6 @@ def main(argv=None) -> int:
     if loaded.config.runtime.packed_weights:
         c.g.pack()  # (the eager side as served)
     engine = Engine(c, loaded.tokenizer, Limits(max_running=max(streams), max_seq_len=512))
-    engine.start()
     t0 = time.perf_counter()
     engine.capture(buckets, background=False)
     graphs, engine.runner.graphs = engine.runner.graphs, None
@@ -83,7 +83,30 @@ def main(argv=None) -> int:
           f"({graphs.status()['ready']} s per bucket)", flush=True)
     weights = c.resident_bytes()["generalist"]  # (every matrix read once a step; quantized: their packed bytes)
     bw = read_bandwidth()
-    rows = []
+    rows: list[dict] = []
+    failed: list[BaseException] = []
+
+    def driver():
+        try:
+            measure(engine, loaded.tokenizer, graphs, args, streams, tokens, repeats, rows, bw, weights)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            failed.append(e)
+        finally:
+            engine.stop()
+
+    # the engine loop on the main thread, as `constellation serve` runs it (on a second thread a
+    # one-row step took about twice as long: docs/benchmarks.md, "Which thread decodes")
+    t = threading.Thread(target=driver, name="bench-driver")
+    t.start()
+    engine.run()
+    t.join()
+    if failed:
+        raise failed[0]
+    report(rows, graphs, bw, weights, args)
+    return 0
+
+
+def measure(engine, tok, graphs, args, streams, tokens, repeats, rows, bw, weights) -> None:
     for mode in args.modes.split(","):
         for s in streams:
             prompts = (PROMPTS * (s // len(PROMPTS) + 1))[:s]
@@ -92,7 +115,7 @@ def main(argv=None) -> int:
             for _ in range(repeats):
                 for side in ("eager", "captured"):
                     engine.runner.graphs = graphs if side == "captured" else None
-                    toks, rate, step = generate(engine, loaded.tokenizer, prompts, {"mode": mode}, tokens)
+                    toks, rate, step = generate(engine, tok, prompts, {"mode": mode}, tokens)
                     got[side].append((rate, step, toks))
                 same = same and got["eager"][-1][2] == got["captured"][-1][2]
             med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
@@ -104,7 +127,9 @@ def main(argv=None) -> int:
                 row["bound_tok_s"] = round(bw / weights, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    engine.stop()
+
+
+def report(rows, graphs, bw, weights, args) -> None:
     print(f"\n{'mode':14s} {'streams':>7s} {'eager tok/s':>11s} {'captured':>9s} {'ratio':>6s} "
           f"{'step ms e/c':>13s} {'bound':>6s} same")
     for r in rows:
@@ -116,7 +141,6 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "compile_s": graphs.status()["ready"],
                                                "bandwidth_gb_s": round(bw / 1e9, 1)}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
