@@ -386,15 +386,6 @@ def _targets_adapters(args, model_dir: Path, torch_dtype: str, threads: int, sta
 CACHE_LOG = cache_dir() / "peers"
 
 
-def ensure_index(config, log) -> None:
-    """The index for ``config``'s weights, built if missing (a few minutes, once)."""
-    from index_store.indexing import build_index
-
-    if not (config.index_path / "manifest.json").is_file():
-        log(f"building the index for {config.runtime.weights} weights at {config.index_path} (once)")
-        build_index(config, quiet=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     from contextlib import ExitStack
 
@@ -421,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     torch_dtype = str(dtype).removeprefix("torch.")  # every side gets this concrete dtype
     model_dir = Path(config.generalist.path)
     if args.weights != "bf16":
-        ensure_index(config.with_weights(args.weights), log)
+        from index_store.indexing import ensure_index
+
+        ensure_index(config.with_weights(args.weights), log, quiet=True)
         if "vllm" in args.peers or "adapters" in args.workloads:
             log(f"--weights {args.weights}: vLLM and the adapter workload are not run (they compare bf16 weights)")
         args.peers = [p for p in args.peers if p != "vllm"]

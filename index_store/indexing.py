@@ -57,6 +57,16 @@ def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]],
     return {"basis": E, "centroids": used, "raw_centroids": all_c}, manifest
 
 
+def ensure_index(cfg: ConstellationConfig, log=None, quiet: bool = False) -> bool:
+    """Build the index for ``cfg``'s weights (``cfg.index_path``) if it is not there; True if built."""
+    if (cfg.index_path / "manifest.json").is_file():
+        return False
+    if log is not None:
+        log(f"building the index for {cfg.runtime.weights} weights at {cfg.index_path} (once)")
+    build_index(cfg, quiet=quiet)
+    return True
+
+
 def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -> dict:
     """Fingerprint the probes with G, build centroids, basis and diagnostics; with
     ``[index].calibrate`` (default) load the specialists and calibrate the weighting on held-out

@@ -42,12 +42,11 @@ def checked_config(path, specialists: bool = True, args=None):
 def demo_index_for(cfg) -> None:
     """The demo served in quantized weights: build its index for them the first time (a config of
     one's own gets the message saying to run `index build --weights` instead)."""
-    from index_store.indexing import build_index
+    from index_store.indexing import ensure_index
 
-    if cfg.runtime.weights != "bf16" and not (cfg.index_path / "manifest.json").is_file():
-        print(f"demo: building its index for {cfg.runtime.weights} weights at {cfg.index_path} (once; a few "
-              "minutes: fingerprints and calibration move with the weights)", file=sys.stderr, flush=True)
-        build_index(cfg)
+    if cfg.runtime.weights != "bf16":
+        ensure_index(cfg, lambda msg: print(f"demo: {msg}; a few minutes: fingerprints and calibration move with "
+                                            "the weights", file=sys.stderr, flush=True))
 
 
 def cmd_index_build(args) -> int:

@@ -26,9 +26,11 @@ PROMPTS = ["The patient fever biopsy", "The contract clause licensee", "The def 
            "The protein enzyme photon"]
 
 
-def _config(root: Path, gdir: Path, specialists: dict[str, Path], probes: Path) -> Path:
+def _config(root: Path, gdir: Path, specialists: dict[str, Path], probes: Path, extra: str = "",
+            name: str = "constellation.toml") -> Path:
+    """A config of ``specialists`` over ``gdir`` (float32, eager); ``extra``: more [runtime] lines."""
     spec = "\n".join(f'{d} = "{p}"' for d, p in specialists.items())
-    conf = root / "constellation.toml"
+    conf = root / name
     conf.write_text(f"""[generalist]
 path = "{gdir}"
 
@@ -43,8 +45,23 @@ probes = "{probes}"
 device = "cpu"
 dtype = "float32"
 compile = "off"
-""")
+{extra}""")
     return conf
+
+
+def fixture_adapters(gdir: Path, root: Path) -> dict[str, Path]:
+    """Three PEFT adapters: every linear of every layer; q/v on two layers with a norm saved whole; a
+    rank/alpha pattern."""
+    return {
+        "medical": make_peft_adapter(gdir, root / "medical", seed=1, r=4, lora_alpha=8,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]),
+        "legal": make_peft_adapter(gdir, root / "legal", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                   layers_to_transform=[1, 4], modules_to_save=["model.layers.4.input_layernorm"]),
+        "code": make_peft_adapter(gdir, root / "code", seed=3, r=4, lora_alpha=4, use_rslora=True,
+                                  target_modules=["o_proj", "down_proj", "up_proj"], rank_pattern={"down_proj": 2},
+                                  alpha_pattern={"down_proj": 8}),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +71,8 @@ def peft_conf(built, tmp_path_factory):
     base = built("llama", domains=("medical", "legal", "code", "science"), everywhere=("science",))
     gdir = base.parent / "models" / "generalist"
     root = tmp_path_factory.mktemp("peft_constellation")
-    ads = {
-        "medical": make_peft_adapter(gdir, root / "medical", seed=1, r=4, lora_alpha=8,
-                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"]),
-        "legal": make_peft_adapter(gdir, root / "legal", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                   layers_to_transform=[1, 4], modules_to_save=["model.layers.4.input_layernorm"]),
-        "code": make_peft_adapter(gdir, root / "code", seed=3, r=4, lora_alpha=4, use_rslora=True,
-                                  target_modules=["o_proj", "down_proj", "up_proj"], rank_pattern={"down_proj": 2},
-                                  alpha_pattern={"down_proj": 8}),
-        "science": base.parent / "models" / "science",  # a full fine-tune, differing everywhere
-    }
+    ads = {**fixture_adapters(gdir, root),
+           "science": base.parent / "models" / "science"}  # a full fine-tune, differing everywhere
     conf = _config(root, gdir, ads, base.parent / "probes.json")
     build_index(conf, quiet=True)
     return conf

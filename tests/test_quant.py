@@ -22,6 +22,7 @@ from composer.quant import QuantizedWeight, QuantizeError, quantize
 from composer.weights import WeightsError
 from index_store.store import IndexStoreError
 from peft_fixtures import make_peft_adapter
+from test_lowrank_server import _config as lowrank_config, fixture_adapters
 from test_server import Server
 
 PROMPTS = ["The patient fever biopsy", "The contract clause licensee", "The def return import class",
@@ -84,25 +85,8 @@ def test_int8_embedding_rows_and_bad_groups():
 # ---- a quantized constellation ------------------------------------------------------------------
 def _config(root: Path, gdir: Path, specialists: dict[str, Path], probes: Path, weights: str,
             extra: str = "") -> Path:
-    spec = "\n".join(f'{d} = "{p}"' for d, p in specialists.items())
-    conf = root / f"constellation-{weights}.toml"
-    conf.write_text(f"""[generalist]
-path = "{gdir}"
-
-[specialists]
-{spec}
-
-[index]
-path = "index"
-probes = "{probes}"
-
-[runtime]
-device = "cpu"
-dtype = "float32"
-compile = "off"
-weights = "{weights}"
-{extra}""")
-    return conf
+    return lowrank_config(root, gdir, specialists, probes, f'weights = "{weights}"\n{extra}',
+                          f"constellation-{weights}.toml")
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +94,7 @@ def quant_root(built, tmp_path_factory):
     base = built("llama", domains=("medical", "legal", "code", "science"), everywhere=("science",))
     gdir = base.parent / "models" / "generalist"
     root = tmp_path_factory.mktemp("quant_constellation")
-    ads = {
-        "medical": make_peft_adapter(gdir, root / "medical", seed=1, r=4, lora_alpha=8,
-                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"]),
-        "legal": make_peft_adapter(gdir, root / "legal", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                   layers_to_transform=[1, 4], modules_to_save=["model.layers.4.input_layernorm"]),
-        "code": make_peft_adapter(gdir, root / "code", seed=3, r=4, lora_alpha=4, use_rslora=True,
-                                  target_modules=["o_proj", "down_proj", "up_proj"], rank_pattern={"down_proj": 2},
-                                  alpha_pattern={"down_proj": 8}),
-    }
+    ads = fixture_adapters(gdir, root)
     return root, gdir, ads, base.parent / "probes.json", base.parent / "models" / "science"
 
 
