@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from . import decompose
-from .weightings import WEIGHTINGS, Weighting, WeightingError, get_weighting, node_split
+from .weightings import WEIGHTINGS, Bands, Weighting, WeightingError, get_weighting, node_split, profile_sharpness
 
 
 class CompositionError(ValueError):
@@ -63,9 +63,13 @@ class Calibrated:
     weighting: str = "paper"
     sharpness: dict[str, float] = field(default_factory=dict)  # weighting -> value
     strength: dict[str, float] = field(default_factory=dict)  # domain -> gamma (absent: 1)
+    bands: dict[str, Bands] = field(default_factory=dict)  # adaptive weighting -> its calibrated bands
 
     def sharpness_for(self, name: str) -> float | None:
         return self.sharpness.get(name, WEIGHTINGS[name].default)
+
+    def bands_for(self, name: str) -> Bands | None:
+        return self.bands.get(name, WEIGHTINGS[name].bands)
 
 
 @dataclass
@@ -198,11 +202,14 @@ def _constellation(mi: ModeInput) -> Plan:
     wt = get_weighting(p.weighting or cal.weighting)
     s = p.sharpness if p.sharpness is not None else cal.sharpness_for(wt.name)
     sel = decompose.top_k(mi.alpha, _k(mi))
+    profile = None
+    if wt.profile is not None:  # adaptive: the prompt's alpha profile picks the temperature
+        s, profile = profile_sharpness(wt, mi.alpha[sel], cal.bands_for(wt.name))
     strength = {**cal.strength, **(p.strength or {})}
     gamma = torch.tensor([float(strength.get(mi.domains[i], 1.0)) for i in sel], dtype=torch.float64)
     plan = _mix(mi, "constellation", sel, wt.coefficients(mi.alpha[sel], s), wt, gamma)
     plan.extra.update(weighting=wt.name, sharpness=s,
-                      strength={mi.domains[i]: float(g) for i, g in zip(sel, gamma)})
+                      strength={mi.domains[i]: float(g) for i, g in zip(sel, gamma)}, **({"profile": profile} if profile else {}))
     return plan
 
 

@@ -38,7 +38,10 @@ class Weighting:
     bounds: tuple[float, float] | None = None  # the range a request may set
     grid: tuple[float, ...] = ()  # the values calibration tries
     signatures: bool = True  # split per node by the activation signatures (else the same weight at every node)
-
+    # adaptive weightings: the prompt's alpha profile picks the sharpness (``Bands``); None: a fixed sharpness
+    profile: Callable[[torch.Tensor], float] | None = None
+    profile_name: str | None = None
+    bands: "Bands | None" = None  # the uncalibrated default
 
 WEIGHTINGS: dict[str, Weighting] = {}
 
@@ -55,7 +58,64 @@ def get_weighting(name: str) -> Weighting:
         raise WeightingError(f"unknown weighting '{name}' (choose from {', '.join(WEIGHTINGS)})") from None
 
 
+@dataclass(frozen=True)
+class Bands:
+    """A temperature per band of the prompt's alpha profile: ``temperatures[i]`` for a profile value
+    in ``[edges[i-1], edges[i])``; non-decreasing, so the more a prompt reads as a mix the more the
+    composition blends."""
+
+    edges: tuple[float, ...]
+    temperatures: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.temperatures) != len(self.edges) + 1 or list(self.edges) != sorted(self.edges):
+            raise WeightingError(f"bands need ascending edges and one more temperature: {self}")
+
+    def band(self, x: float) -> int:
+        return sum(x >= e for e in self.edges)
+
+    def temperature(self, x: float) -> float:
+        return self.temperatures[self.band(x)]
+
+    def label(self, i: int) -> str:
+        lo = "" if i == 0 else f"{self.edges[i - 1]:g} <= "
+        hi = "" if i == len(self.edges) else f" < {self.edges[i]:g}"
+        return f"{lo}x{hi}" if (lo or hi) else "any"
+
+    def describe(self, name: str = "x") -> str:
+        """``temperature 0.15 for second alpha < 0.45, 0.3 from 0.45``."""
+        if not self.edges:
+            return f"temperature {self.temperatures[0]:g} whatever the {name}"
+        parts = [f"{self.temperatures[0]:g} for {name} < {self.edges[0]:g}"]
+        parts += [f"{t:g} from {e:g}" for e, t in zip(self.edges, self.temperatures[1:])]
+        return "temperature " + ", ".join(parts)
+
+    def doc(self) -> dict:
+        return {"edges": list(self.edges), "temperatures": list(self.temperatures)}
+
+    @classmethod
+    def of(cls, doc: dict) -> "Bands":
+        return cls(tuple(float(e) for e in doc["edges"]), tuple(float(t) for t in doc["temperatures"]))
+
+
+def second_alpha(alpha: torch.Tensor) -> float:
+    """The prompt's alpha profile read by ``adaptive``: the second-highest selected alpha (0 with K = 1).
+    Every prompt has a high top alpha (the direction all prompts share); a second domain that is
+    really in the prompt shows as a high *second* alpha."""
+    return float(alpha.to(torch.float64).sort(descending=True).values[1]) if alpha.numel() > 1 else 0.0
+
+
+def profile_sharpness(w: Weighting, alpha: torch.Tensor, bands: Bands) -> tuple[float, dict]:
+    """An adaptive weighting's temperature for the selected alphas, and what ``/explain`` shows of it."""
+    x = w.profile(alpha)
+    t = bands.temperature(x)
+    return t, {"name": w.profile_name, "value": x, "band": bands.label(bands.band(x)).replace("x", w.profile_name),
+               "temperature": t, "bands": bands.describe(w.profile_name)}
+
+
 TEMPERATURES = (0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)  # calibration grid of the softmax weightings
+BAND_EDGES = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)  # where calibration may put a band's edge
+MAX_BANDS = 3
 
 
 def _linear(alpha: torch.Tensor, s: float | None) -> torch.Tensor:
@@ -107,3 +167,9 @@ register(Weighting(
     "ablation of DESIGN §3.4-3.5: the signatures removed", _softmax,
     sharpness="temperature", default=0.1, bounds=(1e-3, 10.0),
     grid=TEMPERATURES, signatures=False))
+register(Weighting(
+    "adaptive", "softmax(alpha / T) over the top-K with T read off the prompt's alpha profile (its second-highest "
+    "alpha): a calibrated temperature per band of it, sharp for one-domain prompts, blended for mixed ones",
+    "this project (docs/weightings.md): softmax gating whose temperature follows the second alpha, fitted at "
+    "index build on cross-fitted index probes", _softmax,
+    profile=second_alpha, profile_name="second alpha", bands=Bands((0.45,), (0.15, 0.3))))

@@ -78,7 +78,7 @@ def all_probe_texts() -> list[str]:
     texts = []
     for name in ("index.json", "eval.json"):
         data = json.loads((PROBES / name).read_text())
-        texts += [t for ts in data["domains"].values() for t in ts]
+        texts += [t for ts in data["domains"].values() for t in ts] + [p["text"] for p in data.get("mixed", [])]
     texts += [p["text"] for p in json.loads((PROBES / "cross.json").read_text())["probes"]]
     return texts
 

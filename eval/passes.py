@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from .stats import choose_lambda, mean, mean_ci, pearson, rate_ci, split_halves, wins
 
-# optional rows: compared against when the run measured them
+# optional rows: compared against when the run measured them (and ``w:<weighting>``: each calibrated weighting)
 OPTIONAL = ("routed", "paper")
+
+
+def _optional(rows) -> list[str]:
+    return [k for k in rows[0].losses if k in OPTIONAL or k.startswith("w:")] if rows else []
 
 
 def retrieval(rows, domains: list[str]) -> dict:
@@ -52,7 +56,7 @@ def single_domain(rows, domains: list[str]) -> dict:
     oracle = lambda r: r.losses[f"spec:{r.domains[0]}"]  # noqa: E731
     sel, rep = split_halves(spec)
     ta = choose_lambda(sel, rep)
-    extra = [k for k in OPTIONAL if spec and k in spec[0].losses]
+    extra = _optional(spec)
     getters = {"constellation": _get("constellation"), "generalist": _get("generalist"),
                "uniform": _get("uniform"), "oracle": oracle, "task_arithmetic": _get(f"ta:{ta['lambda']}"),
                **{k: _get(k) for k in extra}}
@@ -92,7 +96,7 @@ def cross_domain(rows, domains: list[str]) -> dict:
     best_single = lambda r: min(r.losses[f"spec:{d}"] for d in domains)  # noqa: E731
     sel, rep = split_halves(rows)
     ta = choose_lambda(sel, rep)
-    extra = [k for k in OPTIONAL if rows and k in rows[0].losses]
+    extra = _optional(rows)
     getters = {"constellation": _get("constellation"), "generalist": _get("generalist"),
                "best_single": best_single, "logit": _get("logit"),
                "task_arithmetic": _get(f"ta:{ta['lambda']}"), **{k: _get(k) for k in extra}}
@@ -132,3 +136,46 @@ def targets(results: dict) -> list[dict]:
         out.append({"target": "single_domain: mean loss below the K = 1 router's", "value": c, "router": k1,
                     "difference": sd["loss_difference"]["routed"], "met": c < k1, "short_by": max(0.0, c - k1)})
     return out
+
+
+def _diff(rows, a: str, b) -> dict:
+    get = b if callable(b) else (lambda r: r.losses[b])
+    return mean_ci([r.losses[a] - get(r) for r in rows])
+
+
+def adaptive_targets(srows, crows, domains: list[str], name: str = "w:adaptive", before: str = "w:softmax") -> dict:
+    """Issue 25's targets for the adaptive weighting (whether or not it is the index's default): cross-domain
+    mean loss no worse than the paper's rule's (paired interval covering or below 0), wins vs task
+    arithmetic >= 70% and vs the best single specialist >= 55%; single-domain mean loss within +0.003
+    of the softmax weighting's (the default before it), wins vs the own specialist >= 55%, vs the
+    generalist >= 93%."""
+    spec = [r for r in srows if len(r.domains) == 1 and r.domains[0] in domains]
+    own = lambda r: r.losses[f"spec:{r.domains[0]}"]  # noqa: E731
+    best = lambda r: min(r.losses[f"spec:{d}"] for d in domains)  # noqa: E731
+    out = []
+
+    def rate(label, w, thr):
+        got = rate_ci(w)
+        out.append({"target": f"{label} >= {thr:.0%}", "value": got["rate"], "ci95": got["ci95"], "n": got["n"],
+                    "met": got["rate"] is not None and got["rate"] >= thr,
+                    "short_by": max(0.0, thr - (got["rate"] or 0.0))})
+
+    def loss(label, d, limit):
+        out.append({"target": label, "difference": d, "met": d["ci95"][0] is not None and d["ci95"][0] <= limit
+                    if limit == 0 else d["mean"] is not None and d["mean"] <= limit,
+                    "short_by": max(0.0, (d["ci95"][0] if limit == 0 else d["mean"]) - limit)})
+    if crows:
+        loss("cross: mean loss no worse than the paper's rule (interval covers or is below 0)",
+             _diff(crows, name, "paper"), 0.0)
+        lam = cross_domain(crows, domains)["task_arithmetic"]["lambda"]
+        rate("cross: win vs task arithmetic (report half)", wins(split_halves(crows)[1], name, f"ta:{lam}"), 0.70)
+        rate("cross: win vs the best single specialist", wins(crows, name, best), 0.55)
+    if before in (spec[0].losses if spec else {}):
+        loss("single: mean loss within +0.003 of the softmax weighting's", _diff(spec, name, before), 0.003)
+    rate("single: win vs the own specialist", wins(spec, name, own), 0.55)
+    rate("single: win vs the generalist", wins(spec, name, "generalist"), 0.93)
+    return {"weighting": name[2:], "targets": out,
+            "single_mean_loss": mean_ci([r.losses[name] for r in spec]),
+            "cross_mean_loss": mean_ci([r.losses[name] for r in crows]) if crows else None,
+            "entropy_bits": {"single": mean(r.entropy[name] for r in spec),
+                             "cross": mean(r.entropy[name] for r in crows) if crows else None}}

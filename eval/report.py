@@ -51,6 +51,32 @@ def _targets(r: dict) -> list[str]:
     return L + [""]
 
 
+def _ml(d) -> str:
+    return "—" if not d or d.get("mean") is None else f"{d['mean']:.4f} [{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}]"
+
+
+def _adaptive(a: dict, cal: dict) -> list[str]:
+    bands = (cal.get("bands") or {}).get(a["weighting"])
+    how = ""
+    if bands:
+        from composer.weightings import WEIGHTINGS, Bands
+
+        how = f" ({Bands.of(bands).describe(WEIGHTINGS[a['weighting']].profile_name)})"
+    L = [f"## The adaptive weighting{how}\n",
+         f"Measured whether or not it is the index's default (default: `{cal.get('weighting', 'paper')}`). Mean loss "
+         f"single {_ml(a['single_mean_loss'])}, cross {_ml(a['cross_mean_loss'])}; "
+         f"node entropy single {_fmt(a['entropy_bits']['single'], pct=False)}, cross "
+         f"{_fmt(a['entropy_bits']['cross'], pct=False)} bits.\n",
+         "| target | measured | met | short by |", "| --- | --- | :---: | ---: |"]
+    for t in a["targets"]:
+        if "difference" in t:
+            got, short = f"difference {_ci(t['difference'])}", f"{t['short_by']:.4f} nats"
+        else:
+            got, short = _wr({**t, "rate": t["value"]}), f"{100 * t['short_by']:.1f} points"
+        L.append(f"| {t['target']} | {got} | {'yes' if t['met'] else 'no'} | {'' if t['met'] else short} |")
+    return L + [""]
+
+
 def _weightings(w: dict) -> list[str]:
     L = ["## Weightings, taken apart\n",
          "Every row is measured on these probes; every sharpness was calibrated on the index probes only "
@@ -59,9 +85,7 @@ def _weightings(w: dict) -> list[str]:
          "| composition | single: win vs own specialist | single: win vs generalist | single: mean loss [95% CI] | "
          "cross: win vs best single | cross: win vs TA | cross: mean loss [95% CI] | entropy (bits) |",
          "| --- | --- | --- | ---: | --- | --- | ---: | ---: |"]
-
-    def ml(d):
-        return "—" if not d else f"{d['mean']:.4f} [{d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}]"
+    ml = _ml
     for name, v in w["rows"].items():
         L.append(f"| {name} | {_wr(v['single_win_vs_own'])} | {_wr(v['single_win_vs_generalist'])} | "
                  f"{ml(v['single_mean_loss'])} | {_wr(v.get('cross_win_vs_best_single'))} | "
@@ -178,7 +202,8 @@ def write_report(r: dict, out: Path) -> None:
         sh = cal["sharpness"].get(w)
         add(f"- calibrated at index build on held-out index probes ({cal['folds']} folds): weighting {w}"
             + (f", sharpness {sh:g}" if sh is not None else "") + "; strength "
-            + ", ".join(f"{d} {g:g}" for d, g in cal["strength"].items()))
+            + ", ".join(f"{d} {g:g}" for d, g in cal["strength"].items())
+            + (f"; chosen by {cal['chosen_by']}" if cal.get("chosen_by") else ""))
     else:
         add("- not calibrated: the paper's rule, strength 1")
     p = r["probes"]
@@ -262,6 +287,8 @@ def write_report(r: dict, out: Path) -> None:
         for pt in ns["points"]:
             add(f"| {pt['s']} | {_wr(pt['win_rate_vs_task_arithmetic'])} |")
         add("\n![noise sweep](noise_sweep.png)\n")
+    if r.get("adaptive"):
+        L.extend(_adaptive(r["adaptive"], r["constellation"].get("calibration") or {}))
     if r.get("weightings"):
         L.extend(_weightings(r["weightings"]))
     if r.get("ablations"):

@@ -19,7 +19,7 @@ from composer.constellation import Constellation
 from composer.modes import CompositionParams
 from .ablations import NOISE, run_ablations, sweep_noise, weighting_ablations
 from .core import token_nll
-from .passes import correlation, cross_domain, retrieval, single_domain, targets
+from .passes import adaptive_targets, correlation, cross_domain, retrieval, single_domain, targets
 from .stats import LAMBDAS, choose_lambda, mean, pearson, rate_ci, split_halves, wins
 
 __all__ = ["NOISE", "LAMBDAS", "choose_lambda", "correlation", "cross_domain", "mean", "pearson", "rate_ci",
@@ -68,6 +68,9 @@ def variants(c: Constellation) -> dict[str, CompositionParams]:
         v[f"spec:{d}"] = CompositionParams(mode="weights", weights={d: 1.0})
     for lam in LAMBDAS:
         v[f"ta:{lam}"] = CompositionParams(mode="task_arithmetic", **{"lambda": lam})
+    cal = c.settings.calibrated
+    for name in dict.fromkeys([*cal.sharpness, *cal.bands]):  # each calibrated weighting, default or not
+        v[f"w:{name}"] = CompositionParams(mode="constellation", weighting=name)
     return v
 
 
@@ -134,7 +137,8 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
                                        "policy": c.settings.policy, "signature": c.settings.signature,
                                        "basis": manifest["settings"]["basis"]},
                           "calibration": {k: v for k, v in (manifest.get("calibration") or {}).items()
-                                          if k in ("weighting", "sharpness", "strength", "loss", "reference_loss",
+                                          if k in ("weighting", "sharpness", "bands", "strength", "loss",
+                                                   "held_out_loss", "reference_loss", "chosen_by", "profile",
                                                    "folds", "items", "skipped", "uncalibrated")}},
         "probes": {"single": str((probe_paths or {}).get("single", "")), "cross": str((probe_paths or {}).get("cross", "")),
                    "single_n": len(items), "cross_n": len(cross or []),
@@ -150,6 +154,8 @@ def run(loaded, single: dict[str, list[str]], cross: list | None, out: Path, noi
     if crows:
         results["cross_domain"] = cross_domain(crows, domains)
     results["targets"] = targets(results)
+    if srows and "w:adaptive" in srows[0].losses:
+        results["adaptive"] = adaptive_targets(srows, crows, domains)
     from index_store.store import read_index
 
     _, tensors = read_index(loaded.config.index_path)

@@ -33,14 +33,17 @@ import torch
 
 from composer import basis as basis_mod
 from composer.loss import token_nll
+from composer.decompose import top_k as top_k_of
 from composer.modes import CompositionParams, Plan
-from composer.weightings import WEIGHTINGS
+from composer.weightings import TEMPERATURES, WEIGHTINGS, Bands, second_alpha
+from .calibrate_fit import Scored, by_kind, fit_bands, fit_grid, held_out, mean, quartiles
 from .fingerprints import index_basis
 from .models import tokenize
 
 FOLDS = 4
 STRENGTHS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5)
-DEFAULT_WEIGHTINGS = ("softmax",)
+DEFAULT_WEIGHTINGS = ("softmax", "adaptive")  # calibrated at index build (the paper's rule is always measured)
+CHOICES = ("paper", "softmax", "adaptive")  # may become the index's default weighting
 
 
 @dataclass
@@ -48,18 +51,21 @@ class Item:
     text: str
     domains: list[str]  # the probe's domain, or the two domains of a synthetic pair
     fold: int
-    kind: str  # "single" (a specialist domain's probe), "control", "pair"
+    kind: str  # "single" (a specialist domain's probe), "control", "pair", "mixed"
 
 
 def n_folds(probes: dict[str, list[str]], specialists: list[str]) -> int:
     return min(FOLDS, min(len(probes[d]) for d in specialists))
 
 
-def calibration_items(probes: dict[str, list[str]], specialists: list[str], folds: int) -> list[Item]:
-    """Every probe (fold = its position mod F) and, per fold, one joined pair per pair of specialist
-    domains (at most a quarter as many pairs as the fold has specialist probes, at least one)."""
+def calibration_items(probes: dict[str, list[str]], specialists: list[str], folds: int,
+                      mixed: list[tuple[str, list[str]]] = ()) -> list[Item]:
+    """Every probe (fold = its position mod F), every mixed probe (likewise) and, per fold, one joined
+    pair per pair of specialist domains (at most a quarter as many pairs as the fold has specialist
+    probes, at least one)."""
     out = [Item(t, [d], j % folds, "single" if d in specialists else "control")
            for d, texts in probes.items() for j, t in enumerate(texts)]
+    out += [Item(t, list(doms), j % folds, "mixed") for j, (t, doms) in enumerate(mixed)]
     pairs = list(itertools.combinations(specialists, 2))
     for f in range(folds):
         in_fold = {d: [t for j, t in enumerate(probes[d]) if j % folds == f] for d in specialists}
@@ -90,7 +96,10 @@ class Batch:
     items: list[Item]
 
 
-def _batches(c, tok, items: list[Item], fps, cfg, folds: int, kinds=("single", "control", "pair"), bar=None):
+KINDS = ("single", "control", "pair", "mixed")
+
+
+def _batches(c, tok, items: list[Item], fps, cfg, folds: int, kinds=KINDS, bar=None):
     """The calibration set in batches, each with its generalist pass under its fold's basis. Made
     lazily: one batch's pass (hidden states, in-pass signature records) is resident at a time."""
     for f in range(folds):
@@ -119,11 +128,6 @@ def _scaled(c, b: Batch, row: int, domain: str, gamma: float) -> Plan:
     return Plan("scaled", "params", b.gp.alpha[row], [i], source_weights=w)
 
 
-def _mean(v) -> float:
-    v = list(v)
-    return sum(v) / len(v)
-
-
 def strengths(c, batches, bar) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Step 1: each specialist domain's strength (argmin of its probes' mean loss over STRENGTHS)."""
     per: dict[str, dict[float, list[float]]] = {d: {g: [] for g in STRENGTHS} for d in c.domains}
@@ -133,7 +137,7 @@ def strengths(c, batches, bar) -> tuple[dict[str, float], dict[str, dict[str, fl
             for it, v in zip(b.items, _losses(b, plans)):
                 per[it.domains[0]][g].append(v)
             bar.update(len(b.items))
-    curves = {d: {str(g): _mean(v) for g, v in gs.items()} for d, gs in per.items()}
+    curves = {d: {str(g): mean(v) for g, v in gs.items()} for d, gs in per.items()}
     # argmin; among equal losses the value closest to 1 (the specialist as trained)
     best = {d: min(STRENGTHS, key=lambda g: (curves[d][str(g)], abs(g - 1.0))) for d in c.domains}
     return best, curves
@@ -142,6 +146,8 @@ def strengths(c, batches, bar) -> tuple[dict[str, float], dict[str, dict[str, fl
 def _params(name: str, s: float | None, strength: dict[str, float]) -> CompositionParams:
     if name == "paper":
         return CompositionParams(mode="constellation", weighting="paper", strength=strength)
+    if WEIGHTINGS[name].profile is not None:  # an adaptive weighting's bands choose among softmax temperatures
+        return CompositionParams(mode="constellation", weighting="softmax", sharpness=s, strength=strength)
     return CompositionParams(mode="constellation", weighting=name, sharpness=s, strength=strength)
 
 
@@ -150,43 +156,62 @@ REFERENCES = {"generalist": CompositionParams(mode="generalist"), "routed": Comp
 
 
 def _grid(name: str) -> tuple:
-    return WEIGHTINGS[name].grid if WEIGHTINGS[name].sharpness else (None,)
+    w = WEIGHTINGS[name]
+    return w.grid if w.sharpness else TEMPERATURES if w.profile is not None else (None,)
 
 
-def mean_losses(batches, candidates: dict, bar) -> dict:
-    """Each candidate composition's mean loss over the calibration set, in all and per item kind
-    (every candidate on a batch before the next batch's generalist pass)."""
-    by = {key: {"single": [], "control": [], "pair": []} for key in candidates}
+def item_losses(batches, candidates: dict, top_k: int, bar) -> list[Scored]:
+    """Every candidate composition's loss on every calibration item, with the item's alpha profile
+    (every candidate on a batch before the next batch's generalist pass; equal compositions once)."""
+    unique: dict[str, list] = {}
+    for key, params in candidates.items():
+        unique.setdefault(params.model_dump_json(), [params, []])[1].append(key)
+    rows: list[Scored] = []
     for b in batches:
-        for key, params in candidates.items():
+        got = [Scored(it.kind, it.fold, second_alpha(b.gp.alpha[r][top_k_of(b.gp.alpha[r], top_k)]))
+               for r, it in enumerate(b.items)]
+        for params, keys in unique.values():
             plans = [b.c.plan(b.gp, r, params) for r in range(len(b.items))]
-            for it, v in zip(b.items, _losses(b, plans)):
-                by[key][it.kind].append(v)
+            for row, v in zip(got, _losses(b, plans)):
+                row.losses.update({k: v for k in keys})
             bar.update(len(b.items))
+        rows += got
+    return rows
+
+
+def fit(rows: list[Scored], name: str):
+    """A weighting's parameters fitted to ``rows``: its sharpness, its bands, or None (the paper's rule)."""
+    w = WEIGHTINGS[name]
+    if w.profile is not None:
+        return fit_bands(rows, name, TEMPERATURES)
+    return fit_grid(rows, name, w.grid) if w.sharpness else None
+
+
+def loss_with(row: Scored, name: str, params) -> float:
+    if isinstance(params, Bands):
+        return row.losses[(name, str(params.temperature(row.profile)))]
+    return row.losses[(name, str(params))]
+
+
+def sharpness(rows: list[Scored], weightings) -> dict[str, dict]:
+    """Step 2: each weighting fitted on the whole set (``best``: a sharpness, ``Bands`` or None), its
+    loss per item kind, the loss of each grid value (``curve``), and its held-out loss."""
     out = {}
-    for key, kinds in by.items():
-        out[key] = {k: _mean(v) for k, v in kinds.items() if v}
-        out[key]["all"] = _mean(x for v in kinds.values() for x in v)
+    for name in weightings:
+        best = fit(rows, name)
+        curve = {str(s): mean(r.losses[(name, str(s))] for r in rows) for s in _grid(name)} \
+            if WEIGHTINGS[name].sharpness else {}
+        out[name] = {"best": best, "curve": curve, "loss": by_kind(rows, lambda r: loss_with(r, name, best)),
+                     "held_out": held_out(rows, lambda rs: fit(rs, name), lambda r, p: loss_with(r, name, p))}
     return out
 
 
-def sharpness(batches, weightings, strength: dict[str, float], bar) -> tuple[dict[str, dict], dict]:
-    """Step 2: each weighting's loss over its grid, ``{name: {"best": s, "curve": {s: loss}}}``, and
-    the reference compositions' losses (REFERENCES)."""
-    candidates = {(name, str(s)): _params(name, s, strength) for name in weightings for s in _grid(name)}
-    candidates.update({("ref", k): p for k, p in REFERENCES.items()})
-    got = mean_losses(batches, candidates, bar)
-    out = {}
-    for name in weightings:
-        curve = {str(s): got[(name, str(s))] for s in _grid(name)}
-        out[name] = {"best": min(_grid(name), key=lambda s: curve[str(s)]["all"]), "curve": curve}
-    return out, {k: got[("ref", k)] for k in REFERENCES}
-
-
 def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor], cfg,
-              weightings=DEFAULT_WEIGHTINGS, strength: dict[str, float] | None = None, quiet: bool = False) -> dict:
+              weightings=DEFAULT_WEIGHTINGS, strength: dict[str, float] | None = None, quiet: bool = False,
+              mixed: list[tuple[str, list[str]]] = (), choices=CHOICES) -> dict:
     """The manifest's ``calibration`` section (see the module doc). ``fps``: every specialist
-    domain's probe fingerprints ``[n, d]`` in probe order. ``strength`` given: step 1 is skipped."""
+    domain's probe fingerprints ``[n, d]`` in probe order. ``strength`` given: step 1 is skipped.
+    ``choices``: the weightings that may become the index's default."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -194,40 +219,50 @@ def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor]
     folds = n_folds(probes, specialists)
     if folds < 2:
         return {"skipped": "calibration needs at least 2 index probes per specialist domain (cross-fitting)"}
-    items = calibration_items(probes, specialists, folds)
+    items = calibration_items(probes, specialists, folds, [m for m in mixed if set(m[1]) <= set(specialists)])
     names = ["paper"] + [w for w in weightings if w != "paper"]
+
+    def candidates(gamma: dict[str, float]) -> dict:
+        out = {(n, str(s)): _params(n, s, gamma) for n in names for s in _grid(n)}
+        return out | {("ref", k): p for k, p in REFERENCES.items()}
+
     n_single = sum(it.kind == "single" for it in items)
-    total = len(items) * (1 + len(REFERENCES) + sum(len(_grid(w)) for w in names)) \
+    total = len(items) * len({p.model_dump_json() for p in candidates({}).values()}) \
         + (0 if strength is not None else n_single * (1 + len(STRENGTHS)))
     with tqdm(total=total, desc="calibrating the weighting", unit="pass", file=sys.stderr, disable=quiet) as bar:
         try:
             curves = None
             if strength is None:
                 strength, curves = strengths(c, _batches(c, tok, items, fps, cfg, folds, ("single",), bar), bar)
-            found, refs = sharpness(_batches(c, tok, items, fps, cfg, folds, bar=bar), names, strength, bar)
+            rows = item_losses(_batches(c, tok, items, fps, cfg, folds, bar=bar), candidates(strength),
+                               c.settings.top_k, bar)
         except basis_mod.BasisError as e:
             return {"skipped": f"a fold's centroids have no basis ({e})"}
-    loss = {n: f["curve"][str(f["best"])]["all"] for n, f in found.items()}
-    chosen = min(names, key=lambda n: (loss[n], n != "softmax"))
-    doc = {
+    found = sharpness(rows, names)
+    if not all(math.isfinite(f["loss"]["all"]) and math.isfinite(f["held_out"]) for f in found.values()):
+        return {"skipped": "calibration losses are not finite"}
+    eligible = [n for n in names if n in choices] or names
+    chosen = min(eligible, key=lambda n: (round(found[n]["held_out"], 9), n != "softmax"))
+    return {
         "weighting": chosen,
+        "chosen_by": "the lowest held-out loss (each fold scored with the parameters fitted on the others) among "
+                     + ", ".join(f"{n} {found[n]['held_out']:.4f}" for n in eligible),
         "domains": specialists,  # the catalog it was measured on
-        "sharpness": {n: f["best"] for n, f in found.items() if f["best"] is not None},
+        "sharpness": {n: f["best"] for n, f in found.items() if WEIGHTINGS[n].sharpness},
+        "bands": {n: f["best"].doc() for n, f in found.items() if isinstance(f["best"], Bands)},
         "strength": {d: float(strength[d]) for d in specialists},
-        "loss": {n: found[n]["curve"][str(found[n]["best"])] for n in names},
-        "reference_loss": refs,
-        "sharpness_curves": {n: {s: v["all"] for s, v in f["curve"].items()} for n, f in found.items()
-                             if WEIGHTINGS[n].sharpness},
+        "loss": {n: f["loss"] for n, f in found.items()},
+        "held_out_loss": {n: f["held_out"] for n, f in found.items()},
+        "reference_loss": {k: by_kind(rows, lambda r: r.losses[("ref", k)]) for k in REFERENCES},
+        "sharpness_curves": {n: f["curve"] for n, f in found.items() if f["curve"]},
         "strength_curves": curves,
+        "profile": {k: quartiles(r.profile for r in rows if r.kind == k) for k in KINDS},
         "folds": folds,
-        "items": {k: sum(it.kind == k for it in items) for k in ("single", "control", "pair")},
+        "items": {k: sum(it.kind == k for it in items) for k in KINDS},
         "objective": "mean next-token NLL over the index probes (cross-fitted: each fold's alphas from the "
-                     "other folds' centroids) and joined pairs of them",
+                     "other folds' centroids), the probe file's mixed probes and joined pairs of probes",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    if not all(math.isfinite(v) for v in loss.values()):
-        return {"skipped": "calibration losses are not finite"}
-    return doc
 
 
 def carried(calibration: dict | None, domains: list[str], changed: str | None) -> dict | None:

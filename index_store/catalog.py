@@ -43,7 +43,7 @@ from .fingerprints import centroids, probe_order
 from .indexing import index_from_centroids
 from .models import check_on_quantized, check_same_tokenizer, load_generalist, load_tokenizer
 from .peft import is_adapter_folder, load_adapter
-from .probes import load_probes, probes_hash
+from .probes import load_mixed, load_probes, probes_hash
 from .store import _fsync_dir, read_index, write_index
 
 CATALOG = ".catalog"
@@ -243,10 +243,12 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
                                409, "weights")
         probes = load_probes(cfg.index.probes)
         manifest, tensors = read_index(cfg.index_path)
+        mixed = load_mixed(cfg.index.probes)
         version = cfg.catalog.version + 1
         snap_name = f"v{version:06d}"
         raw, new_probes = _changed(tomllib.loads(config_path.read_text()), probes, change, config_path.parent,
                                    snap_name, version)
+        mixed = [m for m in mixed if set(m[1]) <= set(new_probes)]  # those whose domains are all still there
         new_cfg = ConstellationConfig.model_validate(raw).resolved(config_path.parent)
         new_cfg.source = config_path
         new_cfg = new_cfg.with_weights(cfg.runtime.weights, cfg.runtime.int4_group)
@@ -265,7 +267,7 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
         try:
             new_tensors, new_manifest = index_from_centroids(new_cfg, new_probes, order, all_c,
                                                              manifest["generalist_identity"],
-                                                             manifest["generalist_architecture"])
+                                                             manifest["generalist_architecture"], mixed)
         except BasisError as e:  # e.g. probes whose centroid another domain's already spans
             raise CatalogError(f"probes: the new set of centroids has no basis ({e}); give the domain probes "
                                "that set it apart", 422, "probes") from None
@@ -274,7 +276,7 @@ def apply(config_path: str | Path, change: Change, generalist=None, root_only: b
                                                   None if change.op == "remove" else change.name)
         new_manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
         _write_snapshot(config_path.parent / CATALOG, snap_name, new_probes, new_tensors, new_manifest,
-                        new_cfg.index_path.name)
+                        new_cfg.index_path.name, mixed)
         _write_atomically(config_path, to_toml(raw))  # the commit point
         failpoint("config-renamed")
         prune(config_path.parent / CATALOG, new_cfg.catalog.keep)
@@ -301,8 +303,8 @@ def _changed(raw: dict, probes: dict, change: Change, folder: Path, snap_name: s
     return raw, new_probes
 
 
-def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manifest: dict, index: str = "index"
-                    ) -> Path:
+def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manifest: dict, index: str = "index",
+                    mixed: list = ()) -> Path:
     """``folder/name`` complete (probes and the index, as ``index``, fsynced) or not there at all."""
     final = folder / name
     if final.exists():  # left by a change that crashed before its commit: never committed, so unused
@@ -313,7 +315,8 @@ def _write_snapshot(folder: Path, name: str, probes: dict, tensors: dict, manife
         os.chmod(tmp, folder.parent.stat().st_mode & 0o777)
         with open(tmp / "probes.json", "w") as f:
             os.fchmod(f.fileno(), 0o644)
-            f.write(json.dumps({"domains": probes}, indent=1, ensure_ascii=False) + "\n")
+            doc = {"domains": probes, **({"mixed": [{"text": t, "domains": d} for t, d in mixed]} if mixed else {})}
+            f.write(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         write_index(tmp / index, tensors, manifest)

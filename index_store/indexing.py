@@ -15,14 +15,16 @@ from .config import ConstellationConfig, load_config
 from .fingerprints import centroids, index_basis, probe_order
 from .loader import settings_of
 from .models import load_generalist, load_models, model_identity, pick_device, pick_dtype
-from .probes import load_probes, probes_hash
+from .probes import load_mixed, load_probes, mixed_hash, probes_hash
 from .store import write_index
 
 
 def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]], order: list[str],
-                         all_c: torch.Tensor, identity: str, architecture: str) -> tuple[dict, dict]:
+                         all_c: torch.Tensor, identity: str, architecture: str,
+                         mixed: list[tuple[str, list[str]]] = ()) -> tuple[dict, dict]:
     """Basis, diagnostics and manifest from the raw centroids of ``order`` (the specialists first,
-    then control domains): what ``build_index`` writes, and what a catalog change writes."""
+    then control domains): what ``build_index`` writes, and what a catalog change writes. ``mixed``:
+    the probe file's mixed probes (their hash is recorded: calibration read them)."""
     n = len(cfg.specialists)
     raw = all_c[:n]
     nf, kind = cfg.index.noise_fraction, cfg.index.basis
@@ -45,6 +47,7 @@ def index_from_centroids(cfg: ConstellationConfig, probes: dict[str, list[str]],
         "probe_domains": order,
         "probe_counts": {d: len(probes[d]) for d in order},
         "probes_sha256": probes_hash(probes),
+        **({"mixed_probes": len(mixed), "mixed_probes_sha256": mixed_hash(list(mixed))} if mixed else {}),
         "generalist_identity": identity,
         "generalist_architecture": architecture,
         "weights": cfg.weights,
@@ -77,6 +80,7 @@ def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -
     device = pick_device(cfg.runtime.device)
     dtype = pick_dtype(cfg.runtime.dtype, device)
     probes = load_probes(cfg.index.probes)
+    mixed = load_mixed(cfg.index.probes)
     order = probe_order(cfg, probes)
     if cfg.index.calibrate:
         g, tok, specialists, diffs, _, _ = load_models(cfg, device, dtype, quiet=quiet)
@@ -85,10 +89,10 @@ def build_index(config: str | Path | ConstellationConfig, quiet: bool = False) -
     fps: dict[str, torch.Tensor] = {}
     all_c = centroids(g, tok, probes, order, cfg, quiet=quiet, keep=fps)
     tensors, manifest = index_from_centroids(cfg, probes, order, all_c, model_identity(cfg.generalist.path),
-                                             g.mc.architecture)
+                                             g.mc.architecture, mixed)
     if cfg.index.calibrate:
         c = Constellation(g, specialists, tensors["basis"], settings_of(cfg), diffs or None)
-        manifest["calibration"] = calibrate(c, tok, probes, fps, cfg, quiet=quiet)
+        manifest["calibration"] = calibrate(c, tok, probes, fps, cfg, quiet=quiet, mixed=mixed)
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
     write_index(cfg.index_path, tensors, manifest)
     return manifest

@@ -12,10 +12,10 @@ import torch
 
 from composer.constellation import Constellation, GeneralistPass, Settings
 from composer.modes import Calibrated
-from composer.weightings import WEIGHTINGS
+from composer.weightings import WEIGHTINGS, Bands
 from .config import ConstellationConfig, check_top_k, load_config
 from .models import load_models, model_identity, pick_device, pick_dtype, release_freed_memory, tokenize
-from .probes import load_probes, probes_hash
+from .probes import load_mixed, load_probes, mixed_hash, probes_hash
 from .store import IndexStoreError, read_index
 
 
@@ -93,12 +93,13 @@ def calibrated_of(manifest: dict, where) -> Calibrated:
     cal = manifest.get("calibration") or {}
     if "weighting" not in cal:
         return Calibrated()
-    if cal["weighting"] not in WEIGHTINGS or any(w not in WEIGHTINGS for w in cal.get("sharpness", {})):
+    names = [cal["weighting"], *cal.get("sharpness", {}), *cal.get("bands", {})]
+    if any(w not in WEIGHTINGS for w in names):
         raise IndexStoreError(f"{where}: the index was calibrated with weighting(s) this version does not know "
-                              f"({cal['weighting']}, {list(cal.get('sharpness', {}))}); rebuild it with "
-                              "`constellation index build`")
+                              f"({', '.join(dict.fromkeys(names))}); rebuild it with `constellation index build`")
     return Calibrated(cal["weighting"], {k: float(v) for k, v in cal.get("sharpness", {}).items()},
-                      {k: float(v) for k, v in cal.get("strength", {}).items()})
+                      {k: float(v) for k, v in cal.get("strength", {}).items()},
+                      {k: Bands.of(v) for k, v in cal.get("bands", {}).items()})
 
 
 def build_command(cfg: ConstellationConfig) -> str:
@@ -149,6 +150,9 @@ def verify_against(manifest: dict, cfg: ConstellationConfig, identity: str, d: i
         if manifest.get("probes_sha256") != now:
             raise IndexStoreError(f"{where}: index was built from different probes than {cfg.index.probes} "
                                   "(probe-set hash differs); rebuild with `constellation index build`")
+        if manifest.get("mixed_probes_sha256") != mixed_hash(load_mixed(cfg.index.probes)):
+            raise IndexStoreError(f"{where}: index was calibrated on other mixed probes than {cfg.index.probes}'s "
+                                  "`mixed` section; rebuild with `constellation index build`")
     built = manifest.get("settings", {})
     for key in ("basis", "noise_fraction", "seed", "max_tokens", "calibrate"):
         want = getattr(cfg.index, key)

@@ -31,3 +31,35 @@ def probes_hash(probes: dict[str, list[str]]) -> str:
     return hashlib.sha256(json.dumps(probes, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+
+
+def load_mixed(path: Path) -> list[tuple[str, list[str]]]:
+    """The probe file's optional ``mixed`` section: ``[{"text": ..., "domains": [a, b, ...]}, ...]``, texts
+    that blend two or more of its domains. Not used for centroids; calibration (index_store.calibrate)
+    fits how the composition blends on them."""
+    doms = load_probes(path)
+    data = json.loads(path.read_text())
+    raw = data.get("mixed", [])
+    where = f"{path}: mixed"
+    if not isinstance(raw, list):
+        raise ProbeError(f'{where} must be a list of {{"text": ..., "domains": [...]}}')
+    out = []
+    for j, p in enumerate(raw):
+        text, names = (p.get("text"), p.get("domains")) if isinstance(p, dict) else (None, None)
+        if not isinstance(text, str) or not text.strip():
+            raise ProbeError(f"{where}[{j}].text must be a non-empty string")
+        if not isinstance(names, list) or len(set(map(str, names))) < 2:
+            raise ProbeError(f"{where}[{j}].domains must list at least two different domains")
+        unknown = [d for d in names if d not in doms]
+        if unknown:
+            raise ProbeError(f"{where}[{j}].domains names {unknown}, which the file's domains do not have "
+                             f"({', '.join(doms)})")
+        out.append((text, list(names)))
+    return out
+
+
+def mixed_hash(mixed: list[tuple[str, list[str]]]) -> str | None:
+    """The mixed probes' hash for the manifest (None when there are none)."""
+    if not mixed:
+        return None
+    return hashlib.sha256(json.dumps([[t, d] for t, d in mixed], ensure_ascii=True).encode()).hexdigest()

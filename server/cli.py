@@ -175,7 +175,7 @@ def cmd_explain(args) -> int:
     print(fmt_table(rows, ["domain", "alpha", "selected", "mean node weight"]))
     print(f"entropy {doc['entropy_bits']:.3f} bits/node, gini {doc['gini']:.3f}, fallback {doc['fallback']:.3f}")
     if doc.get("weighting"):
-        print(describe_weighting(doc["weighting"], doc.get("sharpness"), doc.get("strength")))
+        print(describe_weighting(doc["weighting"], doc.get("sharpness"), doc.get("strength"), doc.get("profile")))
     if args.node_weights:
         for d, w in doc["node_weights"].items():
             print(f"{d}: " + " ".join(f"{v:.3f}" for v in w))

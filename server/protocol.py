@@ -253,12 +253,13 @@ class CompositionSummary(BaseModel):
     weighting: str | None = None
     sharpness: float | None = None
     strength: dict[str, float] | None = None
+    profile: dict | None = None  # an adaptive weighting: the prompt's profile value, band and temperature
 
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler):
         out = handler(self)
-        if self.weighting is None:
-            for k in ("weighting", "sharpness", "strength"):
+        for k in ("weighting", "sharpness", "strength", "profile"):
+            if self.weighting is None or getattr(self, k) is None and k == "profile":
                 out.pop(k, None)
         return out
 

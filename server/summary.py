@@ -29,7 +29,8 @@ def load_summary(loaded) -> str:
     note = (f"; specialists differing outside the composed layers (signature=trunk approximates): {exact}"
             if exact else "")
     cal = loaded.constellation.settings.calibrated
-    weighting = describe_weighting(cal.weighting, cal.sharpness_for(cal.weighting), cal.strength)
+    weighting = describe_weighting(cal.weighting, cal.sharpness_for(cal.weighting), cal.strength,
+                                   bands=cal.bands_for(cal.weighting))
     w = r.get("weights") or {"format": "bf16"}
     weights = ("" if w["format"] == "bf16" else f", generalist's matrices {w['format']}"
                + (f" in groups of {w['group']}" if w.get("group") else "") + ", embedding and head int8")
@@ -53,12 +54,22 @@ def engine_summary(loaded, limits) -> str:
             f"(--max-new-tokens), up to {limits.max_running} rows per step, admitted while their KV fits{packed}")
 
 
-def describe_weighting(name: str, sharpness: float | None, strength: dict[str, float] | None) -> str:
-    """``weighting softmax (temperature 0.15), strength legal 1.5, code 0.7``: what a composition uses."""
+def describe_weighting(name: str, sharpness: float | None, strength: dict[str, float] | None,
+                       profile: dict | None = None, bands=None) -> str:
+    """``weighting softmax (temperature 0.15), strength legal 1.5, code 0.7``: what a composition uses;
+    an adaptive weighting with its bands (``bands``), or with the profile value a prompt had and the
+    temperature it got (``profile``, as ``/explain`` reports it)."""
     from composer.weightings import WEIGHTINGS
 
-    out = f"weighting {name}" + ("" if sharpness is None else f" ({WEIGHTINGS[name].sharpness} {sharpness:g})")
-    return out + (", strength " + ", ".join(f"{d} {g:g}" for d, g in strength.items()) if strength else "")
+    w = WEIGHTINGS[name]
+    if profile:
+        how = f" (its {profile['name']} {profile['value']:.3f}: temperature {profile['temperature']:g}; {profile['bands']})"
+    elif w.profile is not None and bands is not None:
+        how = f" ({bands.describe(w.profile_name)})"
+    else:
+        how = "" if sharpness is None or w.sharpness is None else f" ({w.sharpness} {sharpness:g})"
+    return f"weighting {name}{how}" + (", strength " + ", ".join(f"{d} {g:g}" for d, g in strength.items())
+                                      if strength else "")
 
 
 def _fmt(v) -> str:
@@ -73,27 +84,39 @@ def calibration_lines(cal: dict | None, detail: bool = False, domains: list[str]
         return ["calibration: none (built with [index].calibrate = false): the paper's rule, strength 1"]
     if "skipped" in cal:
         return [f"calibration: skipped ({cal['skipped']}): the paper's rule, strength 1"]
-    from composer.weightings import WEIGHTINGS
+    from composer.weightings import WEIGHTINGS, Bands
 
     items = cal["items"]
     w = cal["weighting"]
     refs = cal["reference_loss"]
     s = cal["sharpness"].get(w)
+    bands = cal.get("bands", {}).get(w)
     measured = cal.get("domains")
     order = [d for d in (domains or measured or []) if d in cal["strength"]] or list(cal["strength"])
     other = (f"; measured on the catalog of {', '.join(measured)}, before a catalog change"
              if measured and domains and list(measured) != list(domains) else "")
     lines = [
         f"calibration on held-out index probes ({cal['folds']} folds: {items['single']} probes, "
-        f"{items['control']} controls, {items['pair']} joined pairs; {cal['seconds']:.0f} s{other}):",
+        f"{items['control']} controls, {items.get('mixed', 0)} mixed probes, {items['pair']} joined pairs; "
+        f"{cal['seconds']:.0f} s{other}):",
         f"  default weighting {w}" + (f", {WEIGHTINGS[w].sharpness} {_fmt(s)}" if s is not None else "")
+        + (f", {Bands.of(bands).describe(WEIGHTINGS[w].profile_name)}" if bands else "")
         + f"; mean loss {cal['loss'][w]['all']:.4f} (paper's rule {refs['paper']['all']:.4f}, "
         f"router {refs['routed']['all']:.4f}, generalist {refs['generalist']['all']:.4f})",
+        *([f"  chosen by {cal['chosen_by']}"] if cal.get("chosen_by") else []),
         "  strength: " + ", ".join(f"{d} {cal['strength'][d]:g}" for d in order)
         + (f"  (uncalibrated since a catalog change: {', '.join(cal['uncalibrated'])}; rebuild the index to "
            "recalibrate)" if cal.get("uncalibrated") else ""),
     ]
     if detail:
+        for name, b in cal.get("bands", {}).items():
+            if name != w:
+                lines.append(f"  {name}: {Bands.of(b).describe(WEIGHTINGS[name].profile_name)}")
+        if cal.get("held_out_loss"):
+            lines.append("  held-out loss: " + ", ".join(f"{n} {v:.4f}" for n, v in cal["held_out_loss"].items()))
+        if cal.get("profile"):
+            lines.append("  second alpha (min, quartiles, max): " + "; ".join(
+                f"{k} " + " ".join(f"{v:g}" for v in q) for k, q in cal["profile"].items() if q))
         for name, curve in cal.get("sharpness_curves", {}).items():
             lines.append(f"  {name} {WEIGHTINGS[name].sharpness}: "
                          + ", ".join(f"{k} {v:.4f}" for k, v in curve.items()))

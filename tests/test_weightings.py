@@ -198,8 +198,12 @@ def test_index_build_calibrates_and_the_loaded_constellation_uses_it(calibrated)
         assert curve[str(cal["strength"][d])] == min(curve.values())
     for name, curve in cal["sharpness_curves"].items():
         assert curve[str(cal["sharpness"][name])] == min(curve.values())
-    best = min(cal["loss"], key=lambda n: cal["loss"][n]["all"])
-    assert cal["loss"][cal["weighting"]]["all"] == cal["loss"][best]["all"]
+    # the default: the lowest held-out loss (each fold scored with what the other folds fitted)
+    assert cal["held_out_loss"][cal["weighting"]] == min(cal["held_out_loss"].values())
+    assert set(cal["held_out_loss"]) == {"paper", "softmax", "adaptive"} and cal["held_out_loss"]["paper"] == \
+        cal["loss"]["paper"]["all"]  # nothing fitted: held out = in sample
+    bands = cal["bands"]["adaptive"]
+    assert bands["temperatures"] == sorted(bands["temperatures"]) and len(bands["temperatures"]) == len(bands["edges"]) + 1
     assert set(cal["reference_loss"]) == {"generalist", "routed", "paper"}
     c = loaded.constellation
     assert c.settings.calibrated.weighting == cal["weighting"]

@@ -144,11 +144,11 @@ class PlanSummary:
     alpha: list[float]
     mean_entropy_bits: float
     domains: list[str]  # of the catalog the plan was made on (``selected`` indexes it)
-    weighting: dict | None = None  # constellation/paper: {"weighting", "sharpness", "strength"} used
+    weighting: dict | None = None  # constellation/paper: {"weighting", "sharpness", "strength", "profile"} used
 
     @classmethod
     def of(cls, plan: Plan, domains: list[str]) -> "PlanSummary":
-        w = {k: plan.extra[k] for k in ("weighting", "sharpness", "strength") if k in plan.extra} or None
+        w = {k: plan.extra[k] for k in ("weighting", "sharpness", "strength", "profile") if k in plan.extra} or None
         return cls(plan.mode, [int(i) for i in plan.selected], [float(a) for a in plan.alpha.tolist()],
                    plan.mean_entropy_bits, list(domains), w)
 
