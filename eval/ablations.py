@@ -104,13 +104,14 @@ def _calibrate_others(loaded, c, names: list[str], strength: dict[str, float], q
     """Each weighting's sharpness calibrated as ``index build`` does, on the index probes."""
     from index_store.calibrate import calibrate
     from index_store.fingerprints import fingerprints
-    from index_store.probes import load_probes
+    from index_store.probes import load_mixed, load_probes
 
     cfg = loaded.config
     probes = load_probes(cfg.index.probes)
     fps = {d: fingerprints(c.g, loaded.tokenizer, probes[d], cfg.index.max_tokens, cfg.index.batch_size)
            for d in c.domains}
-    return calibrate(c, loaded.tokenizer, probes, fps, cfg, weightings=names, strength=strength, quiet=quiet)
+    return calibrate(c, loaded.tokenizer, probes, fps, cfg, weightings=names, strength=strength, quiet=quiet,
+                     mixed=load_mixed(cfg.index.probes))
 
 
 def _summary(s_rows, x_rows, name: str, domains: list[str], lam) -> dict:
@@ -149,20 +150,22 @@ def weighting_ablations(loaded, c, items, cross, srows, crows, quiet) -> dict:
         if s is not None:
             cases[f"weighting={w} ({WEIGHTINGS[w].sharpness} {s:g}, calibrated)"] = CompositionParams(
                 mode="constellation", weighting=w, sharpness=s)
-    default = WEIGHTINGS[cal.weighting]
-    for s in default.grid:
-        cases[f"{cal.weighting} {default.sharpness} {s:g}"] = CompositionParams(
-            mode="constellation", weighting=cal.weighting, sharpness=s)
+    swept = cal.weighting if WEIGHTINGS[cal.weighting].sharpness else "softmax"  # adaptive: its temperatures
+    for s in WEIGHTINGS[swept].grid:
+        cases[f"{swept} {WEIGHTINGS[swept].sharpness} {s:g}"] = CompositionParams(
+            mode="constellation", weighting=swept, sharpness=s)
     s_rows = measure(loaded, c, items, cases, "weightings", quiet)
     x_rows = measure(loaded, c, cross, cases, "weightings (cross)", quiet) if cross else []
+    calibrated = [k for k in (srows[0].losses if srows else {}) if k.startswith("w:")]
     for new, base in zip(s_rows + x_rows, srows + crows):
-        for k in ("generalist", *(f"spec:{d}" for d in c.domains), "constellation", "paper", "routed",
+        for k in ("generalist", *(f"spec:{d}" for d in c.domains), "constellation", "paper", "routed", *calibrated,
                   *((f"ta:{lam}",) if lam is not None else ())):
             new.losses[k] = base.losses[k]
             new.entropy[k] = base.entropy.get(k, 0.0)
     out = {"calibrated on the index probes": {k: found.get(k) for k in ("sharpness", "loss", "skipped")}, "rows": {}}
-    for name in ("constellation", "paper", "routed", *cases):
-        label = {"constellation": "calibrated (the default)", "paper": "the paper's rule (mode paper)",
+    for name in ("constellation", "paper", "routed", *calibrated, *cases):
+        label = {"constellation": f"calibrated (the default: {cal.weighting})", "paper": "the paper's rule (mode paper)",
                  "routed": "router, K=1 (mode routed)"}.get(name, name)
+        label = f"weighting={name[2:]} (calibrated at index build)" if name.startswith("w:") else label
         out["rows"][label] = _summary(s_rows, x_rows, name, c.domains, lam)
     return out

@@ -5,19 +5,21 @@ The probes of every domain are split into F folds (F = 4, fewer if a domain has 
 fold f the centroids and the basis are rebuilt from the other folds only, so the alphas of fold f's
 probes are what a new prompt would get. The calibration set is
 
-- every index probe (each specialist domain's, and the control domains', e.g. ``general``), and
+- every index probe (each specialist domain's, and the control domains', e.g. ``general``),
+- the probe file's ``mixed`` probes: texts that blend two of its domains (fold = position mod F), and
 - synthetic two-domain prompts: a probe of domain a and one of domain b from the same fold, joined
-  by a blank line (the index has no cross-domain probes; without them calibration would learn only
-  to route).
+  by a blank line (without them or mixed probes calibration would learn only to route).
 
-The objective is the mean loss (next-token NLL per token, ``composer.loss``) over that set.
+The objective is the mean loss (next-token NLL per token, ``composer.loss``) of each item kind
+(single-domain, control, mixed, pair), the kinds weighted equally (``calibrate_fit.balance``).
 
 1. **Strength** ``gamma_k`` per specialist domain: the loss of ``theta_G + gamma * (theta_S_k -
    theta_G)`` on domain k's own probes, for each gamma of a grid; the argmin. It corrects a
    specialist trained too little (gamma > 1) or too much (gamma < 1) for the text of its domain.
-2. **Sharpness** of each weighting asked for (default: ``softmax``), with the strengths of step 1,
-   over its grid on the whole set; the weighting with the lowest loss (the paper's rule included)
-   becomes the index's default.
+2. **Sharpness** of each weighting asked for (default: ``softmax`` and ``adaptive``), with the
+   strengths of step 1: the argmin of its grid, or for ``adaptive`` its bands (``calibrate_fit``).
+   The weighting with the lowest **held-out** loss (each fold scored with the parameters fitted on
+   the others; the paper's rule included) becomes the index's default.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from composer.loss import token_nll
 from composer.decompose import top_k as top_k_of
 from composer.modes import CompositionParams, Plan
 from composer.weightings import TEMPERATURES, WEIGHTINGS, Bands, second_alpha
-from .calibrate_fit import Scored, by_kind, fit_bands, fit_grid, held_out, mean, quartiles
+from .calibrate_fit import Scored, balance, by_kind, fit_bands, fit_grid, held_out, mean, quartiles, wmean
 from .fingerprints import index_basis
 from .models import tokenize
 
@@ -199,7 +201,7 @@ def sharpness(rows: list[Scored], weightings) -> dict[str, dict]:
     out = {}
     for name in weightings:
         best = fit(rows, name)
-        curve = {str(s): mean(r.losses[(name, str(s))] for r in rows) for s in _grid(name)} \
+        curve = {str(s): wmean(rows, lambda r: r.losses[(name, str(s))]) for s in _grid(name)} \
             if WEIGHTINGS[name].sharpness else {}
         out[name] = {"best": best, "curve": curve, "loss": by_kind(rows, lambda r: loss_with(r, name, best)),
                      "held_out": held_out(rows, lambda rs: fit(rs, name), lambda r, p: loss_with(r, name, p))}
@@ -227,7 +229,7 @@ def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor]
         return out | {("ref", k): p for k, p in REFERENCES.items()}
 
     n_single = sum(it.kind == "single" for it in items)
-    total = len(items) * len({p.model_dump_json() for p in candidates({}).values()}) \
+    total = len(items) * (1 + len({p.model_dump_json() for p in candidates({}).values()})) \
         + (0 if strength is not None else n_single * (1 + len(STRENGTHS)))
     with tqdm(total=total, desc="calibrating the weighting", unit="pass", file=sys.stderr, disable=quiet) as bar:
         try:
@@ -238,7 +240,7 @@ def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor]
                                c.settings.top_k, bar)
         except basis_mod.BasisError as e:
             return {"skipped": f"a fold's centroids have no basis ({e})"}
-    found = sharpness(rows, names)
+    found = sharpness(balance(rows), names)
     if not all(math.isfinite(f["loss"]["all"]) and math.isfinite(f["held_out"]) for f in found.values()):
         return {"skipped": "calibration losses are not finite"}
     eligible = [n for n in names if n in choices] or names
@@ -259,8 +261,9 @@ def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor]
         "profile": {k: quartiles(r.profile for r in rows if r.kind == k) for k in KINDS},
         "folds": folds,
         "items": {k: sum(it.kind == k for it in items) for k in KINDS},
-        "objective": "mean next-token NLL over the index probes (cross-fitted: each fold's alphas from the "
-                     "other folds' centroids), the probe file's mixed probes and joined pairs of probes",
+        "objective": "mean next-token NLL per item kind (single-domain probes, controls, mixed probes, joined pairs "
+                     "of probes; cross-fitted: each fold's alphas from the other folds' centroids), the kinds "
+                     "weighted equally",
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

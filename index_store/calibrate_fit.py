@@ -33,6 +33,7 @@ class Scored:
     fold: int
     profile: float
     losses: dict = field(default_factory=dict)  # candidate key -> loss
+    weight: float = 1.0  # its share of the objective (``balance``)
 
 
 def mean(v) -> float:
@@ -40,16 +41,31 @@ def mean(v) -> float:
     return sum(v) / len(v)
 
 
+def balance(rows: list[Scored]) -> list[Scored]:
+    """Weight every item kind present equally (each item 1 / its kind's count): the objective is then
+    the mean of the kinds' mean losses, so the most numerous kind (the single-domain probes) does not
+    decide alone how prompts of the others are composed. Weights sum to the number of items."""
+    counts = {k: sum(r.kind == k for r in rows) for k in {r.kind for r in rows}}
+    for r in rows:
+        r.weight = len(rows) / (len(counts) * counts[r.kind])
+    return rows
+
+
+def wmean(rows: list[Scored], loss: Callable[[Scored], float]) -> float:
+    """The objective: the weighted mean loss of ``rows``."""
+    return sum(r.weight * loss(r) for r in rows) / sum(r.weight for r in rows)
+
+
 def by_kind(rows: list[Scored], loss: Callable[[Scored], float]) -> dict[str, float]:
-    """Mean loss per item kind and over all items."""
+    """Mean loss per item kind, and the objective over all items (``all``)."""
     out = {k: mean(loss(r) for r in rows if r.kind == k) for k in dict.fromkeys(r.kind for r in rows)}
-    out["all"] = mean(loss(r) for r in rows)
+    out["all"] = wmean(rows, loss)
     return out
 
 
 def fit_grid(rows: list[Scored], name: str, grid) -> float:
     """The sharpness of ``grid`` with the lowest mean loss (candidate keys ``(name, str(s))``)."""
-    return min(grid, key=lambda s: mean(r.losses[(name, str(s))] for r in rows))
+    return min(grid, key=lambda s: wmean(rows, lambda r: r.losses[(name, str(s))]))
 
 
 def fit_bands(rows: list[Scored], source: str, temperatures) -> Bands:
@@ -57,7 +73,8 @@ def fit_bands(rows: list[Scored], source: str, temperatures) -> Bands:
     holding enough items), a non-decreasing temperature per band from ``temperatures`` (candidate keys
     ``(source, str(t))``); fewer bands unless more lower the loss by ``BAND_TOLERANCE``."""
     temps = sorted(temperatures)
-    table = torch.tensor([[r.losses[(source, str(t))] for t in temps] for r in rows], dtype=torch.float64)
+    table = torch.tensor([[r.weight * r.losses[(source, str(t))] for t in temps] for r in rows], dtype=torch.float64)
+    total_weight = sum(r.weight for r in rows)
     x = torch.tensor([r.profile for r in rows], dtype=torch.float64)
     least = max(MIN_BAND_ITEMS, int(MIN_BAND_SHARE * len(rows)))
     best: tuple[float, Bands] | None = None
@@ -70,7 +87,7 @@ def fit_bands(rows: list[Scored], source: str, temperatures) -> Bands:
                 continue
             sums = torch.zeros(n + 1, len(temps), dtype=torch.float64).index_add_(0, band, table)
             total, chosen = _monotone(sums)
-            loss = total / len(rows)
+            loss = total / total_weight
             if best is None or loss < best[0] - BAND_TOLERANCE:
                 best = (loss, Bands(tuple(edges), tuple(temps[i] for i in chosen)))
     if best is None:  # too few items to cut: one band
@@ -99,12 +116,12 @@ def _monotone(sums: torch.Tensor) -> tuple[float, list[int]]:
 
 def held_out(rows: list[Scored], fit: Callable[[list[Scored]], object],
              loss: Callable[[Scored, object], float]) -> float:
-    """Mean loss of every item under the parameters fitted on the other folds' items."""
-    out = []
+    """The objective over every item, each under the parameters fitted on the other folds' items."""
+    out = {}
     for f in sorted({r.fold for r in rows}):
         params = fit([r for r in rows if r.fold != f])
-        out += [loss(r, params) for r in rows if r.fold == f]
-    return mean(out)
+        out.update({id(r): loss(r, params) for r in rows if r.fold == f})
+    return wmean(rows, lambda r: out[id(r)])
 
 
 def quartiles(values) -> list[float]:

@@ -147,3 +147,18 @@ def test_index_build_fits_the_bands_on_mixed_probes_and_explain_shows_the_profil
     p = subprocess.run([sys.executable, "-m", "server.cli", "index", "inspect", str(tmp_path / "c" / "index")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0 and "6 mixed probes" in p.stdout and "chosen by the lowest held-out loss" in p.stdout
+
+
+def test_the_objective_weights_every_item_kind_equally():
+    from index_store.calibrate_fit import balance, by_kind
+
+    temps = (0.1, 0.3)
+    # nine single-domain items a little better sharp, three mixed ones much better blended
+    rows = [Scored("single", i % 4, 0.3, {("softmax", "0.1"): 3.0, ("softmax", "0.3"): 3.01}) for i in range(9)]
+    rows += [Scored("mixed", i % 4, 0.5, {("softmax", "0.1"): 3.0, ("softmax", "0.3"): 2.98}) for i in range(3)]
+    assert fit_grid(rows, "softmax", temps) == 0.1  # item by item, the nine single ones win
+    balance(rows)
+    assert sum(r.weight for r in rows) == pytest.approx(len(rows))
+    assert fit_grid(rows, "softmax", temps) == 0.3  # kind by kind: -0.02 on mixed outweighs +0.01 on single
+    got = by_kind(rows, lambda r: r.losses[("softmax", "0.3")])
+    assert got["all"] == pytest.approx((got["single"] + got["mixed"]) / 2)
