@@ -269,7 +269,9 @@ def test_probe_sets_are_the_projects_own_and_disjoint():
         assert len(index[dom]) + len(evals[dom]) >= 40
     assert len(cross) >= 30 and all(len(p["domains"]) >= 2 for p in cross)
     norm = corpus.normalize
-    a = {norm(t) for ts in index.values() for t in ts}
+    mixed = json.loads((PROBES / "index.json").read_text())["mixed"]  # the index's own blended probes
+    assert len(mixed) >= 30 and all(len(set(p["domains"])) >= 2 for p in mixed)
+    a = {norm(t) for ts in index.values() for t in ts} | {norm(p["text"]) for p in mixed}
     b = {norm(t) for ts in evals.values() for t in ts}
     assert not a & b
     assert not {norm(p["text"]) for p in cross} & (a | b)

@@ -121,6 +121,14 @@ def test_eval_command_writes_report_results_and_plots(evaluated):
     # the fixture's evaluation probes are its index probes: the report must say so
     assert r["probes"]["in_sample"] and "In-sample" in report
     assert "retrieval top-1" in stdout and "single: vs generalist" in stdout
+    # every calibrated weighting beside the default, and issue 25's targets for the adaptive one
+    assert {"w:softmax", "w:adaptive"} <= set(r["cross_domain"]["win_rate"]) and "w:adaptive" in \
+        r["single_domain"]["loss_difference"]
+    targets = {t["target"]: t for t in r["adaptive"]["targets"]}
+    assert len(targets) == 6 and all(isinstance(t["met"], bool) for t in targets.values())
+    paper = targets["cross: mean loss no worse than the paper's rule (interval covers or is below 0)"]
+    assert paper["met"] == (paper["difference"]["ci95"][0] <= 0)
+    assert "## The adaptive weighting" in report
 
 
 def test_eval_losses_are_the_composition_codes(evaluated):
@@ -149,8 +157,15 @@ def test_eval_losses_are_the_composition_codes(evaluated):
     assert r["ablations"]["K=3"]["single_mean_loss"] == pytest.approx(r["single_domain"]["mean_loss"]["constellation"])
     # the weightings' rows: the default's equals the main run; each other weighting at its index-calibrated value
     rows = r["weightings"]["rows"]
-    assert rows["calibrated (the default)"]["single_mean_loss"]["mean"] == pytest.approx(
+    default = r["constellation"]["calibration"]["weighting"]
+    assert rows[f"calibrated (the default: {default})"]["single_mean_loss"]["mean"] == pytest.approx(
         r["single_domain"]["mean_loss"]["constellation"])
+    # each weighting index build calibrated has its row; the default's, measured under its name, is the same
+    cal = r["constellation"]["calibration"]
+    for w in {*cal["sharpness"], *cal["bands"]}:
+        row = rows[f"weighting={w} (calibrated at index build)"]
+        assert (row["single_mean_loss"]["mean"] == pytest.approx(r["single_domain"]["mean_loss"]["constellation"])) \
+            or w != default
     assert rows["router, K=1 (mode routed)"]["single_mean_loss"]["mean"] == pytest.approx(
         r["single_domain"]["mean_loss"]["routed"])
     found = r["weightings"]["calibrated on the index probes"]["sharpness"]
