@@ -31,6 +31,10 @@ def load_summary(loaded) -> str:
     cal = loaded.constellation.settings.calibrated
     weighting = describe_weighting(cal.weighting, cal.sharpness_for(cal.weighting), cal.strength,
                                    bands=cal.bands_for(cal.weighting))
+    held = ((loaded.manifest or {}).get("calibration") or {}).get("held_out_loss")
+    if held:  # why this one: index build chose it
+        weighting += " (chosen at index build: the lowest held-out loss, " + ", ".join(
+            f"{n} {v:.4f}" for n, v in sorted(held.items(), key=lambda kv: kv[1])) + ")"
     w = r.get("weights") or {"format": "bf16"}
     weights = ("" if w["format"] == "bf16" else f", generalist's matrices {w['format']}"
                + (f" in groups of {w['group']}" if w.get("group") else "") + ", embedding and head int8")

@@ -133,6 +133,11 @@ def test_index_build_fits_the_bands_on_mixed_probes_and_explain_shows_the_profil
     assert set(cal["profile"]) >= {"single", "mixed", "pair"}
     loaded = load_constellation(conf)
     assert loaded.constellation.settings.calibrated.bands["adaptive"] == Bands.of(cal["bands"]["adaptive"])
+    from server.summary import load_summary
+
+    line = load_summary(loaded)  # what serve prints: the weighting in force, and why
+    assert f"weighting {cal['weighting']}" in line and "chosen at index build: the lowest held-out loss" in line
+    assert all(f"{n} {v:.4f}" in line for n, v in cal["held_out_loss"].items())
     with LoopbackServer(create_app(loaded)) as url:
         got = httpx.post(url + "/explain", timeout=60, json={"prompt": d["medical"][0],
                                                             "composition": {"weighting": "adaptive"}}).json()
