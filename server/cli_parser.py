@@ -118,10 +118,12 @@ def _add_index(sub) -> None:
     b = isub.add_parser("build", help="fingerprint the probes, calibrate the weighting, store the index",
                         description="Fingerprint every probe with the generalist, build the domain centroids, "
                         "the orthonormal basis ([index].basis) and the diagnostics; with [index].calibrate "
-                        "(default) load the specialists and calibrate the composition's weighting sharpness "
-                        "and per-domain strengths on held-out index probes (cross-fitted; about 2 minutes on "
-                        "the demo, docs/weightings.md); store it all atomically at [index].path (an existing "
-                        "index is replaced only when the new one is complete).")
+                        "(default) load the specialists and calibrate the composition's weighting sharpness, "
+                        "the adaptive weighting's bands and per-domain strengths on held-out index probes and "
+                        "the probe file's `mixed` probes (cross-fitted; the default weighting is the one with "
+                        "the lowest held-out loss; about 3.5 minutes on the demo, docs/weightings.md); store "
+                        "it all atomically at [index].path (an existing index is replaced only when the new one "
+                        "is complete).")
     b.add_argument("config", metavar="CONFIG", help="constellation config file (TOML)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _weights_args(b, "fingerprinted with (the index is for that format: serve with the same)")
@@ -146,10 +148,10 @@ def _add_explain(sub) -> None:
     e.add_argument("--top-k", type=positive_int, help="override [composition].top_k")
     e.add_argument("--weights", help='per-domain weights for --mode weights, JSON, e.g. \'{"legal": 1}\'')
     e.add_argument("--lambda", dest="lambda_", type=finite_float, help="task-arithmetic lambda / logit scale")
-    e.add_argument("--weighting", help="constellation mode: paper, power, softmax or alpha_only (default: the "
-                   "index's calibrated weighting)")
+    e.add_argument("--weighting", help="constellation mode: paper, power, softmax, alpha_only or adaptive (its "
+                   "temperature from the prompt's second alpha; default: the index's calibrated weighting)")
     e.add_argument("--sharpness", type=finite_float, help="constellation mode: the weighting's power or temperature "
-                   "(default: the value calibrated at index build)")
+                   "(default: the value calibrated at index build; refused for paper and adaptive)")
     e.add_argument("--strength", help='constellation mode: per-domain strengths overriding the calibrated ones, '
                    'JSON, e.g. \'{"legal": 1}\'')
 

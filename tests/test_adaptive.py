@@ -152,6 +152,13 @@ def test_index_build_fits_the_bands_on_mixed_probes_and_explain_shows_the_profil
     p = subprocess.run([sys.executable, "-m", "server.cli", "index", "inspect", str(tmp_path / "c" / "index")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0 and "6 mixed probes" in p.stdout and "chosen by the lowest held-out loss" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "server.cli", "explain", "--config", str(conf), "--weighting",
+                        "adaptive", d["medical"][0]], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"its second alpha {prof['value']:.3f}: temperature {prof['temperature']:g}" in p.stdout
+    bad = subprocess.run([sys.executable, "-m", "server.cli", "explain", "--config", str(conf), "--weighting",
+                          "adaptive", "--sharpness", "0.3", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "takes no sharpness" in bad.stderr
 
 
 def test_the_objective_weights_every_item_kind_equally():
