@@ -77,10 +77,10 @@ class Bands:
     def temperature(self, x: float) -> float:
         return self.temperatures[self.band(x)]
 
-    def label(self, i: int) -> str:
+    def label(self, i: int, name: str = "x") -> str:
         lo = "" if i == 0 else f"{self.edges[i - 1]:g} <= "
         hi = "" if i == len(self.edges) else f" < {self.edges[i]:g}"
-        return f"{lo}x{hi}" if (lo or hi) else "any"
+        return f"{lo}{name}{hi}" if (lo or hi) else "any"
 
     def describe(self, name: str = "x") -> str:
         """``temperature 0.15 for second alpha < 0.45, 0.3 from 0.45``."""
@@ -109,7 +109,7 @@ def profile_sharpness(w: Weighting, alpha: torch.Tensor, bands: Bands) -> tuple[
     """An adaptive weighting's temperature for the selected alphas, and what ``/explain`` shows of it."""
     x = w.profile(alpha)
     t = bands.temperature(x)
-    return t, {"name": w.profile_name, "value": x, "band": bands.label(bands.band(x)).replace("x", w.profile_name),
+    return t, {"name": w.profile_name, "value": x, "band": bands.label(bands.band(x), w.profile_name),
                "temperature": t, "bands": bands.describe(w.profile_name)}
 
 

@@ -160,18 +160,18 @@ def adaptive_targets(srows, crows, domains: list[str], name: str = "w:adaptive",
                     "met": got["rate"] is not None and got["rate"] >= thr,
                     "short_by": max(0.0, thr - (got["rate"] or 0.0))})
 
-    def loss(label, d, limit):
-        out.append({"target": label, "difference": d, "met": d["ci95"][0] is not None and d["ci95"][0] <= limit
-                    if limit == 0 else d["mean"] is not None and d["mean"] <= limit,
-                    "short_by": max(0.0, (d["ci95"][0] if limit == 0 else d["mean"]) - limit)})
+    def loss(label, d, limit, judged):  # judged: the difference's "mean", or its interval's lower end
+        v = d["ci95"][0] if judged == "interval" else d["mean"]
+        out.append({"target": label, "difference": d, "met": v is not None and v <= limit,
+                    "short_by": max(0.0, v - limit)})
     if crows:
         loss("cross: mean loss no worse than the paper's rule (interval covers or is below 0)",
-             _diff(crows, name, "paper"), 0.0)
+             _diff(crows, name, "paper"), 0.0, "interval")
         lam = cross_domain(crows, domains)["task_arithmetic"]["lambda"]
         rate("cross: win vs task arithmetic (report half)", wins(split_halves(crows)[1], name, f"ta:{lam}"), 0.70)
         rate("cross: win vs the best single specialist", wins(crows, name, best), 0.55)
     if before in (spec[0].losses if spec else {}):
-        loss("single: mean loss within +0.003 of the softmax weighting's", _diff(spec, name, before), 0.003)
+        loss("single: mean loss within +0.003 of the softmax weighting's", _diff(spec, name, before), 0.003, "mean")
     rate("single: win vs the own specialist", wins(spec, name, own), 0.55)
     rate("single: win vs the generalist", wins(spec, name, "generalist"), 0.93)
     return {"weighting": name[2:], "targets": out,

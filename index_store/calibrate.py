@@ -163,14 +163,14 @@ def _grid(name: str) -> tuple:
 
 
 def item_losses(batches, candidates: dict, top_k: int, bar) -> list[Scored]:
-    """Every candidate composition's loss on every calibration item, with the item's alpha profile
+    """Every candidate composition's loss on every calibration item, with the item's selected alphas
     (every candidate on a batch before the next batch's generalist pass; equal compositions once)."""
     unique: dict[str, list] = {}
     for key, params in candidates.items():
         unique.setdefault(params.model_dump_json(), [params, []])[1].append(key)
     rows: list[Scored] = []
     for b in batches:
-        got = [Scored(it.kind, it.fold, second_alpha(b.gp.alpha[r][top_k_of(b.gp.alpha[r], top_k)]))
+        got = [Scored(it.kind, it.fold, b.gp.alpha[r][top_k_of(b.gp.alpha[r], top_k)])
                for r, it in enumerate(b.items)]
         for params, keys in unique.values():
             plans = [b.c.plan(b.gp, r, params) for r in range(len(b.items))]
@@ -185,13 +185,13 @@ def fit(rows: list[Scored], name: str):
     """A weighting's parameters fitted to ``rows``: its sharpness, its bands, or None (the paper's rule)."""
     w = WEIGHTINGS[name]
     if w.profile is not None:
-        return fit_bands(rows, name, TEMPERATURES)
+        return fit_bands(rows, name, TEMPERATURES, w.profile)
     return fit_grid(rows, name, w.grid) if w.sharpness else None
 
 
 def loss_with(row: Scored, name: str, params) -> float:
     if isinstance(params, Bands):
-        return row.losses[(name, str(params.temperature(row.profile)))]
+        return row.losses[(name, str(params.temperature(WEIGHTINGS[name].profile(row.alpha))))]
     return row.losses[(name, str(params))]
 
 
@@ -258,7 +258,7 @@ def calibrate(c, tok, probes: dict[str, list[str]], fps: dict[str, torch.Tensor]
         "reference_loss": {k: by_kind(rows, lambda r: r.losses[("ref", k)]) for k in REFERENCES},
         "sharpness_curves": {n: f["curve"] for n, f in found.items() if f["curve"]},
         "strength_curves": curves,
-        "profile": {k: quartiles(r.profile for r in rows if r.kind == k) for k in KINDS},
+        "profile": {k: quartiles(second_alpha(r.alpha) for r in rows if r.kind == k) for k in KINDS},
         "folds": folds,
         "items": {k: sum(it.kind == k for it in items) for k in KINDS},
         "objective": "mean next-token NLL per item kind (single-domain probes, controls, mixed probes, joined pairs "

@@ -27,11 +27,11 @@ BAND_TOLERANCE = 1e-4  # nats: one more band must lower the mean loss by more th
 
 @dataclass
 class Scored:
-    """One calibration item: its kind, fold, alpha profile and every candidate's loss."""
+    """One calibration item: its kind, fold, selected alphas (cross-fitted) and every candidate's loss."""
 
     kind: str
     fold: int
-    profile: float
+    alpha: torch.Tensor  # the top-K alphas, what an adaptive weighting's profile reads
     losses: dict = field(default_factory=dict)  # candidate key -> loss
     weight: float = 1.0  # its share of the objective (``balance``)
 
@@ -68,14 +68,14 @@ def fit_grid(rows: list[Scored], name: str, grid) -> float:
     return min(grid, key=lambda s: wmean(rows, lambda r: r.losses[(name, str(s))]))
 
 
-def fit_bands(rows: list[Scored], source: str, temperatures) -> Bands:
-    """The bands with the lowest mean loss: edges from ``BAND_EDGES`` (at most ``MAX_BANDS`` bands, each
+def fit_bands(rows: list[Scored], source: str, temperatures, profile: Callable[[torch.Tensor], float]) -> Bands:
+    """The bands of ``profile`` (the weighting's, of each item's alphas) with the lowest mean loss: edges from ``BAND_EDGES`` (at most ``MAX_BANDS`` bands, each
     holding enough items), a non-decreasing temperature per band from ``temperatures`` (candidate keys
     ``(source, str(t))``); fewer bands unless more lower the loss by ``BAND_TOLERANCE``."""
     temps = sorted(temperatures)
     table = torch.tensor([[r.weight * r.losses[(source, str(t))] for t in temps] for r in rows], dtype=torch.float64)
     total_weight = sum(r.weight for r in rows)
-    x = torch.tensor([r.profile for r in rows], dtype=torch.float64)
+    x = torch.tensor([profile(r.alpha) for r in rows], dtype=torch.float64)
     least = max(MIN_BAND_ITEMS, int(MIN_BAND_SHARE * len(rows)))
     best: tuple[float, Bands] | None = None
     for n in range(MAX_BANDS):

@@ -12,6 +12,11 @@ class ProbeError(ValueError):
 
 
 def load_probes(path: Path) -> dict[str, list[str]]:
+    return _read(path)[1]
+
+
+def _read(path: Path) -> tuple[dict, dict[str, list[str]]]:
+    """The probe file as parsed, and its checked ``domains``."""
     if not path.is_file():
         raise ProbeError(f"{path}: probe file not found")
     try:
@@ -24,21 +29,18 @@ def load_probes(path: Path) -> dict[str, list[str]]:
     for k, texts in doms.items():
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ProbeError(f"{path}: domains.{k} must be a non-empty list of non-empty strings")
-    return doms
+    return data, doms
 
 
 def probes_hash(probes: dict[str, list[str]]) -> str:
     return hashlib.sha256(json.dumps(probes, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
-
-
 def load_mixed(path: Path) -> list[tuple[str, list[str]]]:
     """The probe file's optional ``mixed`` section: ``[{"text": ..., "domains": [a, b, ...]}, ...]``, texts
     that blend two or more of its domains. Not used for centroids; calibration (index_store.calibrate)
     fits how the composition blends on them."""
-    doms = load_probes(path)
-    data = json.loads(path.read_text())
+    data, doms = _read(path)
     raw = data.get("mixed", [])
     where = f"{path}: mixed"
     if not isinstance(raw, list):

@@ -258,9 +258,10 @@ class CompositionSummary(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler):
         out = handler(self)
-        for k in ("weighting", "sharpness", "strength", "profile"):
-            if self.weighting is None or getattr(self, k) is None and k == "profile":
-                out.pop(k, None)
+        absent = ("weighting", "sharpness", "strength", "profile") if self.weighting is None else \
+            ("profile",) if self.profile is None else ()
+        for k in absent:
+            out.pop(k, None)
         return out
 
 

@@ -59,6 +59,11 @@ def test_the_second_alpha_chooses_the_temperature_and_the_plan_says_so():
     assert e.value.param == "composition.sharpness"
 
 
+def _alpha(x: float) -> torch.Tensor:
+    """Selected alphas whose second-highest is ``x``."""
+    return torch.tensor([0.9, x, 0.1], dtype=torch.float64)
+
+
 def _rows(rule, n=200, temps=(0.05, 0.1, 0.3, 0.5), seed=0):
     """Items whose loss is lowest at ``rule(profile)`` (a V in log temperature), plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -68,28 +73,28 @@ def _rows(rule, n=200, temps=(0.05, 0.1, 0.3, 0.5), seed=0):
         best = rule(x)
         losses = {("adaptive", str(t)): 3.0 + abs(torch.log(torch.tensor(t / best)).item()) * 0.05
                   + float(torch.randn(1, generator=g)) * 0.002 for t in temps}
-        rows.append(Scored("single" if x < 0.45 else "mixed", i % 4, x, losses))
+        rows.append(Scored("single" if x < 0.45 else "mixed", i % 4, _alpha(x), losses))
     return rows
 
 
 def test_fitting_recovers_a_planted_rule_and_keeps_temperatures_non_decreasing():
     temps = (0.05, 0.1, 0.3, 0.5)
     rows = _rows(lambda x: 0.05 if x < 0.4 else 0.3)
-    b = fit_bands(rows, "adaptive", temps)
+    b = fit_bands(rows, "adaptive", temps, second_alpha)
     assert b == Bands((0.4,), (0.05, 0.3))
     # a profile that does not matter: one band (more bands must pay for themselves)
-    flat = fit_bands(_rows(lambda x: 0.1), "adaptive", temps)
+    flat = fit_bands(_rows(lambda x: 0.1), "adaptive", temps, second_alpha)
     assert flat == Bands((), (0.1,))
     # a rule that sharpens as the profile grows is not representable: temperatures stay non-decreasing
-    down = fit_bands(_rows(lambda x: 0.5 if x < 0.4 else 0.05), "adaptive", temps)
+    down = fit_bands(_rows(lambda x: 0.5 if x < 0.4 else 0.05), "adaptive", temps, second_alpha)
     assert list(down.temperatures) == sorted(down.temperatures)
     # held out: each fold scored with the bands fitted on the other three, no better than in sample
-    inside = sum(r.losses[("adaptive", str(b.temperature(r.profile)))] for r in rows) / len(rows)
-    out = held_out(rows, lambda rs: fit_bands(rs, "adaptive", temps),
-                   lambda r, p: r.losses[("adaptive", str(p.temperature(r.profile)))])
+    inside = sum(r.losses[("adaptive", str(b.temperature(second_alpha(r.alpha))))] for r in rows) / len(rows)
+    out = held_out(rows, lambda rs: fit_bands(rs, "adaptive", temps, second_alpha),
+                   lambda r, p: r.losses[("adaptive", str(p.temperature(second_alpha(r.alpha))))])
     assert inside <= out < inside + 0.01
     soft = {**{("softmax", str(t)): 0.0 for t in temps}}
-    assert fit_grid([Scored("single", 0, 0.3, {**soft, ("softmax", "0.1"): -1.0})], "softmax", temps) == 0.1
+    assert fit_grid([Scored("single", 0, _alpha(0.3), {**soft, ("softmax", "0.1"): -1.0})], "softmax", temps) == 0.1
 
 
 def test_mixed_probes_are_read_and_checked(tmp_path):
@@ -166,8 +171,8 @@ def test_the_objective_weights_every_item_kind_equally():
 
     temps = (0.1, 0.3)
     # nine single-domain items a little better sharp, three mixed ones much better blended
-    rows = [Scored("single", i % 4, 0.3, {("softmax", "0.1"): 3.0, ("softmax", "0.3"): 3.01}) for i in range(9)]
-    rows += [Scored("mixed", i % 4, 0.5, {("softmax", "0.1"): 3.0, ("softmax", "0.3"): 2.98}) for i in range(3)]
+    rows = [Scored("single", i % 4, _alpha(0.3), {("softmax", "0.1"): 3.0, ("softmax", "0.3"): 3.01}) for i in range(9)]
+    rows += [Scored("mixed", i % 4, _alpha(0.5), {("softmax", "0.1"): 3.0, ("softmax", "0.3"): 2.98}) for i in range(3)]
     assert fit_grid(rows, "softmax", temps) == 0.1  # item by item, the nine single ones win
     balance(rows)
     assert sum(r.weight for r in rows) == pytest.approx(len(rows))
