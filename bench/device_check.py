@@ -242,7 +242,11 @@ def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log, w
         if args.compile:
             t1 = time.perf_counter()
             engine.capture(args.buckets, background=False)
-            res["compile_s"] = engine.graph_status()["ready"]
+            status = engine.graph_status()
+            res["compile_s"] = status["ready"]
+            if status["error"]:
+                res["compile_error"] = status["error"]
+                log(f"[{size}] capturing the decode step FAILED (eager from here): {status['error']}")
             log(f"[{size}] captured the decode step for {args.buckets} rows in {time.perf_counter() - t1:.1f} s")
             captured, _ = generate(engine, jobs, 8)
             res["captured_equals_eager"] = captured == eager

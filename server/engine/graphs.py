@@ -29,6 +29,13 @@ def compile_options(device: torch.device) -> dict:
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
+def _new_step(device: torch.device) -> None:
+    """On CUDA, tell the graph trees a new step begins: the last step's outputs (its logits, already
+    copied out) may be overwritten by this replay."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 class _NoAttention:
     """The warm-up's attention: no cache, zeros."""
 
@@ -88,8 +95,9 @@ class DecodeGraphs:
                 # (inductor reads some options outside ``torch.compile(options=...)``: patched around the compile)
                 with step_context(StepContext(_NoAttention(), None, B)), torch._inductor.config.patch(
                         compile_options(dev)):
-                    compiled(ids, positions, factors)
-                    compiled(ids, positions, factors)  # (CUDA graphs record on a later call than the first)
+                    for _ in range(3):  # (CUDA graphs record on a later call than the first)
+                        _new_step(dev)
+                        compiled(ids, positions, factors)
                 seconds = time.perf_counter() - t0
                 with self._lock:
                     if self.catalog is not c:
@@ -118,6 +126,7 @@ class DecodeGraphs:
         if R < B:
             pad = ids.new_zeros(B - R, 1)
             ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
+        _new_step(ids.device)
         with step_context(StepContext(attention, composition, R)):
             return self.ready[B](ids, positions, factors)
 
