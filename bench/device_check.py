@@ -241,7 +241,7 @@ def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log, w
         res["engine_end_to_end"] = all(len(t) == 8 for t in eager)
         if args.compile:
             t1 = time.perf_counter()
-            engine.capture(args.buckets, background=False)
+            engine.capture(args.buckets, background=False, plain={"auto": None, "on": True, "off": False}[args.plain])
             status = engine.graph_status()
             res["compile_s"] = status["ready"]
             if status["error"]:
@@ -252,7 +252,7 @@ def check_size(size: str, args, device: torch.device, dtype: torch.dtype, log, w
             res["captured_equals_eager"] = captured == eager
             res["captured_tokens_differing"] = sum(a != b for x, y in zip(captured, eager) for a, b in zip(x, y))
         res["bandwidth_gb_s"], res["decode"] = throughput(engine, g, prompts, args, rng, lambda m: log(f"[{size}] {m}"))
-        res["captured_steps"] = engine.runner.captured_steps
+        res["captured_steps"], res["plain_steps"] = engine.runner.captured_steps, engine.runner.plain_steps
     finally:
         engine.stop()
     return res
@@ -271,6 +271,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also capture the decode step (default on)")
     p.add_argument("--buckets", default=None, help="row buckets to capture (default: the stream counts)")
+    p.add_argument("--plain", choices=["auto", "on", "off"], default="auto",
+                   help="also capture G's step alone per bucket for batches of G's own rows (auto: on CUDA)")
     p.add_argument("--weights", default="bf16", help="comma-separated generalist formats, each checked in turn: "
                    "bf16 (full precision, --dtype), int8, int4 (quantized; composition checked against the "
                    "dequantized model in fp32; default bf16)")

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One lease on a CUDA node: the device check in stages, each under its own time limit, so one stage
 # failing or running long does not cost the others. Usage (from the repository root, on the node):
-#   OUT=out bash bench/device_session.sh STAGE...      (stages: env, 1b, 1b-quant, 8b, 8b-eager)
+#   OUT=out bash bench/device_session.sh STAGE...      (stages: env, 1b, 1b-noplain, 1b-eager, 1b-quant, 8b, 8b-eager)
 # Carried wheels (docs/device_check.md) in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 OUT="${OUT:-out}"
@@ -24,6 +24,8 @@ for s in "$@"; do
     env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
          python3 -c "import torch, pydantic, safetensors; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), 'pydantic', pydantic.__version__)" ;;
     1b) stage 1b 200 --sizes 1b --weights bf16 --streams 1,16,64 ;;
+    1b-noplain) stage 1b-noplain 200 --sizes 1b --weights bf16 --streams 1,16,64 --plain off ;;
+    1b-eager) stage 1b-eager 100 --sizes 1b --weights bf16 --streams 1,16,64 --no-compile ;;
     1b-quant) stage 1b-quant 100 --sizes 1b --weights int8,int4 --streams 1,16 --tokens 32 --no-compile ;;
     8b) stage 8b 300 --sizes 8b --weights bf16 --streams 1,16,64 ;;
     8b-eager) stage 8b-eager 150 --sizes 8b --weights bf16 --streams 1,16,64 --no-compile ;;

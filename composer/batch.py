@@ -24,6 +24,7 @@ applied even where they sum to exactly 1, so no branch depends on what the rows 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,11 @@ class RowWeights:
     @property
     def k(self) -> int:
         return int(self.src.shape[0])
+
+    @functools.cached_property
+    def plain(self) -> bool:
+        """G alone at weight 1 everywhere: the row's composed blocks compute exactly G's layers."""
+        return self.k == 0 and bool((self.w == 1).all())
 
 
 @dataclass

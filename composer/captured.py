@@ -196,18 +196,20 @@ def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[tor
 class CapturedStep(torch.nn.Module):
     """One decode step of a catalog's model over ``nn.Parameter``s wrapping G's (and full
     specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors)`` -> logits ``[B, V]``
-    (fp32). The module registers every matrix it multiplies by (``consts``), which is what lets
-    inductor hold them as constants (``freezing``; reached only through a plain object they were
-    lifted as inputs); its ``forward`` is a function with a code object of its own, so dynamo's
+    (fp32); ``plain``: G's step alone, for batches whose rows are all G's (no factors). The
+    module registers every matrix it multiplies by (``consts``), which is what lets inductor hold
+    them as constants (``freezing``; reached only through a plain object they were lifted as
+    inputs); its ``forward`` is a function with a code object of its own, so dynamo's
     cache for it — one graph per bucket — is this step's alone and goes with it."""
 
-    def __init__(self, kernel: CatalogKernel):
+    def __init__(self, kernel: CatalogKernel, plain: bool = False):
         super().__init__()
         c = kernel.c
         self.kernel = kernel
         self.model, pmap = as_parameters(c.g)
         own: dict[int, torch.nn.Parameter] = {}
-        self.blocks = {i: _remap_terms(kernel, i, pmap, own) for i in kernel.blocks}
+        # plain: G's own layers only (rows all G's), no factors and no adapter operator in the graph
+        self.blocks = {} if plain else {i: _remap_terms(kernel, i, pmap, own) for i in kernel.blocks}
         held = [t for p in list(pmap.values()) + list(own.values())
                 for t in (p.tensors() if isinstance(p, QuantizedWeight) else [p])]
         params = {id(p): p for p in held if isinstance(p, torch.nn.Parameter)}
@@ -218,7 +220,7 @@ class CapturedStep(torch.nn.Module):
     def group_shapes(self) -> list[tuple[int, int]]:
         """Per factor input: (T, d) of ``[B, T, d]``."""
         d = self.kernel.c.d
-        return [(int(owner.max()) + 1, d) for i in sorted(self.kernel.blocks) for owner in self.kernel.groups[i]]
+        return [(int(owner.max()) + 1, d) for i in sorted(self.blocks) for owner in self.kernel.groups[i]]
 
 
 def block_factors(kernel: CatalogKernel, params: dict, B: int) -> list[torch.Tensor]:

@@ -82,8 +82,9 @@ class RuntimeConfig(_Strict):
                                  "oneDNN's prepacked layout on a CPU (faster matmuls, one more copy in memory)")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="serve: capture the decode step as one compiled graph per row bucket (inductor on a "
-        "CPU, CUDA graphs on CUDA), built in the background while decoding runs eagerly; auto = on for CUDA and "
-        "for float32 or quantized weights on a CPU, where it was measured faster (docs/benchmarks.md)")
+        "CPU, CUDA graphs on CUDA), built in the background while decoding runs eagerly; auto = on for CUDA, and on a CPU for float32, "
+        "quantized, or bf16 weights where the CPU has native bf16 (AVX512-BF16, AMX): where it was measured "
+        "faster (docs/benchmarks.md)")
     compile_buckets: list[int] = Field([1, 2, 4, 8, 16], min_length=1, max_length=16, description="serve: row "
                                        "counts a captured decode step is compiled for (a step pads its rows up "
                                        "to the next one; more rows than the largest decode eagerly)")
@@ -99,7 +100,11 @@ class RuntimeConfig(_Strict):
             return self.compile == "on"
         import torch
 
-        return device.type == "cuda" or (device.type == "cpu" and (dtype == torch.float32 or self.weights != "bf16"))
+        from .models import cpu_has_native_bf16
+
+        if device.type == "cuda" or self.weights != "bf16":
+            return True
+        return device.type == "cpu" and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16()))
 
 
 class CatalogConfig(_Strict):

@@ -217,7 +217,8 @@ def _add_serve(sub) -> None:
                     help="capture the decode step as one compiled graph per row bucket (torch.compile: inductor on "
                     "a CPU, CUDA graphs on CUDA), built in the background while requests decode eagerly; the "
                     "log says when each bucket is ready and how long it took; --no-compile for debugging "
-                    "(default: the config's [runtime].compile, auto = on for CUDA, and on a CPU for float32 or quantized (--weights int8/int4) weights)")
+                    "(default: the config's [runtime].compile, auto = on for CUDA, and on a CPU for float32 or quantized "
+                    "(--weights int8/int4) weights, and for bf16 where the CPU has native bf16: AVX512-BF16 or AMX)")
     sv.add_argument("--compile-buckets", type=_buckets, metavar="N,N,...",
                     help="row counts the decode step is captured for, e.g. 1,16 (a step pads its rows up to the "
                     "next; more rows than the largest run eagerly; default: [runtime].compile_buckets, 1,2,4,8,16)")

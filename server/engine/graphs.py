@@ -44,16 +44,21 @@ class _NoAttention:
 
 
 class DecodeGraphs:
-    """Captured decode steps of one catalog at a time, per bucket (rows padded up to it)."""
+    """Captured decode steps of one catalog at a time, per bucket (rows padded up to it); with
+    ``plain``, each bucket also gets G's step alone for batches of G's own rows (generalist mode),
+    a graph with no factors and no adapter operator in it (on CUDA: cut only at attention)."""
 
-    def __init__(self, buckets: list[int], background: bool = True):
+    def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None):
         self.buckets = check_buckets([int(b) for b in buckets])
         self.background = background
+        self.plain_option = plain  # None: on CUDA only (on a CPU the composed graph costs ~nothing more)
         cfg = torch._dynamo.config  # one cache entry per bucket on each step's own code object
         cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 1)
         self.catalog = None  # the catalog the graphs are (being) built for
         self.ready: dict[int, object] = {}  # bucket -> compiled step
+        self.plain: dict[int, object] = {}  # bucket -> compiled step of G alone
         self.seconds: dict[int, float] = {}  # bucket -> compile time
+        self.plain_seconds: dict[int, float] = {}
         self.compiling: int | None = None
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -65,7 +70,7 @@ class DecodeGraphs:
         """Capture ``c``'s decode step for every bucket (on a background thread unless built
         synchronously); the previous catalog's graphs are dropped."""
         with self._lock:
-            self.catalog, self.ready, self.seconds, self.error = c, {}, {}, None
+            self.catalog, self.ready, self.plain, self.seconds, self.plain_seconds, self.error = c, {}, {}, {}, {}, None
             self._built.clear()
         if self.background:
             threading.Thread(target=self._build, args=(c,), name="constellation-compile", daemon=True).start()
@@ -79,31 +84,22 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _build(self, c) -> None:
         try:
-            step = CapturedStep(c.kernel)
-            compiled = torch.compile(step, dynamic=False, fullgraph=True)
-            shapes = step.group_shapes()
             dev = c.g.device
+            plain = self.plain_option if self.plain_option is not None else dev.type == "cuda"
+            steps = [(CapturedStep(c.kernel), self.ready, self.seconds, "")]
+            if plain and c.kernel.blocks:  # (no composed block: the composed step is G's already)
+                steps.append((CapturedStep(c.kernel, plain=True), self.plain, self.plain_seconds, ", G alone"))
+            compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step.group_shapes(), *rest)
+                        for step, *rest in steps]
             for B in self.buckets:
-                if self.catalog is not c:
-                    return
-                self.compiling = B
-                log.info("compiling the decode step for %d row%s (%s)...", B, "" if B == 1 else "s", dev.type)
-                t0 = time.perf_counter()
-                ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-                positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (not ``ids``: guards see aliases)
-                factors = [torch.ones(B, T, d, dtype=torch.float32, device=dev) for T, d in shapes]
-                # (inductor reads some options outside ``torch.compile(options=...)``: patched around the compile)
-                with step_context(StepContext(_NoAttention(), None, B)), torch._inductor.config.patch(
-                        compile_options(dev)):
-                    for _ in range(3):  # (CUDA graphs record on a later call than the first)
-                        _new_step(dev)
-                        compiled(ids, positions, factors)
-                seconds = time.perf_counter() - t0
-                with self._lock:
+                for fn, shapes, ready, seconds, what in compiled:
                     if self.catalog is not c:
                         return
-                    self.ready[B], self.seconds[B] = compiled, seconds
-                log.info("compiled the decode step for %d row%s in %.1f s", B, "" if B == 1 else "s", seconds)
+                    t = self._compile(fn, shapes, B, dev, what)
+                    with self._lock:
+                        if self.catalog is not c:
+                            return
+                        ready[B], seconds[B] = fn, t
         except Exception as e:  # noqa: BLE001 - the engine keeps decoding eagerly
             self.error = f"{type(e).__name__}: {e}"
             log.exception("capturing the decode step failed; decoding stays eager")
@@ -112,15 +108,40 @@ class DecodeGraphs:
             if self.catalog is c:
                 self._built.set()
 
+    def _compile(self, fn, shapes: list[tuple[int, int]], B: int, dev: torch.device, what: str) -> float:
+        """Compile (and on CUDA record) ``fn`` for ``B`` rows; its seconds."""
+        self.compiling = B
+        rows = f"{B} row{'' if B == 1 else 's'}"
+        log.info("compiling the decode step for %s (%s%s)...", rows, dev.type, what)
+        t0 = time.perf_counter()
+        ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (not ``ids``: guards see aliases)
+        factors = [torch.ones(B, T, d, dtype=torch.float32, device=dev) for T, d in shapes]
+        # (inductor reads some options outside ``torch.compile(options=...)``: patched around the compile)
+        with step_context(StepContext(_NoAttention(), None, B)), torch._inductor.config.patch(compile_options(dev)):
+            for _ in range(3):  # (CUDA graphs record on a later call than the first)
+                _new_step(dev)
+                fn(ids, positions, factors)
+        seconds = time.perf_counter() - t0
+        log.info("compiled the decode step for %s%s in %.1f s", rows, what, seconds)
+        return seconds
+
     # ---- serving ------------------------------------------------------------------------------
-    def bucket(self, c, rows: int) -> int | None:
-        """The smallest ready bucket holding ``rows`` rows of catalog ``c``, or None (eager)."""
+    def pick(self, c, rows: int, plain: bool) -> tuple[int | None, bool]:
+        """The bucket a step of ``rows`` rows of catalog ``c`` runs (None: eager), and whether it runs
+        G alone: a ready plain graph when the rows are all G's (``plain``), else the composed one."""
         if c is not self.catalog:
-            return None
-        return next((b for b in self.buckets if b >= rows and b in self.ready), None)
+            return None, plain
+        fits = [b for b in self.buckets if b >= rows]
+        if plain:
+            b = next((b for b in fits if b in self.plain), None)
+            if b is not None:
+                return b, True
+        b = next((b for b in fits if b in self.ready), None)
+        return b, plain and b is None  # (eager: plain rows run G's layers)
 
     def run(self, B: int, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor], attention,
-            composition: dict) -> torch.Tensor:
+            composition: dict, plain: bool = False) -> torch.Tensor:
         """Logits ``[B, V]`` of the captured step for ``ids``/``positions`` ``[R, 1]`` padded to ``B`` rows."""
         R = ids.shape[0]
         if R < B:
@@ -128,9 +149,13 @@ class DecodeGraphs:
             ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
         _new_step(ids.device)
         with step_context(StepContext(attention, composition, R)):
-            return self.ready[B](ids, positions, factors)
+            return (self.plain if plain else self.ready)[B](ids, positions, factors)
 
     def status(self) -> dict:
-        """For /ready and the logs: buckets ready (with their compile seconds), the one compiling."""
-        return {"buckets": self.buckets, "ready": {str(b): round(s, 1) for b, s in sorted(self.seconds.items())},
-                "compiling": self.compiling, "error": self.error}
+        """For /ready and the logs: buckets ready (with their compile seconds), the one compiling;
+        ``plain``: the buckets with G's step alone too."""
+        out = {"buckets": self.buckets, "ready": {str(b): round(s, 1) for b, s in sorted(self.seconds.items())},
+               "compiling": self.compiling, "error": self.error}
+        if self.plain_seconds:
+            out["plain"] = {str(b): round(s, 1) for b, s in sorted(self.plain_seconds.items())}
+        return out

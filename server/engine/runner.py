@@ -106,6 +106,7 @@ class ModelRunner:
         self._batch: tuple | None = None  # (key, blocks, mixed, ...) of the last decode batch
         self.graphs = None  # ``graphs.DecodeGraphs``: captured decode steps, when the server builds them
         self.captured_steps = 0  # decode steps that ran a captured graph
+        self.plain_steps = 0  # of them, G's step alone (rows all G's)
         self.decode_seconds = 0.0  # spent in decode forwards, all steps
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -348,12 +349,18 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
         lengths = torch.tensor([r.length for r in rows], dtype=torch.long, device=dev)
         view = SlabDecodeView(self.pool, rows, lengths)
-        blocks, mixed = self._blocks(c, weights)
-        B = self.graphs.bucket(c, len(rows)) if self.graphs is not None else None
+        plain = all(w.plain for w in weights)  # every row G's own: G's layers, no composed block
+        if self.graphs is not None:
+            B, plain = self.graphs.pick(c, len(rows), plain)
+        else:
+            B = None
+        blocks, mixed = ({}, False) if plain else self._blocks(c, weights)
         if B is not None:
-            logits = self.graphs.run(B, ids, lengths[:, None], self._factors(c, blocks, B), view, blocks)
+            factors = [] if plain else self._factors(c, blocks, B)
+            logits = self.graphs.run(B, ids, lengths[:, None], factors, view, blocks, plain)
             logits = logits[:len(rows)].float().cpu()
             self.captured_steps += 1
+            self.plain_steps += plain
         else:
             ctx = g.positional_context(lengths[:, None], None, view)
             x = g.run_blocks(g.embed(ids, ctx), ctx, 0, g.mc.n_layers, blocks)
