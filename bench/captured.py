@@ -1,6 +1,6 @@
 """The captured decode step beside the eager one, in one process, on the same engine and catalog.
 
-    python -m bench.captured [--config CONF] [--streams 1,16] [--tokens 64] [--buckets 1,16]
+    python -m bench.captured [--config CONF] [--streams 1,16] [--tokens 64] [--buckets 1,16] [--profile 200]
 
 For each mode (generalist, constellation) and stream count: greedy generations of ``--tokens``
 tokens (EOS ignored) through the engine, first eagerly, then with the decode step captured for
@@ -8,7 +8,8 @@ tokens (EOS ignored) through the engine, first eagerly, then with the decode ste
 streams' tokens after their first, over the time from the first token to the last), the engine's
 mean decode step, the ratio captured / eager, whether both gave the same tokens, and the compile
 time per bucket. The one-stream figure is set beside the bound the weights' bytes give at the
-machine's read bandwidth (a 1 GiB sum). ``--smoke`` runs a few tokens on any config (the tests).
+machine's read bandwidth (a 1 GiB sum). ``--smoke`` runs a few tokens on any config (the tests). ``--profile POSITIONS`` then calls each
+bucket's graph directly and prints where its time goes (``bench/profile_step.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (default 2)")
     p.add_argument("--modes", default="generalist,constellation")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--profile", type=int, metavar="POSITIONS", default=None,
+                   help="then call each bucket's graph directly (no engine; the rows G's): its step with attention "
+                   "replaced by zeros and over POSITIONS cached positions, and torch.profiler's operators of the latter")
     p.add_argument("--smoke", action="store_true", help="a few tokens, one repeat (the test suite)")
     return p.parse_args(argv)
 
@@ -103,6 +107,13 @@ def main(argv=None) -> int:
     if failed:
         raise failed[0]
     report(rows, graphs, bw, weights, args)
+    if args.profile:
+        from bench.profile_step import profile_graphs
+
+        prof = profile_graphs(c, graphs, args.profile, reps=3 if args.smoke else 20)
+        if args.json:
+            doc = json.loads(Path(args.json).read_text())
+            Path(args.json).write_text(json.dumps({**doc, "profile": prof}, indent=1))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Low-rank scaling benchmark: N synthetic rank-r adapters on every linear of every decoder layer.
 
     .venv/bin/python -m bench.lowrank_scale [--n 4,16,64] [--rank 16] [--tokens 32] [--streams 16]
-                                            [--repeats 5] [--threads T] [--json OUT] [--profile]
+                                            [--repeats 5] [--threads T] [--json OUT]
 
 (``make bench-lowrank`` runs it with ``--threads 1``.) The generalist is the demo's SmolLM2-135M
 (``<cache>/demo/models/generalist`` when ``constellation demo build`` has run, else converted once from
@@ -43,9 +43,7 @@ Figures (every ratio is composed / generalist measured in the same server, inter
   once, each active adapter once). Target for N = 64: steady ratio >= 0.8 x bound.
   ``mixed-path share`` is the share of the composed run's decode steps that went through the mix path.
 
-``--profile`` additionally times one mixed ``--streams``-row decode step for the largest N in process
-(``c.mixed_weights`` + ``g.run_blocks`` over a slot cache): generalist step, mixed step, mixed step
-without the adapters, and an op-level breakdown (torch.profiler) of where the mixed step's time goes.
+Where a captured step's time goes: ``python -m bench.captured --profile``.
 """
 
 from __future__ import annotations
@@ -306,8 +304,6 @@ def run_one(n: int, args) -> dict:
     }
     out.update(_serve(c, tok, domains, single, many, args))
     out["bound"] = g_bytes / (g_bytes + len(used) * A)
-    if args.profile and n == max(args.ns):
-        out["profile"] = profile_mixed_step(c, tok, many, args)
     return out
 
 
@@ -378,190 +374,6 @@ def _serve(c, tok, domains, single, many, args) -> dict:
     }
 
 
-# ---- profile of one mixed decode step ------------------------------------------------------------------
-class _Split:
-    """A composed block's parameters, its linear split in two profiled ranges: the dense mixing
-    (``MixedParams`` without adapters) and the low-rank delta (``mixed_delta``). Same arithmetic as
-    ``MixedParams.linear``."""
-
-    def __init__(self, mixed, dense):
-        self.mixed, self.dense = mixed, dense
-
-    def linear(self, x, weight, bias):
-        from composer.lowrank import mixed_delta
-
-        with torch.profiler.record_function("dense_linear"):
-            y = self.dense.linear(x, weight, bias)
-        st = self.mixed.stacks.get(weight)
-        if st is not None:
-            with torch.profiler.record_function("lowrank_delta"):
-                d = mixed_delta(x, st, self.mixed.weights, self.mixed.active_mask, _how(self.mixed, weight))
-                if d is not None:
-                    y = y + d
-        return y
-
-    def vector(self, name):
-        with torch.profiler.record_function("vector_mix"):
-            return self.mixed.vector(name)
-
-
-def _how(m, weight: str) -> str:
-    from composer.kernels import side
-
-    return side(m.policy, m.arch, weight, tuple(m.sources[0][weight].shape), m.d)
-
-
-class _Recorder:
-    """Records every linear's input of one step (block, weight name, x)."""
-
-    def __init__(self, inner, i: int, log: list):
-        self.inner, self.i, self.log = inner, i, log
-
-    def linear(self, x, weight, bias):
-        self.log.append((self.i, weight, x))
-        return self.inner.linear(x, weight, bias)
-
-    def vector(self, name):
-        return self.inner.vector(name)
-
-
-@torch.inference_mode()
-def profile_mixed_step(c, tok, many: list[dict], args) -> dict:
-    """Time one ``len(many)``-row decode step in process: G alone, mixed, mixed without adapters."""
-    from composer.kernels import MixedParams, stack_rows
-    from composer.modes import CompositionParams
-    from server.engine import DecodeView, PrefillView, SlotCache
-
-    g = c.g
-    B = len(many)
-    prompts = (PROMPTS * ((B + len(PROMPTS) - 1) // len(PROMPTS)))[:B]
-    mc = g.mc
-    cache = SlotCache(mc.n_layers, B, mc.n_kv_heads, 128, mc.head_dim, g.dtype, g.device)
-    ws, lengths, last = [], [], []
-    # the slot cache keeps the trunk's keys/values (none when every layer is composed: zeros of the
-    # right shape, which cost a decode step's attention the same)
-    for p, comp in zip(prompts, many):
-        ids = torch.tensor([tok(p)["input_ids"]])
-        slot = cache.alloc()
-        gp = c.generalist_pass(ids, torch.ones_like(ids), cache=PrefillView(cache, slot))
-        ws.append(c.plan(gp, 0, CompositionParams(mode="weights", weights=comp)).source_weights)
-        lengths.append(ids.shape[1])
-        last.append(int(ids[0, -1]))
-    lengths = torch.tensor(lengths)
-    tokens = torch.tensor(last)[:, None]
-
-    def step(override):
-        span = int(lengths.max()) + 1
-        mask = (torch.arange(span)[None, :] <= lengths[:, None])[:, None, None, :]
-        ctx = g.positional_context(lengths[:, None], mask, DecodeView(cache, lengths, span))
-        x = g.run_blocks(g.embed(tokens, ctx), ctx, 0, mc.n_layers, override)
-        return g.logits(g.final_norm(x))[:, 0].float()
-
-    t = time.perf_counter()
-    w = stack_rows(ws)
-    mixed = c.mixed_weights(w)
-    build = time.perf_counter() - t
-    active = mixed[c.varied[0]].active
-    dense = {i: MixedParams(c.sources[i], m.weights, c.policy, g.arch, c.d, None, m.active)
-             for i, m in mixed.items()}
-    split = {i: _Split(mixed[i], dense[i]) for i in mixed}
-    diff = float((step(mixed) - step(split)).abs().max())  # the split computes the same thing
-
-    def timed(override, reps):
-        step(override)
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            step(override)
-            out.append(time.perf_counter() - t)
-        return statistics.median(out)
-
-    reps = args.profile_reps
-    times = {"generalist": [], "mixed": [], "mixed_no_adapters": []}
-    for _ in range(3):  # interleaved rounds, median of medians
-        times["generalist"].append(timed(None, reps))
-        times["mixed"].append(timed(mixed, reps))
-        times["mixed_no_adapters"].append(timed(dense, reps))
-    times = {k: statistics.median(v) for k, v in times.items()}
-
-    from torch.profiler import ProfilerActivity, profile
-
-    step(split)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(reps):
-            with torch.profiler.record_function("decode_step"):
-                step(split)
-    ev = prof.key_averages()
-    mine = ("decode_step", "dense_linear", "lowrank_delta", "vector_mix")
-    ranges = {e.key: e.cpu_time_total / reps / 1e6 for e in ev
-              if e.key in ("dense_linear", "lowrank_delta", "vector_mix")}
-    ops = sorted(((e.key, e.self_cpu_time_total / reps / 1e6, e.count // reps) for e in ev
-                  if e.key not in mine),
-                 key=lambda r: -r[1])
-    lr_ops = _range_ops(prof, "lowrank_delta", reps)  # the low-rank range's own op breakdown
-    wall = sum(e.cpu_time_total for e in ev if e.key == "decode_step") / reps / 1e6
-    self_total = sum(e.self_cpu_time_total for e in ev if e.key not in mine) / reps / 1e6
-
-    # per-linear parts without the profiler, on one step's recorded inputs
-    import torch.nn.functional as F
-
-    from composer.lowrank import mixed_delta
-
-    log: list = []
-    step({i: _Recorder(m, i, log) for i, m in mixed.items()})
-
-    def part(fn):
-        fn()
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return statistics.median(out)
-
-    parts = {}
-    for _ in range(2):
-        for key, fn in {
-            "G dense matmuls (F.linear)": lambda: [F.linear(x, g.layer(i).t[w]) for i, w, x in log],
-            "mixed dense (MixedParams, no adapters)": lambda: [dense[i].linear(x, w, None) for i, w, x in log],
-            "low-rank (mixed_delta)": lambda: [mixed_delta(x, mixed[i].stacks[w], mixed[i].weights,
-                                                           mixed[i].active_mask, _how(mixed[i], w))
-                                               for i, w, x in log],
-        }.items():
-            parts.setdefault(key, []).append(part(fn))
-    parts = {k: min(v) for k, v in parts.items()}
-    return {
-        "rows": B, "U": len(active) - (1 if 0 in active else 0), "active_sources": len(active),
-        "stack_adapters": int(next(iter(c.stacks[c.varied[0]].values())).A.shape[0]),
-        "gathered": 2 * (len(active) - (1 if 0 in active else 0)) < len(c.domains),
-        "mixed_weights_build_s": build, "split_equals_mixed_max_abs": diff,
-        "step_s": times, "ranges_s": ranges,
-        "top_ops_s": [(k, round(s, 6), n) for k, s, n in ops[:14]],
-        "lowrank_ops_s": lr_ops, "profiled_wall_s": wall, "profiled_ops_self_s": self_total,
-        "linears": len(log), "parts_s": parts,
-    }
-
-
-def _range_ops(prof, name: str, reps: int) -> list[tuple[str, float, int]]:
-    """Self CPU time per op inside every occurrence of the record_function range ``name``."""
-    events = prof.events()
-    ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == name]
-    ranges.sort()
-    import bisect
-
-    starts = [r[0] for r in ranges]
-    acc: dict[str, list] = {}
-    for e in events:
-        if e.name in ("decode_step", name, "dense_linear", "vector_mix"):
-            continue
-        k = bisect.bisect_right(starts, e.time_range.start) - 1
-        if k >= 0 and e.time_range.end <= ranges[k][1]:
-            a = acc.setdefault(e.name, [0.0, 0])
-            a[0] += e.self_cpu_time_total
-            a[1] += 1
-    return sorted(((k, round(v[0] / reps / 1e6, 6), v[1] // reps) for k, v in acc.items()), key=lambda r: -r[1])
-
-
 # ---- report -----------------------------------------------------------------------------------------
 def _mib(b: float) -> str:
     return f"{b / 2**20:,.1f}"
@@ -620,34 +432,6 @@ def print_table(results: list[dict]) -> None:
         ">= 0.8 (N=64)")
     row("mixed-path share of composed steps", [f"{statistics.mean(r['mixed_step_share']):.2f}"
                                                for r in results])
-    for r in results:
-        if "profile" in r:
-            print_profile(r["n"], r["profile"])
-
-
-def print_profile(n: int, p: dict) -> None:
-    st = p["step_s"]
-    print()
-    print(f"profile: one {p['rows']}-row decode step, N={n}, U={p['U']} active of {p['stack_adapters']} stacked "
-          f"({'gathered' if p['gathered'] else 'whole stack runs'}); mixed_weights build "
-          f"{p['mixed_weights_build_s'] * 1e3:.1f} ms (once per batch change)")
-    print(f"  generalist step        {st['generalist'] * 1e3:8.1f} ms")
-    print(f"  mixed step             {st['mixed'] * 1e3:8.1f} ms  ({st['mixed'] / st['generalist']:.2f}x G)")
-    print(f"  mixed, no adapters     {st['mixed_no_adapters'] * 1e3:8.1f} ms  "
-          f"({st['mixed_no_adapters'] / st['generalist']:.2f}x G)")
-    print(f"  per-linear parts over one step's {p['linears']} recorded linear inputs (no profiler):")
-    for k, v in p["parts_s"].items():
-        print(f"    {k:40}{v * 1e3:8.1f} ms")
-    print(f"  with the profiler on: {p['profiled_wall_s'] * 1e3:.1f} ms wall per step, of which ops' self time "
-          f"{p['profiled_ops_self_s'] * 1e3:.1f} ms (the rest: Python and dispatch)")
-    print("  profiled ranges per step (ms, profiler on): " +
-          ", ".join(f"{k} {v * 1e3:.1f}" for k, v in p["ranges_s"].items()))
-    print("  top ops, self CPU per step (ms, calls):")
-    for k, s, c in p["top_ops_s"]:
-        print(f"    {k:36}{s * 1e3:8.2f}{c:7d}")
-    print("  inside lowrank_delta (ms, calls):")
-    for k, s, c in p["lowrank_ops_s"][:10]:
-        print(f"    {k:36}{s * 1e3:8.2f}{c:7d}")
 
 
 def main() -> None:
@@ -664,8 +448,6 @@ def main() -> None:
                     help="capture the decode step for 1 and --streams rows first (the server's default on a CPU "
                     "in fp32), as `serve` would")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--profile", action="store_true", help="profile one mixed decode step for the largest N")
-    ap.add_argument("--profile-reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 is far steadier")
     ap.add_argument("--in-process", action="store_true",
@@ -690,12 +472,10 @@ def main() -> None:
         fd, tmp = tempfile.mkstemp(suffix=".json")
         os.close(fd)
         cmd = [sys.executable, "-m", "bench.lowrank_scale", "--n", str(n), "--child-out", tmp]
-        for k in ("rank", "scale", "tokens", "streams", "repeats", "multi_repeats", "profile_reps", "threads"):
+        for k in ("rank", "scale", "tokens", "streams", "repeats", "multi_repeats", "threads"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         if args.generalist:
             cmd += ["--generalist", args.generalist]
-        if args.profile and n == max(args.ns):
-            cmd += ["--profile"]
         if args.compile:
             cmd += ["--compile"]
         env = dict(os.environ)

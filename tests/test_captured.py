@@ -231,9 +231,13 @@ def test_bench_captured_smoke(peft_conf, tmp_path):  # noqa: F811
 
     out = tmp_path / "captured.json"
     assert main(["--smoke", "--config", str(peft_conf), "--streams", "1", "--modes", "generalist,constellation",
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--profile", "16"]) == 0
     res = json.loads(out.read_text())
     assert [(r["mode"], r["streams"]) for r in res["rows"]] == [("generalist", 1), ("constellation", 1)]
     for r in res["rows"]:
         assert r["same_tokens"] and r["eager_tok_s"] > 0 and r["captured_tok_s"] > 0 and r["bound_tok_s"] > 0
     assert set(res["compile_s"]) == {"1"}
+    prof = res["profile"]["1"]  # the graph called directly: its step, with attention, and its operators
+    assert 0 < prof["no_attention_ms"] and 0 < prof["attention_ms"] and prof["positions"] == 16
+    ops = {o["op"]: o for o in prof["ops"]}
+    assert ops["constellation::attend"]["calls"] > 0 and ops["constellation::lowrank"]["calls"] > 0
