@@ -16,14 +16,16 @@ stage() {  # name, seconds, device_check arguments
   echo "=== $name (limit ${limit} s): $*"
   timeout -k 10 "$limit" python3 -m bench.device_check "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  grep -v -i "warn" "$OUT/$name.log" | tail -n 40
+  grep -v "Warning" "$OUT/$name.log" | tail -n 40
   echo "=== $name: rc $rc, $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || fail=1
 }
+fail=0
 for s in "$@"; do
   case $s in
     env) nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
          python3 -c "import torch, pydantic, safetensors; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), 'pydantic', pydantic.__version__)" ;;
-    1b) stage 1b 200 --sizes 1b --weights bf16 --streams 1,16,64 ;;
+    1b) stage 1b 240 --sizes 1b --weights bf16 --streams 1,16,64 ;;
     1b-noplain) stage 1b-noplain 200 --sizes 1b --weights bf16 --streams 1,16,64 --plain off ;;
     1b-eager) stage 1b-eager 100 --sizes 1b --weights bf16 --streams 1,16,64 --no-compile ;;
     1b-quant) stage 1b-quant 100 --sizes 1b --weights int8,int4 --streams 1,16 --tokens 32 --no-compile ;;
@@ -32,3 +34,4 @@ for s in "$@"; do
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
+exit $fail

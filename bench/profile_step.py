@@ -35,13 +35,26 @@ class _Cached:
         return one_query_attention_bias(q, self.k, self.v, self.bias.expand(-1, G, -1), scale)
 
 
+def _call(fn, args):
+    if args[0].device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    return fn(*args)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time(fn, args, att, reps: int) -> float:
     with step_context(StepContext(att, None, args[0].shape[0])):
         for _ in range(3):
-            fn(*args)
+            _call(fn, args)
+        _sync(args[0].device)
         t = time.perf_counter()
         for _ in range(reps):
-            fn(*args)
+            _call(fn, args)
+        _sync(args[0].device)
         return (time.perf_counter() - t) / reps
 
 
@@ -59,7 +72,7 @@ def profile_graphs(c, graphs, positions: int, reps: int = 20, top: int = 12, log
         zeros_s, att_s = _time(fn, args, _Zeros(), reps), _time(fn, args, cached, reps)
         with step_context(StepContext(cached, None, B)), torch.profiler.profile() as prof:
             for _ in range(reps):
-                fn(*args)
+                _call(fn, args)
         ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
         out[str(B)] = {"positions": positions, "no_attention_ms": round(zeros_s * 1e3, 2),
                        "attention_ms": round(att_s * 1e3, 2),

@@ -240,4 +240,4 @@ def test_bench_captured_smoke(peft_conf, tmp_path):  # noqa: F811
     prof = res["profile"]["1"]  # the graph called directly: its step, with attention, and its operators
     assert 0 < prof["no_attention_ms"] and 0 < prof["attention_ms"] and prof["positions"] == 16
     ops = {o["op"]: o for o in prof["ops"]}
-    assert ops["constellation::attend"]["calls"] > 0 and ops["constellation::lowrank"]["calls"] > 0
+    assert ops["constellation::attend"]["calls"] > 0

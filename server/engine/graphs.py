@@ -91,8 +91,8 @@ class DecodeGraphs:
                 steps.append((CapturedStep(c.kernel, plain=True), self.plain, self.plain_seconds, ", G alone"))
             compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step.group_shapes(), *rest)
                         for step, *rest in steps]
-            for B in self.buckets:
-                for fn, shapes, ready, seconds, what in compiled:
+            for fn, shapes, ready, seconds, what in compiled:  # (every composed bucket first: they serve any row)
+                for B in self.buckets:
                     if self.catalog is not c:
                         return
                     t = self._compile(fn, shapes, B, dev, what)
@@ -130,8 +130,8 @@ class DecodeGraphs:
     def pick(self, c, rows: int, plain: bool) -> tuple[int | None, bool]:
         """The bucket a step of ``rows`` rows of catalog ``c`` runs (None: eager), and whether it runs
         G alone: a ready plain graph when the rows are all G's (``plain``), else the composed one."""
-        if c is not self.catalog:
-            return None, plain
+        if c is not self.catalog or (c.g.device.type == "cuda" and not self._built.is_set()):
+            return None, plain  # (on CUDA no replay while a build records: one graph-tree manager, two threads)
         fits = [b for b in self.buckets if b >= rows]
         if plain:
             b = next((b for b in fits if b in self.plain), None)
