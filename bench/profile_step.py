@@ -14,12 +14,8 @@ import time
 import torch
 
 from composer.attention import one_query_attention_bias
-from composer.captured import StepContext, step_context
-
-
-class _Zeros:
-    def attend(self, layer, q, k, v, scale):
-        return torch.zeros_like(q)
+from composer.captured import StepContext, factor_shapes, step_context
+from server.engine.graphs import _NoAttention, _new_step
 
 
 class _Cached:
@@ -36,8 +32,7 @@ class _Cached:
 
 
 def _call(fn, args):
-    if args[0].device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()
+    _new_step(args[0].device)
     return fn(*args)
 
 
@@ -62,14 +57,14 @@ def _time(fn, args, att, reps: int) -> float:
 def profile_graphs(c, graphs, positions: int, reps: int = 20, top: int = 12, log=print) -> dict:
     """Per ready bucket: step ms without and with attention, and the top operators (ms and calls per step)."""
     g, out = c.g, {}
-    shapes = [(int(o.max()) + 1, c.d) for i in sorted(c.kernel.blocks) for o in c.kernel.groups[i]]
+    shapes = factor_shapes(c.kernel, c.kernel.blocks)  # (the composed graph's factor inputs)
     for B, fn in sorted(graphs.ready.items()):
         dev = g.device
         args = (torch.zeros(B, 1, dtype=torch.long, device=dev),
                 torch.full((B, 1), positions, dtype=torch.long, device=dev),
                 [torch.ones(B, T, d, dtype=torch.float32, device=dev) for T, d in shapes])
         cached = _Cached(B, positions, g.mc.n_kv_heads, g.mc.head_dim, g.dtype, dev)
-        zeros_s, att_s = _time(fn, args, _Zeros(), reps), _time(fn, args, cached, reps)
+        zeros_s, att_s = _time(fn, args, _NoAttention(), reps), _time(fn, args, cached, reps)
         with step_context(StepContext(cached, None, B)), torch.profiler.profile() as prof:
             for _ in range(reps):
                 _call(fn, args)

@@ -219,8 +219,12 @@ class CapturedStep(torch.nn.Module):
 
     def group_shapes(self) -> list[tuple[int, int]]:
         """Per factor input: (T, d) of ``[B, T, d]``."""
-        d = self.kernel.c.d
-        return [(int(owner.max()) + 1, d) for i in sorted(self.blocks) for owner in self.kernel.groups[i]]
+        return factor_shapes(self.kernel, self.blocks)
+
+
+def factor_shapes(kernel: CatalogKernel, blocks) -> list[tuple[int, int]]:
+    """Per factor input of a captured step composing ``blocks``: (T, d) of ``[B, T, d]``."""
+    return [(int(owner.max()) + 1, kernel.c.d) for i in sorted(blocks) for owner in kernel.groups[i]]
 
 
 def block_factors(kernel: CatalogKernel, params: dict, B: int) -> list[torch.Tensor]:
