@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from composer import decode_kernel
 from composer.modes import CompositionParams
 from server.engine import KVPool, Limits, Request, SamplingParams, Sequence, SlotCache
 from server.engine.detokenizer import Detokenizer
@@ -201,31 +202,56 @@ def test_pool_packs_a_class_to_free_a_slab():
         pool.stage(Row(length=1), 64)
 
 
-@pytest.mark.parametrize("lengths,segments,max_len", [((5, 12, 30, 3, 40, 17), 3, 64), ((5, 12, 3, 7, 9, 2), 1, 64),
-                                                      ((5, 20, 30, 3, 40, 17), 5, 48)])
-def test_slab_decode_view_equals_one_padded_attention(lengths, segments, max_len):
-    """(A longest sequence of 48: slabs of 48 positions, whose 32-slot class leaves 16 unused.)"""
-    torch.manual_seed(0)
-    pool = KVPool(1, 2, 4, max_len, max_len * 6, torch.float32, "cpu", slab_tokens=max_len)
+def _slab_rows(lengths, max_len, n_kv, hd, dtype=torch.float32):
+    pool = KVPool(1, n_kv, hd, max_len, max_len * 6, dtype, "cpu", slab_tokens=max_len)
     rows = [Row(length=n) for n in lengths]
     for r in rows:
         pool.stage(r, r.length + 1)
         pool.promote(r)
         K, V = pool.kv(0, r)
-        K[:, :r.length] = torch.randn(2, r.length, 4)
-        V[:, :r.length] = torch.randn(2, r.length, 4)
-    order = pool.decode_order(rows)
+        K[:, :r.length] = torch.randn(n_kv, r.length, hd)
+        V[:, :r.length] = torch.randn(n_kv, r.length, hd)
+    return pool, pool.decode_order(rows)
+
+
+@pytest.mark.parametrize("hd", [4, 64])  # 64: the compiled CPU kernel (composer.decode_kernel); 4: PyTorch's ops
+@pytest.mark.parametrize("lengths,segments,max_len", [((5, 12, 30, 3, 40, 17), 3, 64), ((5, 12, 3, 7, 9, 2), 1, 64),
+                                                      ((5, 20, 30, 3, 40, 17), 5, 48)])
+def test_slab_decode_view_equals_one_padded_attention(lengths, segments, max_len, hd):
+    """(A longest sequence of 48: slabs of 48 positions, whose 32-slot class leaves 16 unused.)"""
+    torch.manual_seed(0)
+    pool, order = _slab_rows(lengths, max_len, 2, hd)
+    assert decode_kernel.available("cpu", torch.float32, hd, 2) == (hd == 64)
     assert len({r.slab for r in order}) > 1  # the rows sit in several slabs ...
     view = SlabDecodeView(pool, order, torch.tensor([r.length for r in order]))
     assert len(view.segments) == segments  # ... read as one view per class, adjacent full slabs together
-    q, k, v = torch.randn(6, 4, 1, 4), torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
+    q, k, v = torch.randn(6, 4, 1, hd), torch.randn(6, 2, 1, hd), torch.randn(6, 2, 1, hd)
     got = view.attend(0, q, k, v, 0.5)
     for b, r in enumerate(order):
         K, V = pool.kv(0, r)
         assert torch.equal(K[:, r.length], k[b, :, 0]) and torch.equal(V[:, r.length], v[b, :, 0])
-        want = torch.softmax((q[b].view(2, 2, 4) @ K[:, :r.length + 1].transpose(-1, -2)) * 0.5, -1) \
+        want = torch.softmax((q[b].view(2, 2, hd) @ K[:, :r.length + 1].transpose(-1, -2)) * 0.5, -1) \
             @ V[:, :r.length + 1]
-        assert torch.allclose(got[b], want.reshape(4, 1, 4), atol=1e-6)
+        assert torch.allclose(got[b], want.reshape(4, 1, hd), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_kernel_matches_the_pytorch_path_in_half_precision(dtype, monkeypatch):
+    """The kernel (9 query heads over 3 key/value heads, the demo's) against the PyTorch operators
+    on the same half-precision cache: the same keys written, outputs within one rounding."""
+    lengths = (5, 12, 30, 3, 40, 17, 63)
+    outs, caches = [], []
+    for on in (True, False):
+        monkeypatch.setattr(decode_kernel, "enabled", on)
+        torch.manual_seed(0)
+        pool, order = _slab_rows(lengths, 64, 3, 64, dtype)
+        q, k, v = (torch.randn(len(lengths), h, 1, 64).to(dtype) for h in (9, 3, 3))
+        assert decode_kernel.available("cpu", dtype, 64, 3) == on
+        outs.append(SlabDecodeView(pool, order, torch.tensor([r.length for r in order])).attend(0, q, k, v, 0.125))
+        caches.append((pool.k[0].clone(), pool.v[0].clone()))
+    assert outs[0].dtype == dtype
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert torch.allclose(outs[0].float(), outs[1].float(), atol=1e-2, rtol=1e-2)
 
 
 # ---- scheduler -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from composer import decode_kernel
 from composer.attention import one_query_attention_bias
 from .kv_cache import SlotCache
 
@@ -279,7 +280,7 @@ class SlabDecodeView:
         device = lengths.device
         kv = pool.n_kv
         per = pool.slab_tokens * kv  # rows of head_dim per slab
-        base, step = [], []
+        base, step, meta = [], [], []
         segs: list[_Segment] = []
         start = 0
         while start < len(rows):
@@ -302,6 +303,8 @@ class SlabDecodeView:
             for r in rows[start:end]:
                 base.append(slab.index * per + r.slot * kv * slab.cap + r.length)
                 step.append(slab.cap)
+                meta.append(((slab.index * per + r.slot * kv * slab.cap) * pool.head_dim,
+                             slab.cap * pool.head_dim, r.length + 1))
             start = end
         self.segments = []
         for seg in segs:
@@ -315,11 +318,15 @@ class SlabDecodeView:
         self.flat = (torch.tensor(base, device=device)[:, None]
                      + heads * torch.tensor(step, device=device)[:, None]).flatten()  # [B * H_kv]
         self.shape = (kv, pool.head_dim)
+        # the CPU kernel's places per row: offset of head 0, stride between heads, positions after the write
+        self.meta = torch.tensor(meta, dtype=torch.int64) if device.type == "cpu" else None
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write each row's key/value ``k``/``v`` [B, H_kv, 1, hd] and attend its query ``q`` [B, H, 1, hd]."""
         pk, pv = self.pool.k[i], self.pool.v[i]
         kv, hd = self.shape
+        if self.meta is not None and decode_kernel.available(pk.device, pk.dtype, hd, q.shape[1] // kv):
+            return decode_kernel.attend(q, k, v, pk, pv, self.meta, scale)
         pk.view(-1, hd).index_copy_(0, self.flat, k.reshape(-1, hd).to(pk.dtype))
         pv.view(-1, hd).index_copy_(0, self.flat, v.reshape(-1, hd).to(pv.dtype))
         G = q.shape[1] // kv
