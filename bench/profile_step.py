@@ -13,21 +13,26 @@ import time
 
 import torch
 
+from composer import decode_kernel
 from composer.attention import one_query_attention_bias
 from composer.captured import StepContext, factor_shapes, step_context
 from server.engine.graphs import _NoAttention, _new_step
 
 
 class _Cached:
-    """Attention of each row over ``S`` cached positions (the engine's decode kernel, fixed K/V)."""
+    """Attention of each row over ``S`` cached positions, as the engine's decode step runs it (the CPU
+    kernel, ``composer.decode_kernel``, where it runs; else PyTorch's operators), random keys/values."""
 
     def __init__(self, B: int, S: int, kv: int, hd: int, dtype, device):
         self.k = torch.randn(B, kv, S, hd, dtype=dtype, device=device)
         self.v = torch.randn(B, kv, S, hd, dtype=dtype, device=device)
         self.bias = torch.zeros(B * kv, 1, S, device=device)
+        self.meta = torch.tensor([[b * kv * S * hd, S * hd, S] for b in range(B)], dtype=torch.int64)
 
     def attend(self, layer, q, k, v, scale):
         G = q.shape[1] // self.k.shape[1]
+        if decode_kernel.available(self.k.device, self.k.dtype, self.k.shape[-1], G):
+            return decode_kernel.attend(q, k, v, self.k, self.v, self.meta[:q.shape[0]], scale)
         return one_query_attention_bias(q, self.k, self.v, self.bias.expand(-1, G, -1), scale)
 
 

@@ -287,16 +287,17 @@ class _BlockParams(BlockApply):
         rows, ks, wp = pairs
         U, m = rows.shape
         R, T, n_in = x.shape
-        st = term.stack
-        if U == st.A.shape[0]:
-            A, Bt = st.A, st.Bt
-        else:
-            A, Bt = st.A.index_select(0, ks), st.Bt.index_select(0, ks)
+        A, Bt = term.stack.products()  # (fp32 copies of a half-precision stack on a CPU)
+        if U != A.shape[0]:
+            A, Bt = A.index_select(0, ks), Bt.index_select(0, ks)
         wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
-        xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in)
+        xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in).to(A.dtype)
         if term.side == "in":
             xg = scaled(xg, wp)
         yp = torch.bmm(torch.bmm(xg.view(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, -1)
         if term.side != "in":
             yp = scaled(yp, wp)
-        return y.index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
+        if yp.dtype == y.dtype:
+            return y.index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
+        delta = yp.new_zeros((R,) + tuple(y.shape[1:])).index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
+        return y.add_(delta)  # (a row's adapters summed in fp32, added to y rounded once)

@@ -162,6 +162,9 @@ class Constellation:
             lr.nbytes for s in self.specialists for lr in s.lowrank.values())
         if padding > 0:  # zero rows of adapters of unequal rank stacked for one weight
             out["adapter_padding"] = padding
+        wide = sum(x.extra_bytes for st in self.stacks.values() for x in st.values())
+        if wide:  # fp32 copies of half-precision stacks for the CPU's batched products
+            out["adapter_fp32_copies"] = wide
         return out
 
     # ---- the generalist pass ------------------------------------------------------------------

@@ -8,7 +8,7 @@ delta applied to an input ``x [..., in]`` is always ``(x @ A.T) @ B.T``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +63,23 @@ class Stack:
     sources: torch.Tensor  # long [Na]: index of each stacked adapter among the composition's sources
     A: torch.Tensor  # [Na, r, in]
     Bt: torch.Tensor  # [Na, r, out]
+    wide: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        # On a CPU, half-precision stacks get fp32 copies for the batched products: PyTorch's bf16
+        # ``bmm`` of these small batches costs ~4x its fp32 one there (40-58 µs against 9-10 at the
+        # demo's shapes, docs/benchmarks.md), and fp32 keeps the rank-r intermediate unrounded.
+        if self.wide is None and self.A.device.type == "cpu" and self.A.dtype in (torch.bfloat16, torch.float16):
+            object.__setattr__(self, "wide", (self.A.float(), self.Bt.float()))
+
+    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``Bt`` as the batched products take them (the fp32 copies where there are)."""
+        return self.wide if self.wide is not None else (self.A, self.Bt)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the fp32 copies (0 without)."""
+        return sum(t.numel() * t.element_size() for t in self.wide) if self.wide is not None else 0
 
     @staticmethod
     def build(entries: list[tuple[int, LowRank]]) -> "Stack":
@@ -148,17 +165,16 @@ def segmented_delta(x: torch.Tensor, st: Stack, seg: Segments, wp: torch.Tensor,
     """
     B, T, n_in = x.shape
     U, m = seg.rows.shape
-    if U == st.A.shape[0]:
-        A, Bt = st.A, st.Bt
-    else:
-        A, Bt = st.A.index_select(0, seg.ks), st.Bt.index_select(0, seg.ks)
+    A, Bt = st.products()
+    if U != A.shape[0]:
+        A, Bt = A.index_select(0, seg.ks), Bt.index_select(0, seg.ks)
     n_out = Bt.shape[2]
-    xg = torch.cat([x, x.new_zeros(1, T, n_in)])[seg.rows]  # [U, m, T, in]
-    if how == "in":  # the weights multiply in fp32, rounded once to the activations' dtype
-        xg = (xg * wp).to(x.dtype)
+    xg = torch.cat([x, x.new_zeros(1, T, n_in)])[seg.rows].to(A.dtype)  # [U, m, T, in]
+    if how == "in":  # the weights multiply in fp32, rounded once to the products' dtype
+        xg = (xg * wp).to(A.dtype)
     yp = torch.bmm(torch.bmm(xg.reshape(U, m * T, n_in), A.transpose(1, 2)), Bt).view(U, m, T, n_out)
     if how != "in":
-        yp = (yp * wp).to(x.dtype)
-    out = x.new_zeros(B + 1, T, n_out)
+        yp = (yp * wp).to(A.dtype)
+    out = x.new_zeros(B + 1, T, n_out, dtype=A.dtype)  # (rows' adapters summed in the products' dtype)
     out.index_add_(0, seg.rows.flatten(), yp.reshape(U * m, T, n_out))
-    return out[:B]
+    return out[:B].to(x.dtype)
