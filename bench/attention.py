@@ -12,6 +12,10 @@ against a plain per-row softmax (max |Δ|) and timed (median ms per layer call):
   memory is ``rows x max_len`` whatever the rows hold;
 - ``slabs``: ``server.engine.kv_pool`` — slots of a few capacities (16, 32, ... positions), one
   strided view per slab, the slabs' results concatenated: no copy, padding < one class per row;
+  attended by the compiled CPU kernel (``composer.decode_kernel``: one call per layer, no padding
+  read at all), as the engine does;
+- ``slabs (ops)``: the same slabs through PyTorch's operators (``CONSTELLATION_DECODE_KERNEL=0``,
+  and what runs on CUDA);
 - ``paged (pairs)``: vLLM's layout (blocks of 16 positions in a shared pool, a block table per row)
   in plain PyTorch: each step gathers the rows' blocks (``index_select``), scores every (row, block)
   pair in one batched matmul and takes the softmax over each row's pairs — no padding past a block,
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from composer import decode_kernel
 from composer.attention import one_query_attention
 from server.engine.kv_pool import KVPool, SlabDecodeView
 from server.engine.types import Row
@@ -100,7 +105,16 @@ def candidates(lengths: list[int]):
     kn = torch.stack([keys[b][:, -1:] for b in perm])
     vn = torch.stack([vals[b][:, -1:] for b in perm])
     inv, qp = torch.tensor(perm).argsort(), q[perm]
-    out["slabs"] = lambda: view.attend(0, qp, kn, vn, 1 / 8)[inv]
+    out["slabs"] = lambda: view.attend(0, qp, kn, vn, 1 / 8)[inv]  # (the compiled CPU kernel where it runs)
+
+    def slabs_ops():
+        was, decode_kernel.enabled = decode_kernel.enabled, False
+        try:
+            return view.attend(0, qp, kn, vn, 1 / 8)[inv]
+        finally:
+            decode_kernel.enabled = was
+
+    out["slabs (ops)"] = slabs_ops
     # paged
     nb = sum(n // BS + 1 for n in lengths) + 1
     pk, pv = torch.zeros(nb, HKV, BS, HD), torch.zeros(nb, HKV, BS, HD)

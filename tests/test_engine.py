@@ -248,5 +248,5 @@ def test_attention_bench_smoke():
 
     res = measure(1, cases={"4 x 20": [20] * 4, "3 x 10 + 1 x 70": [10, 10, 10, 70]})
     for row in res.values():
-        for name in ("slot (padded)", "slabs", "paged (pairs)", "paged (padded)"):
+        for name in ("slot (padded)", "slabs", "slabs (ops)", "paged (pairs)", "paged (padded)"):
             assert row[name]["max_err"] < 1e-5 and row[name]["ms"] > 0
