@@ -25,6 +25,10 @@ from .quant import QuantizedWeight
 from .signatures import SIGNATURES, PassRecord, in_pass_signatures
 from .weights import Difference, diff_params, specialist_difference
 
+# fp32 copies of half-precision adapter stacks (a CPU's faster batched products) are kept when they
+# take at most this share of the generalist's bytes; above it the products run in the stacks' dtype
+WIDE_SHARE = 0.25
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -135,6 +139,12 @@ class Constellation:
                 for k, (s, lr) in enumerate(entries if share else []):
                     spec = self.specialists[s - 1]
                     spec.set_lowrank(self.g.arch.layer_name(i, name), st.view(k, lr.rank))
+        every = [st for by_name in stacks.values() for st in by_name.values() if st.widenable]
+        g_bytes = sum(x.numel() * x.element_size() for t in self.g.params.values()
+                      for x in (t.tensors() if isinstance(t, QuantizedWeight) else [t]))
+        if sum(2 * (st.A.numel() + st.Bt.numel()) * st.A.element_size() for st in every) <= WIDE_SHARE * g_bytes:
+            for st in every:  # fp32 copies for the CPU's batched products, where they cost little
+                st.widen()
         return stacks
 
     # ---- facts --------------------------------------------------------------------------------

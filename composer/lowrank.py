@@ -65,11 +65,17 @@ class Stack:
     Bt: torch.Tensor  # [Na, r, out]
     wide: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self):
-        # On a CPU, half-precision stacks get fp32 copies for the batched products: PyTorch's bf16
-        # ``bmm`` of these small batches costs ~4x its fp32 one there (40-58 µs against 9-10 at the
-        # demo's shapes, docs/benchmarks.md), and fp32 keeps the rank-r intermediate unrounded.
-        if self.wide is None and self.A.device.type == "cpu" and self.A.dtype in (torch.bfloat16, torch.float16):
+    @property
+    def widenable(self) -> bool:
+        """Whether fp32 copies would speed the batched products: half-precision factors on a CPU,
+        where PyTorch's bf16 ``bmm`` of these small batches costs ~4x its fp32 one (40-58 µs against
+        9-10 at the demo's shapes, docs/benchmarks.md)."""
+        return self.A.device.type == "cpu" and self.A.dtype in (torch.bfloat16, torch.float16)
+
+    def widen(self) -> None:
+        """Keep fp32 copies of the factors for the batched products (``products``), which then also
+        keep the rank-r intermediate unrounded."""
+        if self.wide is None and self.widenable:
             object.__setattr__(self, "wide", (self.A.float(), self.Bt.float()))
 
     def products(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,15 +216,18 @@ def test_generalist_signature_is_exact_where_only_the_last_writer_differs(built)
 
 @pytest.mark.parametrize("how", ["in", "out", "mean"])
 def test_half_precision_stacks_multiply_in_fp32_on_a_cpu(how):
-    """A bf16 stack keeps fp32 copies for the batched products (bf16 ``bmm`` of such small batches is
-    ~4x slower on a CPU): each row's delta is its adapters' fp32 products rounded once, and an fp32
-    stack has no copies."""
+    """A widened bf16 stack keeps fp32 copies for the batched products (bf16 ``bmm`` of such small
+    batches is ~4x slower on a CPU): each row's delta is its adapters' fp32 products rounded once, and
+    an fp32 stack has no copies."""
     from composer.lowrank import Segments, Stack, segment_weights, segmented_delta
 
     torch.manual_seed(0)
     lrs = [LowRank(torch.randn(r, 24) / 5, torch.randn(24, r) / 5) for r in (4, 8, 8)]  # (d = in = out)
     half = Stack.build([(1 + k, LowRank(lr.A.bfloat16(), lr.B.bfloat16())) for k, lr in enumerate(lrs)])
     full = Stack.build([(1 + k, LowRank(lr.A.bfloat16().float(), lr.B.bfloat16().float())) for k, lr in enumerate(lrs)])
+    assert half.wide is None and half.widenable and not full.widenable
+    half.widen()
+    full.widen()  # (fp32: nothing to copy)
     assert full.wide is None and full.products() == (full.A, full.Bt) and full.extra_bytes == 0
     A, Bt = half.products()
     assert A.dtype == Bt.dtype == torch.float32 and torch.equal(A, full.A) and torch.equal(Bt, full.Bt)
@@ -237,3 +240,34 @@ def test_half_precision_stacks_multiply_in_fp32_on_a_cpu(how):
         want = segmented_delta(x.float(), full, seg, segment_weights(weights, full, seg, how), how)
         assert got.dtype == torch.bfloat16 and got.abs().sum() > 0
         assert torch.equal(got, want.bfloat16())  # the same fp32 arithmetic, rounded once
+
+
+@pytest.mark.parametrize("share", [0.0, 100.0])
+def test_bf16_stacks_widen_only_within_their_memory_share(pair, share, monkeypatch):
+    """A bf16 constellation keeps fp32 copies of its stacks only when they take at most
+    ``WIDE_SHARE`` of G's bytes (``resident_bytes`` says how much); either way it composes the same
+    model within bf16's tolerance."""
+    import composer.constellation as cm
+
+    lr, _, ids, am, ads = pair
+    monkeypatch.setattr(cm, "WIDE_SHARE", share)
+    half = lambda t: t.bfloat16() if t.is_floating_point() else t  # noqa: E731
+    g = Transformer(lr.g.mc, lr.g.arch, {k: half(v) for k, v in lr.g.params.items()})
+    specs = {d: adapter_model(g, {n: LowRank(half(f.A), half(f.B)) for n, f in low.items()},
+                              {n: half(t) for n, t in dense.items()}) for d, (low, dense) in ads.items()}
+    c = Constellation(g, specs, lr.basis.to(torch.float64), lr.settings)
+    stacks = [st for by_name in c.stacks.values() for st in by_name.values()]
+    rb = c.resident_bytes()
+    if share:
+        assert all(st.wide is not None for st in stacks)
+        assert rb["adapter_fp32_copies"] == sum(2 * (st.A.numel() + st.Bt.numel()) * 2 for st in stacks)
+    else:
+        assert all(st.wide is None for st in stacks) and "adapter_fp32_copies" not in rb
+    gp = c.generalist_pass(ids, am)
+    plans = [c.plan(gp, b, CompositionParams(mode="constellation")) for b in range(len(PROMPTS))]
+    got = c.composed_logits(gp, plans, "batch")
+    gl = lr.generalist_pass(ids, am)
+    want = lr.composed_logits(gl, [lr.plan(gl, b, CompositionParams(mode="constellation"))
+                                   for b in range(len(PROMPTS))], "batch")
+    scale = float((want * am[..., None]).abs().max())
+    assert _err(got.float(), want, am) <= 0.05 * scale
