@@ -287,9 +287,7 @@ class _BlockParams(BlockApply):
         rows, ks, wp = pairs
         U, m = rows.shape
         R, T, n_in = x.shape
-        A, Bt = term.stack.products()  # (fp32 copies of a half-precision stack on a CPU)
-        if U != A.shape[0]:
-            A, Bt = A.index_select(0, ks), Bt.index_select(0, ks)
+        A, Bt = term.stack.products(ks)  # (fp32 copies of a half-precision stack on a CPU)
         wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
         xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in).to(A.dtype)
         if term.side == "in":

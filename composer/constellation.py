@@ -21,7 +21,7 @@ from .lowrank import Stack
 from .model import Context, KVCache, LayerParams, Transformer
 from .modes import Calibrated, CompositionParams, ModeInput, Plan, validate
 from .policies import get_policy
-from .quant import QuantizedWeight
+from .quant import held_bytes
 from .signatures import SIGNATURES, PassRecord, in_pass_signatures
 from .weights import Difference, diff_params, specialist_difference
 
@@ -140,9 +140,7 @@ class Constellation:
                     spec = self.specialists[s - 1]
                     spec.set_lowrank(self.g.arch.layer_name(i, name), st.view(k, lr.rank))
         every = [st for by_name in stacks.values() for st in by_name.values() if st.widenable]
-        g_bytes = sum(x.numel() * x.element_size() for t in self.g.params.values()
-                      for x in (t.tensors() if isinstance(t, QuantizedWeight) else [t]))
-        if sum(2 * (st.A.numel() + st.Bt.numel()) * st.A.element_size() for st in every) <= WIDE_SHARE * g_bytes:
+        if sum(4 * (st.A.numel() + st.Bt.numel()) for st in every) <= WIDE_SHARE * held_bytes(self.g.params.values()):
             for st in every:  # fp32 copies for the CPU's batched products, where they cost little
                 st.widen()
         return stacks
@@ -155,16 +153,7 @@ class Constellation:
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held per part: the generalist, and per specialist only the tensors that differ."""
         seen: set[int] = set()
-
-        def size(tensors):
-            total = 0
-            for t in [x for t in tensors for x in (t.tensors() if isinstance(t, QuantizedWeight) else [t])]:
-                key = t.untyped_storage().data_ptr()
-                if key not in seen:
-                    seen.add(key)
-                    total += t.untyped_storage().nbytes()
-            return total
-
+        size = lambda tensors: held_bytes(tensors, seen)  # noqa: E731 - each storage counted once overall
         out = {"generalist": size(self.g.params.values())}
         for dname, s in zip(self.domains, self.specialists):  # adapter factors: their share of the stacks
             out[dname] = size(s.params.values()) + sum(lr.nbytes for lr in s.lowrank.values())

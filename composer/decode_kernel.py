@@ -4,16 +4,17 @@ The plain-PyTorch path (``composer.attention.one_query_attention_bias``) costs a
 layer: upcast copies of the keys and values, a batched matmul of ``rows x H_kv`` tiny products, the
 softmax, a second batched matmul and the writes of the new keys/values. On a 2-core CPU that was
 ~290 µs a layer at 16 rows of 100 positions, where reading their bf16 keys and values takes ~40 µs;
-this kernel takes ~100 (docs/benchmarks.md). It does the whole layer in one call: for every (row, key/value head) it writes the row's
-new key and value at its position, scores the head's group of queries against the row's keys in
-fp32 (``at::vec``), takes the softmax and sums the values, then rounds once to the cache's dtype;
-the (row, head) pairs run in parallel on PyTorch's own OpenMP threads.
+this kernel takes ~100 (docs/benchmarks.md). It does the whole layer in one call: for every
+(row, key/value head) it writes the row's new key and value at its position, scores the head's group
+of queries against the row's keys in fp32 (``at::vec``), takes the softmax and sums the values, then
+rounds once to the cache's dtype; the (row, head) pairs run in parallel on PyTorch's own OpenMP
+threads.
 
 It is C++ compiled by PyTorch's inductor (``CppPythonBindingsCodeCache``: the compiler, flags, vector
-ISA and on-disk cache ``torch.compile`` uses for its own CPU kernels), once per dtype, on first use.
-``available(dtype, head_dim)`` says whether it can run (a CPU tensor, a C++ compiler, a head width
-that is a whole number of vectors); otherwise callers keep the PyTorch path, which also runs on
-CUDA.
+ISA and on-disk cache ``torch.compile`` uses for its own CPU kernels), once per (dtype, head width,
+query heads per key/value head), on first use. ``available(device, dtype, head_dim, group)`` says
+whether it can run (a CPU cache, a C++ compiler, a head width that is a whole number of vectors);
+otherwise callers keep the PyTorch path, which also runs on CUDA.
 """
 
 from __future__ import annotations

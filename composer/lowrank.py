@@ -78,9 +78,13 @@ class Stack:
         if self.wide is None and self.widenable:
             object.__setattr__(self, "wide", (self.A.float(), self.Bt.float()))
 
-    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` and ``Bt`` as the batched products take them (the fp32 copies where there are)."""
-        return self.wide if self.wide is not None else (self.A, self.Bt)
+    def products(self, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``Bt`` of stack entries ``ks`` (ascending) as the batched products take them: the
+        fp32 copies where there are; the whole stack, not gathered, when ``ks`` is every entry."""
+        A, Bt = self.wide if self.wide is not None else (self.A, self.Bt)
+        if ks.numel() == A.shape[0]:
+            return A, Bt
+        return A.index_select(0, ks), Bt.index_select(0, ks)
 
     @property
     def extra_bytes(self) -> int:
@@ -171,9 +175,7 @@ def segmented_delta(x: torch.Tensor, st: Stack, seg: Segments, wp: torch.Tensor,
     """
     B, T, n_in = x.shape
     U, m = seg.rows.shape
-    A, Bt = st.products()
-    if U != A.shape[0]:
-        A, Bt = A.index_select(0, seg.ks), Bt.index_select(0, seg.ks)
+    A, Bt = st.products(seg.ks)
     n_out = Bt.shape[2]
     xg = torch.cat([x, x.new_zeros(1, T, n_in)])[seg.rows].to(A.dtype)  # [U, m, T, in]
     if how == "in":  # the weights multiply in fp32, rounded once to the products' dtype

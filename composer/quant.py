@@ -245,3 +245,16 @@ def quantize_model(g, fmt: str, group: int = 32, step=None) -> None:
     g.replace_params({n: quantize_int8(g.params[n]) for n in heads if isinstance(g.params[n], torch.Tensor)})
     g.packed.clear()
     g.weights_format, g.weights_group = fmt, (group if fmt == "int4" else None)
+
+
+def held_bytes(tensors, seen: set[int] | None = None) -> int:
+    """Bytes of the storages behind ``tensors`` (a quantized weight: its packed tensors), each storage
+    counted once (also across calls that share ``seen``)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in [x for t in tensors for x in (t.tensors() if isinstance(t, QuantizedWeight) else [t])]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total

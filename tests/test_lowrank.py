@@ -228,8 +228,9 @@ def test_half_precision_stacks_multiply_in_fp32_on_a_cpu(how):
     assert half.wide is None and half.widenable and not full.widenable
     half.widen()
     full.widen()  # (fp32: nothing to copy)
-    assert full.wide is None and full.products() == (full.A, full.Bt) and full.extra_bytes == 0
-    A, Bt = half.products()
+    every = torch.arange(3)
+    assert full.wide is None and full.products(every) == (full.A, full.Bt) and full.extra_bytes == 0
+    A, Bt = half.products(every)
     assert A.dtype == Bt.dtype == torch.float32 and torch.equal(A, full.A) and torch.equal(Bt, full.Bt)
     assert half.extra_bytes == 2 * (half.A.numel() * 2 + half.Bt.numel() * 2)
     weights = torch.rand(4, 4, 24)  # [B, S, d]: sources 1..3 the adapters
