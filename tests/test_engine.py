@@ -9,6 +9,7 @@ import torch
 
 from composer.modes import CompositionParams
 from server.engine import Engine, Limits, Request, SamplingParams
+from server.engine.kv_cache import padded_groups
 
 COMPS = [{"mode": "constellation"}, {"mode": "logit"}, {"mode": "generalist"},
          {"mode": "weights", "weights": {"legal": 0.5, "code": 0.5}}]
@@ -124,15 +125,22 @@ def test_waiting_prompts_are_prefilled_together(loaded):
     try:
         prompts = [_ids(loaded, 3 + 2 * i, 10 + i) for i in range(4)]
         want = [_library(loaded, p, c, 4)[0] for p, c in zip(prompts, COMPS)]
-        sizes = []
+        calls = []
         inner = run.engine.runner.generalist_chunk
-        run.engine.runner.generalist_chunk = lambda batch: (sizes.append(len(batch)), inner(batch))
+        run.engine.runner.generalist_chunk = lambda batch: (
+            calls.append((run.engine.prefill_steps, sorted(n for _, n in batch))), inner(batch))
         run.engine.call(lambda: None)  # the loop is up
         with run.engine.lock:  # all four wait before the engine looks
             qs = [run.submit(p, c, 4) for p, c in zip(prompts, COMPS)]
         got = [Run.collect(q)[0][0] for q in qs]
         assert got == want
-        assert sizes == [4]  # the four prompts went through G in one batch
+        assert len({step for step, _ in calls}) == 1  # all four went through G in the same step,
+        lengths = sorted(len(p) for p in prompts)  # in batches of like lengths (padding bounded)
+        want_groups = [[n for _, n in g] for g in padded_groups([(None, n) for n in lengths])]
+        assert [b for _, b in calls] == want_groups and sum(map(len, want_groups)) == 4
+        assert len(padded_groups([(None, n) for n in [3, 5, 7, 9]])) == 1  # short ones: one batch
+        assert [[n for _, n in g] for g in padded_groups([(None, n) for n in [12, 13, 14, 30, 31, 90]])] == [
+            [12, 13, 14], [30, 31], [90]]
     finally:
         run.engine.stop()
 

@@ -324,6 +324,19 @@ def test_scheduler_budget_follows_measurements():
     assert split_budget([30, 50, 10], 60) == [30, 30, 0]
 
 
+def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():
+    s = _sched(Limits(max_running=64, prefill_chunk_min=8, prefill_chunk_max=256))
+    s.update_from_output(ModelOutput(prefill_cost=100, prefill_seconds=1.0, decode_seconds=0.1))  # budget 10
+    _running(s, 20, 1)
+    s.add(_req(40))
+    plan = s.schedule()  # one row waits for its first token, one decodes: the decoding row's pace
+    assert [share for _, share in plan.prefill] == [10]
+    plan.prefill[0][0].done = 10
+    s.add(_req(40)), s.add(_req(40))
+    plan = s.schedule()  # three rows wait for their first token, one decodes: all of them at once
+    assert [share for _, share in plan.prefill] == [30, 40, 40]
+
+
 # ---- sampler ------------------------------------------------------------------------------------
 class _Seq:
     def __init__(self, params, tokens=(), eos=(), seed=None):

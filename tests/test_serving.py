@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from server.engine import Event, Limits, QueueFull
 from server.engine.types import PlanSummary
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import APIError, content_spans, error_body, span_mask, sse, usage
+from server.serving_batch import Outbox
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 
@@ -46,6 +48,7 @@ class FakeEngine:
     def __init__(self, events=(), exc=None):
         self.events, self.exc, self.requests = list(events), exc, []
         self.c = _c()
+        self.outboxes = []  # (never held: every event is handed over at once)
 
     def submit(self, req):
         if self.exc:
@@ -271,3 +274,32 @@ def test_a_full_queue_is_429_with_retry_after():
         _run(s, CompletionRequest(prompt="ab"))
     assert (e.value.status, e.value.code, e.value.headers) == (429, "queue_full", {"Retry-After": "1"})
 
+
+
+def test_a_steps_events_reach_the_loop_in_one_wake_up():
+    async def go():
+        loop = asyncio.get_running_loop()
+        engine = SimpleNamespace(outboxes=[])
+        box = Outbox.of(engine, loop)
+        assert Outbox.of(engine, loop) is box and engine.outboxes == [box]
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(a), real(*a))[1]
+        q: asyncio.Queue = asyncio.Queue()
+
+        def step(items):  # the engine's thread: a step holds its events
+            box.hold()
+            for i in items:
+                box.put(q, i)
+            box.release()
+
+        threading.Thread(target=step, args=(range(16),)).start()
+        assert [await asyncio.wait_for(q.get(), 5) for _ in range(16)] == list(range(16))
+        assert len(wakes) == 1
+        threading.Thread(target=box.put, args=(q, "outside a step")).start()  # handed over at once
+        assert await asyncio.wait_for(q.get(), 5) == "outside a step" and len(wakes) == 2
+        threading.Thread(target=step, args=((),)).start()  # a step without events wakes nobody
+        await asyncio.sleep(0.05)
+        assert len(wakes) == 2 and q.empty()
+
+    asyncio.run(go())

@@ -58,6 +58,9 @@ class Engine(CatalogSwitch, OutputProcessor):
         self.runner = ModelRunner(self.pool, self.plan_for)
         self.scheduler.signature_fraction = self.runner.signature_fraction
         self.inputs: deque[EngineInput] = deque()
+        # sinks whose deliveries a step holds (``hold()``, ``release()``): a step's events reach each
+        # consumer (the web server's event loop) in one wake-up, not one per event (``serving_batch``)
+        self.outboxes: list = []
         self.lock = threading.Condition()
         self.queued = 0  # requests submitted and not yet admitted (the 429 bound)
         self.draining = False
@@ -218,6 +221,9 @@ class Engine(CatalogSwitch, OutputProcessor):
 
     def _iterate(self, poll_s: float | None) -> None:
         while self._wait_for_work(poll_s):
+            outboxes = list(self.outboxes)
+            for box in outboxes:
+                box.hold()
             try:
                 self._process_inputs()
                 swapping = self._swap_if_quiet()
@@ -230,6 +236,9 @@ class Engine(CatalogSwitch, OutputProcessor):
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
                     self._finish(seq, None, error=f"internal error: {type(e).__name__}: {e}")
+            finally:
+                for box in outboxes:
+                    box.release()
             self._gauges()
 
     def _process_inputs(self) -> None:

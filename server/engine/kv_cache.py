@@ -161,6 +161,27 @@ class ScratchStore:
         return (self.k[i], self.v[i]) if i in self.k else self.inner.kv(i)
 
 
+PAD_WASTE = 0.2  # a prefill batch may compute up to this share more than its tokens in padding,
+PAD_FLOOR = 32  # or this many positions (below it, another pass through the weights costs more)
+
+
+def padded_groups(batch: list[tuple[object, int]], waste: float = PAD_WASTE,
+                  floor: int = PAD_FLOOR) -> list[list[tuple[object, int]]]:
+    """``(job, tokens)`` pairs split into batches for ``ChunkView``: a batch pads every prompt to
+    its longest, so prompts of like lengths go together (shortest first), a new batch starting where
+    the padding would exceed both ``waste`` of the tokens and ``floor`` positions. (A burst of 15
+    prompts of 12-30 tokens: 450 padded positions in one batch, 315 in three.)"""
+    groups: list[list[tuple[object, int]]] = []
+    cur: list[tuple[object, int]] = []
+    for job, n in sorted(batch, key=lambda b: b[1]):
+        tokens = sum(m for _, m in cur) + n
+        if cur and n * (len(cur) + 1) - tokens > max(waste * tokens, floor):
+            groups.append(cur)
+            cur = []
+        cur.append((job, n))
+    return groups + [cur] if cur else groups
+
+
 class ChunkView:
     """A prefill chunk of several rows: row b's ``lens[b]`` new tokens go to positions
     ``starts[b]..starts[b]+lens[b]-1`` of its store; attention reads positions ``0..span-1``."""

@@ -34,7 +34,7 @@ from composer.batch import RowWeights
 from composer.captured import block_factors
 from composer.constellation import Constellation, GeneralistPass
 from composer.signatures import in_pass_signatures, specialist_abs_sum
-from .kv_cache import ChunkView, ScratchStore, SlotStore
+from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
 from .kv_pool import KVPool, SlabDecodeView
 from .types import NeedSignature, PendingSignatures, PlanSummary, Request, Row, Sequence, SignatureWork
 
@@ -133,7 +133,7 @@ class ModelRunner:
                     batches.setdefault(id(job.c), []).append((job, int(share)))
             elif share > 0:
                 self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
-        for batch in batches.values():
+        for batch in (g for b in batches.values() for g in padded_groups(b)):
             if self._guard(out, [j for j, _ in batch], lambda batch=batch: self.generalist_chunk(batch)):
                 out.prefill_cost += sum(n for _, n in batch)
         failed = {id(j) for j, _ in out.failed}

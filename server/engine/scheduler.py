@@ -103,7 +103,7 @@ class Scheduler:
         self._make_room(plan)
         if admit:
             self._admit(plan)
-        shares = split_budget([self.remaining_cost(j) for j in self.prefilling], self.budget(bool(self.running)))
+        shares = split_budget([self.remaining_cost(j) for j in self.prefilling], self.budget(self._decode_first()))
         plan.prefill = [(j, s) for j, s in zip(self.prefilling, shares)]
         by_row = {id(r): s for s in self.running for r in s.rows}
         plan.rows = self.pool.decode_order([r for s in self.running for r in s.rows])
@@ -175,6 +175,12 @@ class Scheduler:
         if phase != "tail":
             return 0.0
         return ((len(job.comps) - job.comp) * job.T - job.tail_done) * tail_fraction(job.c)
+
+    def _decode_first(self) -> bool:
+        """Whether decoding rows' pace bounds the step's prefill: not when more rows wait for their
+        first token than decode (a burst of requests goes in at once, as with nothing decoding)."""
+        decoding = sum(len(s.rows) for s in self.running)
+        return decoding > 0 and decoding >= sum(len(j.rows) for j in self.prefilling)
 
     def budget(self, decoding: bool) -> int:
         """Prompt tokens (through G) the next step may prefill."""
