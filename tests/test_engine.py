@@ -2,7 +2,6 @@
 prompt goes in by chunks between the decode steps of running streams."""
 
 import queue
-import time
 
 import pytest
 import torch
