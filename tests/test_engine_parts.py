@@ -1,6 +1,7 @@
 """The engine's parts on their own: slot cache and views, the KV pool, scheduler, sampler, detokenizer."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from server.engine import KVPool, Limits, Request, SamplingParams, Sequence, Slo
 from server.engine.detokenizer import Detokenizer
 from server.engine.kv_cache import ChunkView, SlotStore
 from server.engine.kv_pool import NoRoom, SlabDecodeView
-from server.engine.runner import ModelOutput
+from server.engine.runner import ModelOutput, ModelRunner
 from server.engine.sampler import Batch, logprob_entries, mix, sample
 from server.engine.scheduler import Scheduler, split_budget
 from server.engine.types import Row
@@ -322,6 +323,21 @@ def test_scheduler_budget_follows_measurements():
     s.update_from_output(ModelOutput(prefill_cost=100000, prefill_seconds=1.0))
     assert s.budget(decoding=True) == 256
     assert split_budget([30, 50, 10], 60) == [30, 30, 0]
+
+
+def test_a_prefill_share_is_counted_in_tokens_through_g():
+    """A resumed sequence's prompt runs only G's trunk (half the layers here): a share of the budget
+    buys twice its size in tokens, and its last token (a share of 0.5) still runs (it used to be
+    rounded down to nothing, and the engine spun on that job forever)."""
+    runner = ModelRunner.__new__(ModelRunner)
+    calls = []
+    runner.generalist_chunk = lambda batch: calls.append([(j.T - j.done, n) for j, n in batch])
+    job = SimpleNamespace(phase="generalist", T=61, done=20, g_cost=0.5, c=_Catalog)
+    runner._prefill([(job, 10.0)], ModelOutput())
+    job.done = 60
+    runner._prefill([(job, 0.5)], ModelOutput())
+    runner._prefill([(job, 0.0)], ModelOutput())
+    assert calls == [[(41, 20)], [(1, 1)]]
 
 
 def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():

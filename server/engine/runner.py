@@ -24,6 +24,7 @@ compositions enter only as tensors (``RowWeights``), one code path for any mix o
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -85,6 +86,11 @@ class PrefillJob:
             return self.c.first
         return self.c.n
 
+    @property
+    def g_cost(self) -> float:
+        """One prompt token through G in the budget's unit (a whole pass: 1)."""
+        return self.g_layers / self.c.n if self.mode is not None else 1.0
+
 
 @dataclass
 class ModelOutput:
@@ -128,9 +134,9 @@ class ModelRunner:
     def _prefill(self, work: list[tuple[PrefillJob, float]], out: ModelOutput) -> None:
         batches: dict[int, list] = {}
         for job, share in work:
-            if job.phase == "generalist":
-                if int(share) >= 1:
-                    batches.setdefault(id(job.c), []).append((job, int(share)))
+            if job.phase == "generalist":  # (a resumed job's tokens cost less: a share < 1 is a token)
+                if (n := min(job.T - job.done, math.ceil(share / job.g_cost - 1e-6))) >= 1:
+                    batches.setdefault(id(job.c), []).append((job, n))
             elif share > 0:
                 self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
         for batch in (g for b in batches.values() for g in padded_groups(b)):

@@ -169,7 +169,7 @@ class Scheduler:
         """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit)."""
         phase = job.phase
         if phase == "generalist":
-            return (job.T - job.done) * (job.g_layers / job.c.n if job.mode is not None else 1.0)
+            return (job.T - job.done) * job.g_cost
         if phase == "signatures":
             return (job.T - job.sig.pos) * self.signature_fraction()
         if phase != "tail":
