@@ -338,6 +338,9 @@ def test_a_prefill_share_is_counted_in_tokens_through_g():
     runner._prefill([(job, 0.5)], ModelOutput())
     runner._prefill([(job, 0.0)], ModelOutput())
     assert calls == [[(41, 20)], [(1, 1)]]
+    job.done, job.g_cost = 50, 0.0  # every layer composed: the trunk is the embeddings, costed at 0
+    runner._prefill([(job, 0.0)], ModelOutput())
+    assert calls[-1] == [(11, 11)]
 
 
 def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():

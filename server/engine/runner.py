@@ -135,7 +135,8 @@ class ModelRunner:
         batches: dict[int, list] = {}
         for job, share in work:
             if job.phase == "generalist":  # (a resumed job's tokens cost less: a share < 1 is a token)
-                if (n := min(job.T - job.done, math.ceil(share / job.g_cost - 1e-6))) >= 1:
+                left = job.T - job.done  # (no layers before the composed ones: embeddings only, all at once)
+                if (n := left if job.g_cost <= 0 else min(left, math.ceil(share / job.g_cost - 1e-6))) >= 1:
                     batches.setdefault(id(job.c), []).append((job, n))
             elif share > 0:
                 self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
