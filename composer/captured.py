@@ -12,7 +12,9 @@ fixed shape, so nothing recompiles for a new composition, prompt length or mix o
   many rows sit in which slab and which adapters the rows use, run as two opaque operators
   (``constellation::attend``, ``constellation::lowrank``) that read the step's own objects from a
   thread-local *step context* (vLLM's forward context, its attention op likewise outside the graph;
-  on CUDA they are also where the captured graph is split: ``cudagraph_unsafe``).
+  on CUDA they are also where the captured graph is split: ``cudagraph_unsafe``). For buckets of few
+  rows the adapters instead enter as each row's folded factors, inputs of fixed shape whose products
+  the compiler fuses into the step (``composer.folded``).
 
 Inductor treats the model's matrices as constants (``freezing``) and chooses, by timing them once,
 its own C++ GEMM templates over oneDNN's and ATen's kernels (``max_autotune``): on a 2-core AVX2
@@ -30,6 +32,7 @@ from dataclasses import replace
 import torch
 
 from .batch import BlockApply, CatalogKernel, _Term
+from .folded import FoldLayout, folded_product
 from .model import Transformer
 from .quant import QuantizedWeight
 
@@ -107,12 +110,16 @@ class _Attend:
 
 class _GraphBlock(BlockApply):
     """One composed block inside the graph: its matrices the graph's constants, its adapters the
-    opaque operator."""
+    rows' folded factors (graph inputs, ``composer.folded``) or else the opaque operator."""
 
-    def __init__(self, i: int, terms, fused, factors):
+    def __init__(self, i: int, terms, fused, factors, folded=None):
         self.i, self.terms, self.fused, self.packed, self.factors = i, terms, fused, None, factors
+        self.folded = folded or {}
 
     def _lowrank(self, y, x, term, name):
+        f = self.folded.get(name)
+        if f is not None:
+            return folded_product(y, x, *f)
         return torch.ops.constellation.lowrank(y, x, self.i, name)
 
 
@@ -177,8 +184,10 @@ def _remap_terms(kernel: CatalogKernel, i: int, pmap: dict, own: dict) -> tuple[
     return terms, fused
 
 
-def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor],
+             folded: list[torch.Tensor] = ()) -> torch.Tensor:
     g, kernel = self.model, self.kernel
+    per_block = self.layout.per_block(folded) if folded else {}
     ctx = g.positional_context(positions, None, _Attend())
     x = g.embed(ids, ctx)
     k = 0
@@ -187,7 +196,7 @@ def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[tor
         if i in self.blocks:
             terms, fused = self.blocks[i]
             n = len(kernel.groups[i])
-            p = _GraphBlock(i, terms, fused, factors[k:k + n])
+            p = _GraphBlock(i, terms, fused, factors[k:k + n], per_block.get(i))
             k += n
         x = g.block(i, x, ctx, p)
     return g.logits(g.final_norm(x))[:, 0]
@@ -195,17 +204,21 @@ def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[tor
 
 class CapturedStep(torch.nn.Module):
     """One decode step of a catalog's model over ``nn.Parameter``s wrapping G's (and full
-    specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors)`` -> logits ``[B, V]``
-    (fp32); ``plain``: G's step alone, for batches whose rows are all G's (no factors). The
+    specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors, folded=[])`` -> logits
+    ``[B, V]`` (fp32); ``folded``: the rows' adapters as ``layout`` (a ``FoldLayout`` of ``fold_k``
+    adapters a row) builds them, else the adapters run as the opaque operator (a graph per bucket is
+    traced one way or the other); ``plain``: G's step alone, for batches whose rows are all G's (no
+    factors). The
     module registers every matrix it multiplies by (``consts``), which is what lets inductor hold
     them as constants (``freezing``; reached only through a plain object they were lifted as
     inputs); its ``forward`` is a function with a code object of its own, so dynamo's
     cache for it — one graph per bucket — is this step's alone and goes with it."""
 
-    def __init__(self, kernel: CatalogKernel, plain: bool = False):
+    def __init__(self, kernel: CatalogKernel, plain: bool = False, fold_k: int = 0):
         super().__init__()
         c = kernel.c
         self.kernel = kernel
+        self.layout = None if plain or fold_k < 1 else FoldLayout.of(kernel, fold_k)
         self.model, pmap = as_parameters(c.g)
         own: dict[int, torch.nn.Parameter] = {}
         # plain: G's own layers only (rows all G's), no factors and no adapter operator in the graph
@@ -215,7 +228,7 @@ class CapturedStep(torch.nn.Module):
         params = {id(p): p for p in held if isinstance(p, torch.nn.Parameter)}
         self.consts = torch.nn.ParameterList(list(params.values()))
         code = _forward.__code__.replace(co_name=f"captured_step_{id(self):x}")
-        self.forward = types.MethodType(types.FunctionType(code, _forward.__globals__, code.co_name), self)
+        self.forward = types.MethodType(types.FunctionType(code, _forward.__globals__, code.co_name, _forward.__defaults__), self)
 
     def group_shapes(self) -> list[tuple[int, int]]:
         """Per factor input: (T, d) of ``[B, T, d]``."""

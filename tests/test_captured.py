@@ -75,12 +75,13 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         assert engine.runner.captured_steps == 0
 
         before = _graphs()
-        engine.capture([4], background=False)  # (one row and three run it padded; the HTTP test runs 1)
-        assert engine.graph_status()["ready"].keys() == {"4"}
-        assert _graphs() == before + 1  # one graph per bucket
+        engine.capture([1, 4], background=False)  # (one row folds its adapters; three run 4 padded)
+        status = engine.graph_status()
+        assert status["ready"].keys() == {"1", "4"} and status["folded"] == {"buckets": [1], "steps": 0}
+        assert _graphs() == before + 2  # one graph per bucket
 
         captured = [_generate(engine, loaded.tokenizer, [j]) for j in jobs[:2]] + [_generate(engine, loaded.tokenizer, jobs[:3])]
-        assert engine.runner.captured_steps > 0
+        assert engine.runner.captured_steps > engine.graph_status()["folded"]["steps"] > 0
         for e_run, c_run in zip(eager, captured):
             for (e_toks, e_lps), (c_toks, c_lps) in zip(e_run, c_run):
                 assert c_toks == e_toks  # token for token
@@ -93,7 +94,7 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         for i in range(0, 32, 4):
             batch = [(" ".join(rnd.choices(PROMPTS, k=rnd.randint(1, 3))), c) for c in comps[i:i + rnd.randint(1, 4)]]
             _generate(engine, loaded.tokenizer, batch, n=4)
-        assert _graphs() == before + 1
+        assert _graphs() == before + 2  # (a row of more sources than top_k runs bucket 4)
         assert engine.runner.captured_steps > steps
 
         # a catalog change rebuilds once (its steps run eagerly until then), then nothing recompiles
@@ -102,7 +103,7 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         assert engine.runner.graphs.wait(600) and engine.runner.graphs.catalog is c2
         assert engine.graph_status()["error"] is None
         rebuilt = _graphs()
-        assert rebuilt == before + 2
+        assert rebuilt == before + 4
         steps = engine.runner.captured_steps
         again = _generate(engine, loaded.tokenizer, jobs[:3])
         assert [t for t, _ in again] == [t for t, _ in eager[-1]]

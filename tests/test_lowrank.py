@@ -272,3 +272,37 @@ def test_bf16_stacks_widen_only_within_their_memory_share(pair, share, monkeypat
                                    for b in range(len(PROMPTS))], "batch")
     scale = float((want * am[..., None]).abs().max())
     assert _err(got.float(), want, am) <= 0.05 * scale
+
+
+def test_rows_adapters_fold_into_the_batched_products(pair):
+    """A captured step's few-row buckets take each row's adapters folded (``composer.folded``): per
+    adapted weight, the folded product equals the batched products' (fp32) for every row, a padding
+    row's folded factors are zero, and rows composing more sources than ``k`` do not fold."""
+    from composer.batch import BatchComposition, RowWeights
+    from composer.folded import FoldLayout, folded_product
+
+    lr, _, ids, am, _ = pair
+    gp = lr.generalist_pass(ids, am)
+    modes = [PARAM_MODES[0], PARAM_MODES[3], PARAM_MODES[1]]
+    rows = [RowWeights.of(lr.plan(gp, b, m).source_weights) for b, m in enumerate(modes)]
+    assert max(r.k for r in rows) <= 3 and sum(r.k for r in rows) >= 4
+    batch = BatchComposition(lr.kernel, rows)
+    layout = FoldLayout.of(lr.kernel, 3)
+    inputs = layout.build(batch, len(rows) + 1)  # (one padding row)
+    torch.manual_seed(0)
+    checked = 0
+    for i, terms in layout.per_block(inputs).items():
+        for name, (A, Bm) in terms.items():
+            term = lr.kernel.blocks[i][name]
+            x = torch.randn(len(rows), 1, A.shape[-1])
+            y = torch.randn(len(rows), 1, Bm.shape[1])
+            want = batch.params[i]._lowrank(y.clone(), x, term, name)
+            got = folded_product(y, x, A[:len(rows)], Bm[:len(rows)])
+            assert torch.allclose(got, want, atol=1e-5), (i, name)
+            assert not torch.equal(got, y) and not A[-1].any() and not Bm[-1].any()
+            checked += 1
+    assert checked == len(layout.slots) > 0
+    many = RowWeights.of(lr.plan(gp, 0, PARAM_MODES[2]).source_weights)  # (uniform: all four)
+    assert many.k == 4 and not layout.foldable(many.k)
+    with pytest.raises(ValueError):
+        layout.build(BatchComposition(lr.kernel, [many]), 1)

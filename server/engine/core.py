@@ -81,13 +81,14 @@ class Engine(CatalogSwitch, OutputProcessor):
         """Run the loop on a background thread."""
         self.thread.start()
 
-    def capture(self, buckets, background: bool = True, plain: bool | None = None) -> None:
+    def capture(self, buckets, background: bool = True, plain: bool | None = None, fold_rows: int = 1) -> None:
         """Capture the decode step per row bucket for the current catalog (and again, once, after each
         catalog change); steps that fit a ready bucket run it (``graphs``). ``plain``: also G's step
-        alone per bucket, for batches of G's own rows (default: on CUDA)."""
+        alone per bucket, for batches of G's own rows (default: on CUDA); buckets of at most
+        ``fold_rows`` rows take each row's adapters folded (``composer.folded``)."""
         from .graphs import DecodeGraphs
 
-        self.runner.graphs = DecodeGraphs(buckets, background, plain)
+        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows)
         self.runner.graphs.build(self.c)
 
     def graph_status(self) -> dict | None:

@@ -5,7 +5,10 @@ whose rows all belong to that catalog and fit a ready bucket (padded up to it).
 On a CPU the graphs are inductor's, with the model's matrices frozen as constants and GEMM kernels
 chosen by timing (``max_autotune``); on CUDA they are replayed CUDA graphs (``triton.cudagraphs``),
 split around the two opaque operators (``graph_partition``). A catalog change builds the new
-catalog's graphs once, the old ones serving nothing from then on.
+catalog's graphs once, the old ones serving nothing from then on. Buckets of at most ``fold_rows``
+rows take the rows' adapters folded per row (``composer.folded``: inputs the compiler fuses into the
+step, where larger buckets run the batched products as an opaque operator); a batch whose rows
+compose more sources than the catalog's ``top_k`` runs the next larger bucket instead.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 
 import torch
 
-from composer.captured import CapturedStep, StepContext, step_context
+from composer.captured import CapturedStep, StepContext, block_factors, step_context
 from index_store.config import check_buckets
 
 log = logging.getLogger("constellation.engine")
@@ -48,8 +51,12 @@ class DecodeGraphs:
     ``plain``, each bucket also gets G's step alone for batches of G's own rows (generalist mode),
     a graph with no factors and no adapter operator in it (on CUDA: cut only at attention)."""
 
-    def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None):
+    def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None, fold_rows: int = 1):
         self.buckets = check_buckets([int(b) for b in buckets])
+        self.fold_rows = int(fold_rows)
+        self.layout = None  # ``FoldLayout`` of the folding buckets' inputs
+        self.folds: set[int] = set()  # buckets whose graph takes the rows' folded adapters
+        self.folded_steps = 0
         self.background = background
         self.plain_option = plain  # None: on CUDA only (on a CPU the composed graph costs ~nothing more)
         cfg = torch._dynamo.config  # one cache entry per bucket on each step's own code object
@@ -71,6 +78,7 @@ class DecodeGraphs:
         synchronously); the previous catalog's graphs are dropped."""
         with self._lock:
             self.catalog, self.ready, self.plain, self.seconds, self.plain_seconds, self.error = c, {}, {}, {}, {}, None
+            self.layout, self.folds = None, set()
             self._built.clear()
         if self.background:
             threading.Thread(target=self._build, args=(c,), name="constellation-compile", daemon=True).start()
@@ -86,20 +94,25 @@ class DecodeGraphs:
         try:
             dev = c.g.device
             plain = self.plain_option if self.plain_option is not None else dev.type == "cuda"
-            steps = [(CapturedStep(c.kernel), self.ready, self.seconds, "")]
+            composed = CapturedStep(c.kernel, fold_k=c.settings.top_k if self.fold_rows > 0 else 0)
+            steps = [(composed, self.ready, self.seconds, "")]
             if plain and c.kernel.blocks:  # (no composed block: the composed step is G's already)
                 steps.append((CapturedStep(c.kernel, plain=True), self.plain, self.plain_seconds, ", G alone"))
-            compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step.group_shapes(), *rest)
+            compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step.group_shapes(), step.layout, *rest)
                         for step, *rest in steps]
-            for fn, shapes, ready, seconds, what in compiled:  # (every composed bucket first: they serve any row)
+            for fn, shapes, layout, ready, seconds, what in compiled:  # (composed buckets first: they serve any row)
                 for B in self.buckets:
                     if self.catalog is not c:
                         return
-                    t = self._compile(fn, shapes, B, dev, what)
+                    fold = layout is not None and B <= self.fold_rows
+                    t = self._compile(fn, shapes, layout.zeros(B) if fold else [], B, dev, what)
                     with self._lock:
                         if self.catalog is not c:
                             return
                         ready[B], seconds[B] = fn, t
+                        if fold:
+                            self.layout = layout
+                            self.folds.add(B)
         except Exception as e:  # noqa: BLE001 - the engine keeps decoding eagerly
             self.error = f"{type(e).__name__}: {e}"
             log.exception("capturing the decode step failed; decoding stays eager")
@@ -108,10 +121,11 @@ class DecodeGraphs:
             if self.catalog is c:
                 self._built.set()
 
-    def _compile(self, fn, shapes: list[tuple[int, int]], B: int, dev: torch.device, what: str) -> float:
+    def _compile(self, fn, shapes: list[tuple[int, int]], folded: list, B: int, dev: torch.device, what: str) -> float:
         """Compile (and on CUDA record) ``fn`` for ``B`` rows; its seconds."""
         self.compiling = B
         rows = f"{B} row{'' if B == 1 else 's'}"
+        what += ", adapters folded per row" if folded else ""
         log.info("compiling the decode step for %s (%s%s)...", rows, dev.type, what)
         t0 = time.perf_counter()
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -121,15 +135,16 @@ class DecodeGraphs:
         with step_context(StepContext(_NoAttention(), None, B)), torch._inductor.config.patch(compile_options(dev)):
             for _ in range(3):  # (CUDA graphs record on a later call than the first)
                 _new_step(dev)
-                fn(ids, positions, factors)
+                fn(ids, positions, factors, folded)
         seconds = time.perf_counter() - t0
         log.info("compiled the decode step for %s%s in %.1f s", rows, what, seconds)
         return seconds
 
     # ---- serving ------------------------------------------------------------------------------
-    def pick(self, c, rows: int, plain: bool) -> tuple[int | None, bool]:
+    def pick(self, c, rows: int, plain: bool, k: int = 0) -> tuple[int | None, bool]:
         """The bucket a step of ``rows`` rows of catalog ``c`` runs (None: eager), and whether it runs
-        G alone: a ready plain graph when the rows are all G's (``plain``), else the composed one."""
+        G alone: a ready plain graph when the rows are all G's (``plain``), else the composed one (a
+        folding bucket only when no row composes more than its ``k`` sources)."""
         if c is not self.catalog or (c.g.device.type == "cuda" and not self._built.is_set()):
             return None, plain  # (on CUDA no replay while a build records: one graph-tree manager, two threads)
         fits = [b for b in self.buckets if b >= rows]
@@ -137,25 +152,33 @@ class DecodeGraphs:
             b = next((b for b in fits if b in self.plain), None)
             if b is not None:
                 return b, True
-        b = next((b for b in fits if b in self.ready), None)
+        b = next((b for b in fits if b in self.ready and (b not in self.folds or self.layout.foldable(k))), None)
         return b, plain and b is None  # (eager: plain rows run G's layers)
 
+    def inputs(self, batch, B: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A ``BatchComposition``'s factors and (for a folding bucket) folded adapters for bucket ``B``."""
+        factors = block_factors(batch.kernel, batch.params, B)
+        return factors, (self.layout.build(batch, B) if B in self.folds else [])
+
     def run(self, B: int, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor], attention,
-            composition: dict, plain: bool = False) -> torch.Tensor:
+            composition: dict, plain: bool = False, folded: list[torch.Tensor] = ()) -> torch.Tensor:
         """Logits ``[B, V]`` of the captured step for ``ids``/``positions`` ``[R, 1]`` padded to ``B`` rows."""
         R = ids.shape[0]
         if R < B:
             pad = ids.new_zeros(B - R, 1)
             ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
         _new_step(ids.device)
+        self.folded_steps += bool(folded)
         with step_context(StepContext(attention, composition, R)):
-            return (self.plain if plain else self.ready)[B](ids, positions, factors)
+            return (self.plain if plain else self.ready)[B](ids, positions, factors, list(folded))
 
     def status(self) -> dict:
         """For /ready and the logs: buckets ready (with their compile seconds), the one compiling;
         ``plain``: the buckets with G's step alone too."""
         out = {"buckets": self.buckets, "ready": {str(b): round(s, 1) for b, s in sorted(self.seconds.items())},
                "compiling": self.compiling, "error": self.error}
+        if self.folds:
+            out["folded"] = {"buckets": sorted(self.folds), "steps": self.folded_steps}
         if self.plain_seconds:
             out["plain"] = {str(b): round(s, 1) for b, s in sorted(self.plain_seconds.items())}
         return out

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from composer import decompose
-from composer.batch import RowWeights
-from composer.captured import block_factors
+from composer.batch import BatchComposition, RowWeights
 from composer.constellation import Constellation, GeneralistPass
 from composer.signatures import in_pass_signatures, specialist_abs_sum
 from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
@@ -358,13 +357,13 @@ class ModelRunner:
         view = SlabDecodeView(self.pool, rows, lengths)
         plain = all(w.plain for w in weights)  # every row G's own: G's layers, no composed block
         if self.graphs is not None:
-            B, plain = self.graphs.pick(c, len(rows), plain)
+            B, plain = self.graphs.pick(c, len(rows), plain, max(w.k for w in weights))
         else:
             B = None
         blocks, mixed = ({}, False) if plain else self._blocks(c, weights)
         if B is not None:
-            factors = [] if plain else self._factors(c, blocks, B)
-            logits = self.graphs.run(B, ids, lengths[:, None], factors, view, blocks, plain)
+            factors, folded = ([], []) if plain else self._inputs(B)
+            logits = self.graphs.run(B, ids, lengths[:, None], factors, view, blocks, plain, folded)
             logits = logits[:len(rows)].float().cpu()
             self.captured_steps += 1
             self.plain_steps += plain
@@ -376,11 +375,11 @@ class ModelRunner:
             r.length += 1
         return logits, mixed
 
-    def _factors(self, c: Constellation, blocks: dict, B: int) -> list[torch.Tensor]:
-        """The batch's composition factors padded to ``B`` rows, kept with the batch."""
+    def _inputs(self, B: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The batch's composition factors (and folded adapters) for bucket ``B``, kept with the batch."""
         cache = self._batch[-1]
         if B not in cache:
-            cache[B] = block_factors(c.kernel, blocks, B)
+            cache[B] = self.graphs.inputs(self._batch[1], B)
         return cache[B]
 
     def _blocks(self, c: Constellation, weights: list[RowWeights]):
@@ -390,8 +389,8 @@ class ModelRunner:
             first = weights[0]
             mixed = any(w is not first and not (torch.equal(w.src, first.src) and torch.equal(w.w, first.w))
                         for w in weights[1:])
-            self._batch = (key, c.batched(weights), mixed, weights, c, {})  # (keeps the keyed objects alive)
-        return self._batch[1], self._batch[2]
+            self._batch = (key, BatchComposition(c.kernel, weights), mixed, weights, c, {})  # (keeps the keyed objects alive)
+        return self._batch[1].params, self._batch[2]
 
 
 def tail_fraction(c: Constellation) -> float:
