@@ -337,7 +337,7 @@ def _serve(c, tok, domains, single, many, args) -> dict:
                                     max_new_tokens=max(args.tokens, 8)))  # the warm-up asks for 4
     engine = app.state.engine
     if args.compile:  # as `serve` does: the decode step captured per bucket (built before measuring)
-        engine.capture([1, args.streams], background=False)
+        engine.capture([1, args.streams], background=False, fold_rows=args.fold_rows)
     gen = {"mode": "generalist"}
     one = {"mode": "weights", "weights": single}
     mix = [{"mode": "weights", "weights": w} for w in many]
@@ -447,6 +447,9 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="capture the decode step for 1 and --streams rows first (the server's default on a CPU "
                     "in fp32), as `serve` would")
+    ap.add_argument("--fold-rows", type=int, default=1,
+                    help="with --compile: buckets of at most this many rows take each row's adapters folded into "
+                    "the graph's inputs (the server's default, 1); 0: every bucket runs the adapters' operator")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 is far steadier")
@@ -472,7 +475,7 @@ def main() -> None:
         fd, tmp = tempfile.mkstemp(suffix=".json")
         os.close(fd)
         cmd = [sys.executable, "-m", "bench.lowrank_scale", "--n", str(n), "--child-out", tmp]
-        for k in ("rank", "scale", "tokens", "streams", "repeats", "multi_repeats", "threads"):
+        for k in ("rank", "scale", "tokens", "streams", "repeats", "multi_repeats", "threads", "fold_rows"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         if args.generalist:
             cmd += ["--generalist", args.generalist]

@@ -288,6 +288,8 @@ class _BlockParams(BlockApply):
         U, m = rows.shape
         R, T, n_in = x.shape
         A, Bt = term.stack.products(ks)  # (fp32 copies of a half-precision stack on a CPU)
+        if R == 1:
+            return self._one_row(y, x, term, A, Bt, wp[:, 0])
         wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
         xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in).to(A.dtype)
         if term.side == "in":
@@ -299,3 +301,16 @@ class _BlockParams(BlockApply):
             return y.index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
         delta = yp.new_zeros((R,) + tuple(y.shape[1:])).index_add_(0, rows.flatten(), yp.view(U * m, T, -1))
         return y.add_(delta)  # (a row's adapters summed in fp32, added to y rounded once)
+
+    @staticmethod
+    def _one_row(y, x, term: _Term, A: torch.Tensor, Bt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One row (a prompt's composed tail, an eager one-row step): its ``U`` adapters folded into one
+        plain adapter of rank ``U·r`` (``w [U, d]`` scaled into ``A`` or ``Bt`` in fp32, rounded once
+        to the products' dtype), two products instead of the batched form's gathers and scatters."""
+        if term.side == "in":
+            A = scaled(A, w[:, None, :])
+        else:
+            Bt = scaled(Bt, w[:, None, :] if term.side == "out" else w.mean(-1)[:, None, None])
+        U, r, n_in = A.shape
+        h = x.reshape(-1, n_in).to(A.dtype) @ A.reshape(U * r, n_in).T
+        return y.add_((h @ Bt.reshape(U * r, -1)).view(y.shape))  # (summed in fp32, added to y rounded once)

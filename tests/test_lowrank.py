@@ -275,8 +275,9 @@ def test_bf16_stacks_widen_only_within_their_memory_share(pair, share, monkeypat
 
 
 def test_rows_adapters_fold_into_the_batched_products(pair):
-    """A captured step's few-row buckets take each row's adapters folded (``composer.folded``): per
-    adapted weight, the folded product equals the batched products' (fp32) for every row, a padding
+    """A captured step's few-row buckets take each row's adapters folded (``composer.folded``), and so
+    does an eager batch of one row: per adapted weight, both equal the batched products' (fp32) for
+    every row, a padding
     row's folded factors are zero, and rows composing more sources than ``k`` do not fold."""
     from composer.batch import BatchComposition, RowWeights
     from composer.folded import FoldLayout, folded_product
@@ -289,6 +290,7 @@ def test_rows_adapters_fold_into_the_batched_products(pair):
     batch = BatchComposition(lr.kernel, rows)
     layout = FoldLayout.of(lr.kernel, 3)
     inputs = layout.build(batch, len(rows) + 1)  # (one padding row)
+    alone = [BatchComposition(lr.kernel, [r]) for r in rows]  # (one row: its adapters folded, two products)
     torch.manual_seed(0)
     checked = 0
     for i, terms in layout.per_block(inputs).items():
@@ -299,6 +301,9 @@ def test_rows_adapters_fold_into_the_batched_products(pair):
             want = batch.params[i]._lowrank(y.clone(), x, term, name)
             got = folded_product(y, x, A[:len(rows)], Bm[:len(rows)])
             assert torch.allclose(got, want, atol=1e-5), (i, name)
+            for b, one in enumerate(alone):
+                mine = one.params[i]._lowrank(y[b:b + 1].clone(), x[b:b + 1], term, name)
+                assert torch.allclose(mine, want[b:b + 1], atol=1e-5), (i, name, b)
             assert not torch.equal(got, y) and not A[-1].any() and not Bm[-1].any()
             checked += 1
     assert checked == len(layout.slots) > 0
