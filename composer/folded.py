@@ -54,8 +54,13 @@ class FoldLayout:
 
     @staticmethod
     def of(kernel, k: int) -> "FoldLayout | None":
-        """The layout, or None when no composed block has adapters."""
+        """The layout, or None when no composed block has adapters, or when one weight role's stacks
+        differ in shape or dtype between blocks (they could not share an input)."""
         layout = FoldLayout(kernel, k)
+        for (i, name), (n, _) in layout.slots.items():
+            st, (_, _, n_in, n_out, dt, _) = kernel.blocks[i][name].stack, layout.specs[n]
+            if (int(st.A.shape[2]), int(st.Bt.shape[2]), st.A.dtype) != (n_in, n_out, dt):
+                return None
         return layout if layout.names else None
 
     def zeros(self, B: int) -> list[torch.Tensor]:
