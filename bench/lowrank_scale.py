@@ -30,7 +30,8 @@ Figures (every ratio is composed / generalist measured in the same server, inter
   with G and mean KL(G || composed) over prompt tokens show the adapters change the model sanely.
 - ``1 stream``: TTFT and decode tok/s (tokens after the first / time after the first), median of
   ``--repeats`` runs, for mode ``generalist`` and a ``weights`` composition of 3 adapters. Targets for
-  N = 64: decode >= 0.9x, TTFT <= 1.5x. (With 3 adapters on every layer the decode step also reads
+  N = 64: decode >= 0.9x, TTFT <= 2.0x (issue 22: two full passes are the floor when adapters touch
+  layer 0). (With 3 adapters on every layer the decode step also reads
   their factors: the same weight-reading bound is ``G / (G + 3·A)``, about 0.90 here.)
 - ``16 streams``: ``--streams`` concurrent requests, each its own ``weights`` composition (3 distinct
   random domains, random positive weights; with N = 4 they differ by weights), against as many
@@ -371,6 +372,7 @@ def _serve(c, tok, domains, single, many, args) -> dict:
         "decodeS": {k: med(r[1] for r in v) for k, v in multi.items()},
         "steadyS": {k: med(r[2] for r in v) for k, v in multi.items()},
         "raw_single": singles, "raw_multi": multi, "mixed_step_share": mixed_share,
+        "graphs": engine.graph_status(),
     }
 
 
@@ -409,9 +411,12 @@ def print_table(results: list[dict]) -> None:
     row("sanity: logits finite", [str(r["sanity"]["finite"]) for r in results])
     row("sanity: top-1 agree with G / KL(G||c)", [f"{r['sanity']['top1_agree']:.2f}/{r['sanity']['kl']:.3f}"
                                                    for r in results])
+    gs = [r.get("graphs") or {} for r in results]
+    row("captured buckets: folded / G alone", [f"{(g.get('folded') or {}).get('buckets', [])}/"
+                                               f"{sorted(int(b) for b in g.get('plain', {}))}" for g in gs])
     row("TTFT 1 stream, G (ms)", [f"{r['ttft1']['g'] * 1e3:.1f}" for r in results])
     row("TTFT 1 stream, composed K=3 (ms)", [f"{r['ttft1']['c'] * 1e3:.1f}" for r in results])
-    row("TTFT ratio", [f"{r['ttft1']['c'] / r['ttft1']['g']:.2f}" for r in results], "<= 1.5 (N=64)")
+    row("TTFT ratio", [f"{r['ttft1']['c'] / r['ttft1']['g']:.2f}" for r in results], "<= 2.0 (N=64)")
     row("decode tok/s 1 stream, G", [f"{r['decode1']['g']:.1f}" for r in results])
     row("decode tok/s 1 stream, composed", [f"{r['decode1']['c']:.1f}" for r in results])
     row("decode ratio 1 stream", [f"{r['decode1']['c'] / r['decode1']['g']:.2f}" for r in results],
@@ -434,6 +439,14 @@ def print_table(results: list[dict]) -> None:
                                                for r in results])
 
 
+def _fold_rows(v: str) -> int | None:
+    if v == "auto":
+        return None
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"--fold-rows takes a row count or 'auto', got {v!r}")
+    return int(v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="4,16,64", help="adapter counts, comma-separated")
@@ -447,9 +460,10 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="capture the decode step for 1 and --streams rows first (the server's default on a CPU "
                     "in fp32), as `serve` would")
-    ap.add_argument("--fold-rows", type=int, default=1,
-                    help="with --compile: buckets of at most this many rows take each row's adapters folded into "
-                    "the graph's inputs (the server's default, 1); 0: every bucket runs the adapters' operator")
+    ap.add_argument("--fold-rows", type=_fold_rows, default=None, metavar="N|auto",
+                    help="with --compile: buckets of at most N rows take each row's adapters folded into the "
+                    "graph's inputs; 0: every bucket runs the adapters' operator; auto (default, as `serve`): "
+                    "the buckets where that reads few bytes (server/engine/graphs.py)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 is far steadier")
@@ -476,7 +490,8 @@ def main() -> None:
         os.close(fd)
         cmd = [sys.executable, "-m", "bench.lowrank_scale", "--n", str(n), "--child-out", tmp]
         for k in ("rank", "scale", "tokens", "streams", "repeats", "multi_repeats", "threads", "fold_rows"):
-            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+            v = getattr(args, k)
+            cmd += [f"--{k.replace('_', '-')}", "auto" if v is None else str(v)]
         if args.generalist:
             cmd += ["--generalist", args.generalist]
         if args.compile:

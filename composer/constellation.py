@@ -208,9 +208,7 @@ class Constellation:
             return gp._signatures[i]
         t0 = time.perf_counter()
         if gp.record is not None:
-            gp._signatures[i] = gp.record.specialist(i)
-            gp.timings["signature"] = gp.timings.get("signature", 0.0) + time.perf_counter() - t0
-            return gp._signatures[i]
+            return self.signatures(gp, [i])[0]
         s = self.specialists[i]
         tail = gp.ctx.with_cache(None)
         if self.settings.signature == "trunk":
@@ -221,6 +219,16 @@ class Constellation:
         gp._signatures[i] = sig
         gp.timings["signature"] = gp.timings.get("signature", 0.0) + time.perf_counter() - t0
         return sig
+
+    def signatures(self, gp: GeneralistPass, idx: list[int]) -> list[torch.Tensor]:
+        """``signature`` of each of ``idx``; the in-pass (``generalist``) ones still missing are
+        computed together, one pass over the record for all of them."""
+        missing = [i for i in dict.fromkeys(idx) if i not in gp._signatures]
+        if missing and gp.record is not None:
+            t0 = time.perf_counter()
+            gp._signatures.update(gp.record.specialists(missing))
+            gp.timings["signature"] = gp.timings.get("signature", 0.0) + time.perf_counter() - t0
+        return [self.signature(gp, i) for i in idx]
 
     # ---- planning ------------------------------------------------------------------------------
     def validate(self, params: CompositionParams):
@@ -235,7 +243,7 @@ class Constellation:
         mi = ModeInput(
             alpha=gp.alpha[row], domains=self.domains, d=self.d, top_k=self.settings.top_k,
             task_lambda=self.settings.task_lambda,
-            signatures=lambda idx: torch.stack([self.signature(gp, i)[row] for i in idx], dim=-2),
+            signatures=lambda idx: torch.stack([s[row] for s in self.signatures(gp, idx)], dim=-2),
             params=params, joint=joint, calibrated=self.settings.calibrated,
         )
         plan = mode.build(mi)

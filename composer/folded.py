@@ -13,7 +13,7 @@ most ``k`` adapters of rank ``r`` each, zero-padded to rank ``k·r``: a tensor p
 Inside the graph a linear's update is then two reductions over contiguous dimensions
 (``folded_product``), fused by the compiler with the rest of the step. A row reads its own folded
 factors, so B rows read B·k adapters where the batched products read each adapter in use once:
-worth it for few rows only (``DecodeGraphs``' ``fold_rows``).
+worth it for few rows only (``DecodeGraphs``' ``fold_rows``, by default chosen from ``row_bytes``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ class FoldLayout:
             if (int(st.A.shape[2]), int(st.Bt.shape[2]), st.A.dtype) != (n_in, n_out, dt):
                 return None
         return layout if layout.names else None
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's folded inputs: what each row of a folding bucket reads per step, its
+        adapters or zeros."""
+        return sum(S * R * (n_in + n_out) * torch.empty((), dtype=dt).element_size()
+                   for S, R, n_in, n_out, dt, _ in self.specs)
 
     def zeros(self, B: int) -> list[torch.Tensor]:
         """The inputs for ``B`` rows, all zero (every row folding nothing)."""

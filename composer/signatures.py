@@ -86,39 +86,71 @@ class PassRecord:
         self.c, self.fmask = c, fmask
         self.blocks: list[tuple[torch.Tensor, list]] = []
 
-    def specialist(self, k: int) -> torch.Tensor:
-        """Specialist k's signature ``[B, Lc, d]``: ``mean_t |h_G,l + Δ_kl|`` for every composed block l."""
-        total, count = specialist_abs_sum(self.c, self.blocks, self.fmask, k)
-        return total / count.clamp_min(1.0)[:, :, None]
+    def specialists(self, ks: list[int]) -> dict[int, torch.Tensor]:
+        """Specialists ``ks``' signatures ``[B, Lc, d]`` each: ``mean_t |h_G,l + Δ_kl|`` for every
+        composed block l, computed together (one pass over the record for all of them)."""
+        total, count = specialist_abs_sum(self.c, self.blocks, self.fmask, ks)
+        return {k: total[j] / count.clamp_min(1.0)[:, :, None] for j, k in enumerate(ks)}
 
 
-def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, k: int
+def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, ks: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Σ_t mask_t |h_G,l + Δ_kl|`` per composed block ``[B, Lc, d]`` and ``Σ_t mask_t`` ``[B, 1]``, fp32
-    on the CPU, over the tokens of ``blocks`` (a ``PassRecord``'s, or one prompt chunk's): sums of
-    consecutive chunks add up to the whole prompt's, so a long prompt's signature can be computed
-    a chunk at a time."""
-    s = k + 1
+    """``Σ_t mask_t |h_G,l + Δ_kl|`` per specialist k of ``ks`` and composed block, ``[K, B, Lc, d]``,
+    and ``Σ_t mask_t`` ``[B, 1]``, fp32 on the CPU, over the tokens of ``blocks`` (a ``PassRecord``'s,
+    or one prompt chunk's): sums of consecutive chunks add up to the whole prompt's, so a long
+    prompt's signatures can be computed a chunk at a time. The K specialists' low-rank deltas of
+    a writer are one product with their stacked ``A`` and one batched product with their ``B``."""
     m = fmask.to(torch.float32)[..., None]
     out = []
     for li, (h, seen) in enumerate(blocks):
-        i = c.first + li
-        src, gsrc, lr = c.sources[i][s], c.sources[i][0], c.lowrank[i][s]
         delta = None
         for name, bias, xin in seen:  # in fp32: a difference of two half-precision outputs would cancel
-            conv = c.g.arch.roles[name].layout == "conv1d"
-            terms = []
-            if src[name] is not gsrc[name]:  # a dense writer that differs from G's
-                terms.append(_apply(xin.float(), src[name].float() - gsrc[name].float(), conv))
-            if name in lr:
-                terms.append(lr[name].apply(xin).float())
-            if bias and bias in src and src[bias] is not gsrc[bias]:
-                terms.append(src[bias].float() - gsrc[bias].float())
-            for t in terms:
+            t = _writer_deltas(c, c.first + li, ks, name, bias, xin)
+            if t is not None:
                 delta = t if delta is None else delta + t
-        x = h if delta is None else h + delta
-        out.append((x.float().abs() * m).sum(-2).cpu())
-    return torch.stack(out, dim=1), m.sum(-2).cpu()
+        x = h.float()[None] if delta is None else h[None] + delta
+        s = (x.abs() * m).sum(-2)
+        out.append(s.expand(len(ks), *s.shape[1:]).cpu())
+    return torch.stack(out, dim=2), m.sum(-2).cpu()
+
+
+def _writer_deltas(c: "Constellation", i: int, ks: list[int], name: str, bias: str | None,
+                   xin: torch.Tensor) -> torch.Tensor | None:
+    """Specialists ``ks``' changes to writer ``name``'s output on G's input ``xin``, fp32
+    ``[K, *xin.shape[:-1], out]`` (None: none of them changes it)."""
+    gsrc, conv = c.sources[i][0], c.g.arch.roles[name].layout == "conv1d"
+    lrs = [c.lowrank[i][k + 1].get(name) for k in ks]
+    have = [j for j, lr in enumerate(lrs) if lr is not None]
+    full = None
+    if have:
+        z = xin @ torch.cat([lrs[j].A for j in have]).T  # [..., Σ r]: one product for all K
+        ranks = {lrs[j].rank for j in have}
+        if len(ranks) == 1:
+            zk = z.unflatten(-1, (len(have), ranks.pop())).movedim(-2, 0)  # [K', ..., r]
+            Bt = torch.stack([lrs[j].B.T for j in have]).reshape(len(have), *[1] * (z.ndim - 2), *zk.shape[-1:], -1)
+            low = (zk @ Bt).float()
+        else:
+            offs = [0]
+            for j in have:
+                offs.append(offs[-1] + lrs[j].rank)
+            low = torch.stack([(z[..., a:b] @ lrs[j].B.T).float() for j, a, b in zip(have, offs, offs[1:])])
+        if len(have) == len(ks):
+            full = low
+        else:
+            full = low.new_zeros(len(ks), *low.shape[1:])
+            full[have] = low
+    for j, k in enumerate(ks):
+        src, extra = c.sources[i][k + 1], None
+        if src[name] is not gsrc[name]:  # a dense writer that differs from G's
+            extra = _apply(xin.float(), src[name].float() - gsrc[name].float(), conv)
+        if bias and bias in src and src[bias] is not gsrc[bias]:
+            b = src[bias].float() - gsrc[bias].float()
+            extra = b if extra is None else extra + b
+        if extra is not None:
+            if full is None:
+                full = torch.zeros(len(ks), *xin.shape[:-1], extra.shape[-1], dtype=torch.float32, device=xin.device)
+            full[j] += extra
+    return full
 
 
 @torch.inference_mode()

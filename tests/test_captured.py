@@ -75,10 +75,12 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         assert engine.runner.captured_steps == 0
 
         before = _graphs()
-        engine.capture([1, 4], background=False)  # (one row folds its adapters; three run 4 padded)
+        engine.capture([1, 4], background=False, fold_rows=1)  # (one row folds its adapters; three run 4 padded)
         status = engine.graph_status()
         assert status["ready"].keys() == {"1", "4"} and status["folded"] == {"buckets": [1], "steps": 0}
-        assert _graphs() == before + 2  # one graph per bucket
+        # (the fixture's folded factors are 69% of its G's bytes: bucket 1 also gets G's step alone)
+        assert status["plain"].keys() == {"1"}
+        assert _graphs() == before + 3  # one graph per bucket, and G's for bucket 1
 
         captured = [_generate(engine, loaded.tokenizer, [j]) for j in jobs[:2]] + [_generate(engine, loaded.tokenizer, jobs[:3])]
         assert engine.runner.captured_steps > engine.graph_status()["folded"]["steps"] > 0
@@ -94,7 +96,7 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         for i in range(0, 32, 4):
             batch = [(" ".join(rnd.choices(PROMPTS, k=rnd.randint(1, 3))), c) for c in comps[i:i + rnd.randint(1, 4)]]
             _generate(engine, loaded.tokenizer, batch, n=4)
-        assert _graphs() == before + 2  # (a row of more sources than top_k runs bucket 4)
+        assert _graphs() == before + 3  # (a row of more sources than top_k runs bucket 4)
         assert engine.runner.captured_steps > steps
 
         # a catalog change rebuilds once (its steps run eagerly until then), then nothing recompiles
@@ -103,13 +105,41 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         assert engine.runner.graphs.wait(600) and engine.runner.graphs.catalog is c2
         assert engine.graph_status()["error"] is None
         rebuilt = _graphs()
-        assert rebuilt == before + 4
+        assert rebuilt == before + 6
         steps = engine.runner.captured_steps
         again = _generate(engine, loaded.tokenizer, jobs[:3])
         assert [t for t, _ in again] == [t for t, _ in eager[-1]]
         assert _graphs() == rebuilt and engine.runner.captured_steps > steps
     finally:
         engine.stop()
+
+
+def test_buckets_fold_by_the_bytes_their_rows_read(loaded):
+    """By default a bucket folds its rows' adapters while every row's folded factors (read whether
+    the row composes or not) stay within ``FOLD_SHARE`` of G's bytes, up to ``FOLD_MAX_ROWS`` rows;
+    a folding bucket whose G-only batches would read more than ``PLAIN_SHARE`` of zeros also gets
+    G's step alone. ``fold_rows`` overrides the choice; with ``plain`` every bucket gets G's step."""
+    from types import SimpleNamespace
+
+    from composer.captured import CapturedStep
+    from server.engine import graphs as G
+
+    c = loaded.constellation
+    layout = CapturedStep(c.kernel, fold_k=c.settings.top_k).layout
+    gbytes = c.resident_bytes()["generalist"]
+    assert layout.row_bytes == sum(t[:, 0].numel() * t.element_size() for t in layout.zeros(2))
+    buckets = [1, 2, 4, 8, 16]
+    auto = G.DecodeGraphs(buckets, background=False)
+    # a row's folded factors as a share of G's bytes -> (folding buckets, buckets with G's step too)
+    for share, want in [(0.015, ({1, 2, 4}, [])),  # the demo's adapters (1.5%)
+                        (0.11, ({1, 2, 4}, [2, 4])),  # 64 all-layer rank-16 adapters, fp32 (11%)
+                        (0.3, ({1}, [1])), (0.69, (set(), []))]:  # (0.69: this fixture's)
+        assert auto.fold_plan(c, SimpleNamespace(row_bytes=int(share * gbytes)), plain=False) == want, share
+    ours = auto.fold_plan(c, layout, plain=False)
+    assert ours == (set(), [])  # (this fixture's tiny model: its adapters are 69% of its bytes)
+    assert G.DecodeGraphs([1, 2, 4], fold_rows=2).fold_plan(c, layout, plain=False) == ({1, 2}, [1, 2])
+    assert G.DecodeGraphs([1, 2, 4], fold_rows=0).fold_plan(c, layout, plain=False) == (set(), [])
+    assert G.DecodeGraphs([1, 2, 4], fold_rows=1).fold_plan(c, layout, plain=True) == ({1}, [1, 2, 4])
 
 
 def test_plain_graph_runs_batches_of_generalist_rows(loaded):

@@ -214,6 +214,24 @@ def test_generalist_signature_is_exact_where_only_the_last_writer_differs(built)
     assert not torch.allclose(c.signature(gp, 0), c.signature(gp, 1))
 
 
+def test_signatures_asked_together_equal_each_asked_alone(pair):
+    """The in-pass signatures of several specialists are computed in one pass over the record (one
+    product with their stacked ``A``, one batched product with their ``B``): each equals the one
+    computed alone, with adapters of different ranks, on different weights (``code`` has none on
+    the residual writers), and with dense specialists (the merged constellation)."""
+    lr, dense, ids, am, _ = pair
+    for c in (lr, dense):
+        gp = c.generalist_pass(ids, am)
+        for ks in ([0, 1, 2], [0, 2], [2, 0, 1]):
+            together = gp.record.specialists(ks)
+            assert list(together) == ks
+            for k in ks:
+                alone = gp.record.specialists([k])[k]
+                assert together[k].shape == alone.shape == (ids.shape[0], len(c.layers), c.d)
+                assert torch.allclose(together[k], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(together[0], together[1])
+
+
 @pytest.mark.parametrize("how", ["in", "out", "mean"])
 def test_half_precision_stacks_multiply_in_fp32_on_a_cpu(how):
     """A widened bf16 stack keeps fp32 copies for the batched products (bf16 ``bmm`` of such small

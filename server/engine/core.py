@@ -81,11 +81,12 @@ class Engine(CatalogSwitch, OutputProcessor):
         """Run the loop on a background thread."""
         self.thread.start()
 
-    def capture(self, buckets, background: bool = True, plain: bool | None = None, fold_rows: int = 1) -> None:
+    def capture(self, buckets, background: bool = True, plain: bool | None = None, fold_rows: int | None = None) -> None:
         """Capture the decode step per row bucket for the current catalog (and again, once, after each
         catalog change); steps that fit a ready bucket run it (``graphs``). ``plain``: also G's step
         alone per bucket, for batches of G's own rows (default: on CUDA); buckets of at most
-        ``fold_rows`` rows take each row's adapters folded (``composer.folded``)."""
+        ``fold_rows`` rows take each row's adapters folded (``composer.folded``; None: the buckets where
+        that reads few bytes, ``graphs.fold_plan``)."""
         from .graphs import DecodeGraphs
 
         self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows)

@@ -5,10 +5,15 @@ whose rows all belong to that catalog and fit a ready bucket (padded up to it).
 On a CPU the graphs are inductor's, with the model's matrices frozen as constants and GEMM kernels
 chosen by timing (``max_autotune``); on CUDA they are replayed CUDA graphs (``triton.cudagraphs``),
 split around the two opaque operators (``graph_partition``). A catalog change builds the new
-catalog's graphs once, the old ones serving nothing from then on. Buckets of at most ``fold_rows``
-rows take the rows' adapters folded per row (``composer.folded``: inputs the compiler fuses into the
-step, where larger buckets run the batched products as an opaque operator); a batch whose rows
-compose more sources than the catalog's ``top_k`` runs the next larger bucket instead.
+catalog's graphs once, the old ones serving nothing from then on.
+
+Small buckets take the rows' adapters folded per row (``composer.folded``: inputs the compiler fuses
+into the step, where larger buckets run the batched products as an opaque operator); a batch whose
+rows compose more sources than the catalog's ``top_k`` runs the next larger bucket instead. Every
+row of a folding bucket reads ``top_k`` adapters' worth of factors, its own or zeros, so by default
+a bucket folds while those reads stay within ``FOLD_SHARE`` of the generalist's bytes (and it has
+at most ``FOLD_MAX_ROWS`` rows); where G's own rows would read more than ``PLAIN_SHARE`` of zeros,
+the bucket also gets G's step alone for batches of G's rows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from composer.captured import CapturedStep, StepContext, block_factors, step_con
 from index_store.config import check_buckets
 
 log = logging.getLogger("constellation.engine")
+
+# (bench.lowrank_scale, 64 all-layer rank-16 adapters, fp32, where a row's folded factors are 11% of
+# G's bytes: folded 2 rows 0.89 of G against 0.55 with the operator, 4 rows 66.8 tok/s against 58.3,
+# 8 rows 40.0 against 54.6; G's own 4- and 8-row batches lost 27% and 39% reading zeros)
+FOLD_SHARE = 0.5  # a bucket folds while its rows' folded factors read at most this share of G's bytes
+FOLD_MAX_ROWS = 4  # ... and it has at most this many rows (more were not measured better)
+PLAIN_SHARE = 0.2  # G's step alone too for a folding bucket whose rows would read more zeros than this
 
 
 def compile_options(device: torch.device) -> dict:
@@ -51,9 +63,10 @@ class DecodeGraphs:
     ``plain``, each bucket also gets G's step alone for batches of G's own rows (generalist mode),
     a graph with no factors and no adapter operator in it (on CUDA: cut only at attention)."""
 
-    def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None, fold_rows: int = 1):
+    def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None,
+                 fold_rows: int | None = None):
         self.buckets = check_buckets([int(b) for b in buckets])
-        self.fold_rows = int(fold_rows)
+        self.fold_rows = None if fold_rows is None else int(fold_rows)  # None: by the bytes (``fold_plan``)
         self.layout = None  # ``FoldLayout`` of the folding buckets' inputs
         self.folds: set[int] = set()  # buckets whose graph takes the rows' folded adapters
         self.folded_steps = 0
@@ -94,17 +107,18 @@ class DecodeGraphs:
         try:
             dev = c.g.device
             plain = self.plain_option if self.plain_option is not None else dev.type == "cuda"
-            composed = CapturedStep(c.kernel, fold_k=c.settings.top_k if self.fold_rows > 0 else 0)
-            steps = [(composed, self.ready, self.seconds, "")]
-            if plain and c.kernel.blocks:  # (no composed block: the composed step is G's already)
-                steps.append((CapturedStep(c.kernel, plain=True), self.plain, self.plain_seconds, ", G alone"))
+            composed = CapturedStep(c.kernel, fold_k=c.settings.top_k if self.fold_rows != 0 else 0)
+            folds, plains = self.fold_plan(c, composed.layout, plain)
+            steps = [(composed, self.buckets, self.ready, self.seconds, "")]
+            if plains:
+                steps.append((CapturedStep(c.kernel, plain=True), plains, self.plain, self.plain_seconds, ", G alone"))
             compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step.group_shapes(), step.layout, *rest)
                         for step, *rest in steps]
-            for fn, shapes, layout, ready, seconds, what in compiled:  # (composed buckets first: they serve any row)
-                for B in self.buckets:
+            for fn, shapes, layout, buckets, ready, seconds, what in compiled:  # (composed first: any row)
+                for B in buckets:
                     if self.catalog is not c:
                         return
-                    fold = layout is not None and B <= self.fold_rows
+                    fold = layout is not None and B in folds
                     t = self._compile(fn, shapes, layout.zeros(B) if fold else [], B, dev, what)
                     with self._lock:
                         if self.catalog is not c:
@@ -120,6 +134,23 @@ class DecodeGraphs:
             self.compiling = None
             if self.catalog is c:
                 self._built.set()
+
+    def fold_plan(self, c, layout, plain: bool) -> tuple[set[int], list[int]]:
+        """The buckets whose graph folds the rows' adapters (``fold_rows``, or by the bytes a row's
+        folded factors add to G's), and those that also get G's step alone (all with ``plain``)."""
+        if not c.kernel.blocks:  # (no composed block: the composed step is G's already)
+            return set(), []
+        share = layout.row_bytes / max(c.resident_bytes()["generalist"], 1) if layout is not None else 0.0
+        if layout is None:
+            folds = set()
+        elif self.fold_rows is None:
+            folds = {B for B in self.buckets if B <= FOLD_MAX_ROWS and B * share <= FOLD_SHARE}
+        else:
+            folds = {B for B in self.buckets if B <= self.fold_rows}
+        plains = list(self.buckets) if plain else [B for B in self.buckets if B in folds and B * share > PLAIN_SHARE]
+        log.info("decode graphs: adapters folded per row in buckets %s (a row's folded factors: %.1f%% of the "
+                 "generalist's bytes); G's step alone for buckets %s", sorted(folds), 100 * share, plains)
+        return folds, plains
 
     def _compile(self, fn, shapes: list[tuple[int, int]], folded: list, B: int, dev: torch.device, what: str) -> float:
         """Compile (and on CUDA record) ``fn`` for ``B`` rows; its seconds."""
@@ -148,9 +179,9 @@ class DecodeGraphs:
         if c is not self.catalog or (c.g.device.type == "cuda" and not self._built.is_set()):
             return None, plain  # (on CUDA no replay while a build records: one graph-tree manager, two threads)
         fits = [b for b in self.buckets if b >= rows]
-        if plain:
-            b = next((b for b in fits if b in self.plain), None)
-            if b is not None:
+        if plain:  # (the smallest bucket ready, G's step alone if it has one)
+            b = next((b for b in fits if b in self.plain or b in self.ready), None)
+            if b in self.plain:
                 return b, True
         b = next((b for b in fits if b in self.ready and (b not in self.folds or self.layout.foldable(k))), None)
         return b, plain and b is None  # (eager: plain rows run G's layers)

@@ -10,8 +10,8 @@ A prompt goes in in phases (``PrefillJob.phase``), each as chunks the scheduler 
    (G's own keys/values of composed layers); the trunk state entering the first composed block,
    the fingerprint sums and the in-pass signatures' record are kept per chunk.
 2. *signatures*: once the whole prompt is in, the plan is made (fingerprint → alpha → weights). A mode
-   that asks for in-pass signatures gets each requested specialist's summed over the recorded
-   chunks, a few chunks per step.
+   that asks for in-pass signatures gets the requested specialists' summed together over the
+   recorded chunks, a few chunks per step.
 3. *tail*: for each row of the plan's ``components`` the composed blocks run over the kept trunk
    state, chunk by chunk, into that row's slot.
 
@@ -181,7 +181,7 @@ class ModelRunner:
                 r.beta, r.weights, r.comp = beta, w, RowWeights.of(w)
 
     def signature_fraction(self) -> float:
-        """Cost of one prompt token of one specialist's signature vs one token through G (measured;
+        """Cost of one prompt token of the pending specialists' signatures vs one through G (measured;
         0.05 until both have been)."""
         if self.g_seconds_per_token and self.sig_seconds_per_token:
             return self.sig_seconds_per_token / self.g_seconds_per_token
@@ -256,12 +256,12 @@ class ModelRunner:
         self._try_plan(job)
 
     def _try_plan(self, job: PrefillJob) -> None:
-        """Plan, unless the mode asks for an in-pass signature not computed yet: then that one is
-        computed first, a few record chunks per step (``signature_chunks``), and planning resumes."""
+        """Plan, unless the mode asks for in-pass signatures not computed yet: then those are
+        computed first, together, a few record chunks per step (``signature_chunks``), and planning resumes."""
         try:
             plan = self.plan_for(job.c, job.gp, job.request.composition)
         except NeedSignature as need:
-            job.sig = SignatureWork(need.k)
+            job.sig = SignatureWork(need.ks)
             return
         job.records = []
         job.request.plan, job.request.summary = plan, PlanSummary.of(plan, job.c.domains)
@@ -286,13 +286,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def signature_chunks(self, job: PrefillJob, tokens: int) -> int:
-        """The pending specialist's in-pass signature over the next record chunks, at least one and
+        """The pending specialists' in-pass signatures over the next record chunks, at least one and
         about ``tokens`` prompt tokens; returns the tokens covered."""
         w, t0, covered = job.sig, time.perf_counter(), 0
         while w.chunk < len(job.records) and (covered == 0 or covered < tokens):
             blocks = job.records[w.chunk]
             n = int(blocks[0][0].shape[1])
-            total, count = specialist_abs_sum(job.c, blocks, job.fmask[None, w.pos:w.pos + n], w.k)
+            total, count = specialist_abs_sum(job.c, blocks, job.fmask[None, w.pos:w.pos + n], w.ks)
             w.total = total if w.total is None else w.total + total
             w.count = count if w.count is None else w.count + count
             w.chunk, w.pos, covered = w.chunk + 1, w.pos + n, covered + n
@@ -300,7 +300,7 @@ class ModelRunner:
         job.gp.timings["signature"] = job.gp.timings.get("signature", 0.0) + seconds
         self.sig_seconds_per_token = seconds / max(covered, 1)
         if w.chunk == len(job.records):
-            job.gp._signatures[w.k] = w.total / w.count.clamp_min(1.0)[:, :, None]
+            job.gp._signatures.update({k: w.total[j] / w.count.clamp_min(1.0)[:, :, None] for j, k in enumerate(w.ks)})
             job.sig = None
             self._try_plan(job)
         return covered

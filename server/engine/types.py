@@ -108,26 +108,27 @@ class Event:
 
 
 class NeedSignature(Exception):
-    """Raised into planning when the mode asks for specialist ``k``'s in-pass signature."""
+    """Raised into planning when the mode asks for specialists ``ks``' in-pass signatures."""
 
-    def __init__(self, k: int):
-        super().__init__(k)
-        self.k = k
+    def __init__(self, ks: list[int]):
+        super().__init__(ks)
+        self.ks = list(ks)
 
 
 class PendingSignatures:
     """A generalist pass's record while its signatures are computed chunk by chunk: the ones done
-    are in the pass's ``_signatures``; asking for another one raises ``NeedSignature``."""
+    are in the pass's ``_signatures``; asking for others raises ``NeedSignature``."""
 
-    def specialist(self, k: int):
-        raise NeedSignature(k)
+    def specialists(self, ks: list[int]):
+        raise NeedSignature(ks)
 
 
 @dataclass
 class SignatureWork:
-    """Specialist ``k``'s signature sums so far: record chunks ``< chunk`` (prompt tokens ``< pos``)."""
+    """Specialists ``ks``' signature sums so far (``[K, B, Lc, d]``): record chunks ``< chunk``
+    (prompt tokens ``< pos``)."""
 
-    k: int
+    ks: list[int]
     chunk: int = 0
     pos: int = 0
     total: torch.Tensor | None = None
