@@ -329,3 +329,35 @@ def test_rows_adapters_fold_into_the_batched_products(pair):
     assert many.k == 4 and not layout.foldable(many.k)
     with pytest.raises(ValueError):
         layout.build(BatchComposition(lr.kernel, [many]), 1)
+
+
+def test_rows_of_one_adapter_each_gather_their_products_back(pair):
+    """When every row of a batch uses exactly one adapter of a weight's stack (each its own), the
+    batched products go back to the rows by a gather instead of ``index_add_``: each row equals the
+    row composed alone, and a captured step's padding rows after the batch's stay untouched."""
+    from composer.batch import BatchComposition, RowWeights
+
+    lr, _, ids, am, _ = pair
+    gp = lr.generalist_pass(ids, am)
+    # (a 3-cycle: rows [1, 2, 0] in the stacks' order; science's adapters skip the first half, where
+    # two rows of three use adapters and the products go back by index_add_)
+    one = [CompositionParams(mode="weights", weights={d: 1.0}) for d in ("science", "medical", "legal")]
+    rows = [RowWeights.of(lr.plan(gp, b, m).source_weights) for b, m in enumerate(one)]
+    batch = BatchComposition(lr.kernel, rows)
+    alone = [BatchComposition(lr.kernel, [r]) for r in rows]
+    torch.manual_seed(1)
+    gathered = scattered = 0
+    for i, params in batch.params.items():
+        for name, term in lr.kernel.blocks[i].items():
+            if term.stack is None or params.pairs[term.pairs] is None:
+                continue
+            gathered += params.pairs[term.pairs][3] is not None
+            scattered += params.pairs[term.pairs][3] is None
+            x = torch.randn(len(rows) + 1, 1, term.stack.A.shape[-1])  # (one padding row, as captured)
+            y = torch.randn(len(rows) + 1, 1, term.stack.Bt.shape[-1])
+            got = params._lowrank(y.clone(), x, term, name)
+            assert torch.equal(got[-1], y[-1]) and not torch.equal(got[:-1], y[:-1])
+            for b, single in enumerate(alone):
+                mine = single.params[i]._lowrank(y[b:b + 1].clone(), x[b:b + 1], term, name)
+                assert torch.allclose(got[b:b + 1], mine, atol=1e-5), (i, name, b)
+    assert gathered > 0 and scattered > 0
