@@ -81,7 +81,8 @@ class Engine(CatalogSwitch, OutputProcessor):
         """Run the loop on a background thread."""
         self.thread.start()
 
-    def capture(self, buckets, background: bool = True, plain: bool | None = None, fold_rows: int | None = None) -> None:
+    def capture(self, buckets, background: bool = True, plain: bool | None = None,
+                fold_rows: int | None = None) -> None:
         """Capture the decode step per row bucket for the current catalog (and again, once, after each
         catalog change); steps that fit a ready bucket run it (``graphs``). ``plain``: also G's step
         alone per bucket, for batches of G's own rows (default: on CUDA); buckets of at most
