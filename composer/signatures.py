@@ -89,8 +89,13 @@ class PassRecord:
     def specialists(self, ks: list[int]) -> dict[int, torch.Tensor]:
         """Specialists ``ks``' signatures ``[B, Lc, d]`` each: ``mean_t |h_G,l + Δ_kl|`` for every
         composed block l, computed together (one pass over the record for all of them)."""
-        total, count = specialist_abs_sum(self.c, self.blocks, self.fmask, ks)
-        return {k: total[j] / count.clamp_min(1.0)[:, :, None] for j, k in enumerate(ks)}
+        return signature_means(ks, *specialist_abs_sum(self.c, self.blocks, self.fmask, ks))
+
+
+def signature_means(ks: list[int], total: torch.Tensor, count: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each of ``ks``' signature ``[B, Lc, d]`` from ``specialist_abs_sum``'s sums (``[K, B, Lc, d]``,
+    ``[B, 1]``), whole prompt's or added up chunk by chunk."""
+    return {k: total[j] / count.clamp_min(1.0)[:, :, None] for j, k in enumerate(ks)}
 
 
 def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, ks: list[int]
@@ -125,10 +130,10 @@ def _writer_deltas(c: "Constellation", i: int, ks: list[int], name: str, bias: s
     if have:
         z = xin @ torch.cat([lrs[j].A for j in have]).T  # [..., Σ r]: one product for all K
         ranks = {lrs[j].rank for j in have}
-        if len(ranks) == 1:
+        if len(ranks) == 1:  # (one batched product with their B; unequal ranks: one product each)
             zk = z.unflatten(-1, (len(have), ranks.pop())).movedim(-2, 0)  # [K', ..., r]
-            Bt = torch.stack([lrs[j].B.T for j in have]).reshape(len(have), *[1] * (z.ndim - 2), *zk.shape[-1:], -1)
-            low = (zk @ Bt).float()
+            low = zk.reshape(len(have), -1, zk.shape[-1]) @ torch.stack([lrs[j].B.T for j in have])
+            low = low.view(len(have), *z.shape[:-1], -1).float()
         else:
             offs = [0]
             for j in have:

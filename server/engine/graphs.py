@@ -25,6 +25,7 @@ import time
 import torch
 
 from composer.captured import CapturedStep, StepContext, block_factors, step_context
+from composer.quant import held_bytes
 from index_store.config import check_buckets
 
 log = logging.getLogger("constellation.engine")
@@ -142,13 +143,14 @@ class DecodeGraphs:
         folded factors add to G's), and those that also get G's step alone (all with ``plain``)."""
         if not c.kernel.blocks:  # (no composed block: the composed step is G's already)
             return set(), []
-        share = layout.row_bytes / max(c.resident_bytes()["generalist"], 1) if layout is not None else 0.0
-        if layout is None:
-            folds = set()
-        elif self.fold_rows is None:
-            folds = {B for B in self.buckets if B <= FOLD_MAX_ROWS and B * share <= FOLD_SHARE}
+        if layout is None:  # (nothing to fold)
+            share, folds = 0.0, set()
         else:
-            folds = {B for B in self.buckets if B <= self.fold_rows}
+            share = layout.row_bytes / max(held_bytes(c.g.params.values()), 1)
+            if self.fold_rows is None:
+                folds = {B for B in self.buckets if B <= FOLD_MAX_ROWS and B * share <= FOLD_SHARE}
+            else:
+                folds = {B for B in self.buckets if B <= self.fold_rows}
         plains = list(self.buckets) if plain else [B for B in self.buckets if B in folds and B * share > PLAIN_SHARE]
         log.info("decode graphs: adapters folded per row in buckets %s (a row's folded factors: %.1f%% of the "
                  "generalist's bytes); G's step alone for buckets %s", sorted(folds), 100 * share, plains)

@@ -33,7 +33,7 @@ import torch
 from composer import decompose
 from composer.batch import BatchComposition, RowWeights
 from composer.constellation import Constellation, GeneralistPass
-from composer.signatures import in_pass_signatures, specialist_abs_sum
+from composer.signatures import in_pass_signatures, signature_means, specialist_abs_sum
 from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
 from .kv_pool import KVPool, SlabDecodeView
 from .types import NeedSignature, PendingSignatures, PlanSummary, Request, Row, Sequence, SignatureWork
@@ -300,7 +300,7 @@ class ModelRunner:
         job.gp.timings["signature"] = job.gp.timings.get("signature", 0.0) + seconds
         self.sig_seconds_per_token = seconds / max(covered, 1)
         if w.chunk == len(job.records):
-            job.gp._signatures.update({k: w.total[j] / w.count.clamp_min(1.0)[:, :, None] for j, k in enumerate(w.ks)})
+            job.gp._signatures.update(signature_means(w.ks, w.total, w.count))
             job.sig = None
             self._try_plan(job)
         return covered
