@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 
 FORMATS = ("bf16", "int8", "int4")  # [runtime].weights: "bf16" = not quantized ([runtime].dtype)
-# Eagerly, an int8 product of at least this many rows dequantizes the matrix to bf16 and runs the
-# bf16 GEMM: the packed kernels are built for a few rows (at 16 rows and more, slower than the
-# dequantization and bf16's GEMM together; docs/precision.md). int4 always runs its kernel (its
+# int8 on a CPU, by rows (docs/benchmarks.md, "int8 at 16 rows"): below ``SPLIT_ROWS`` the packed
+# kernel (``_weight_int8pack_mm``, near the memory bandwidth at one row); from ``SPLIT_ROWS`` the
+# activations split into two int8 terms and multiplied by the int8 matrix on the VNNI integer GEMM
+# (``_split_int8_mm``; the packed kernel is built for a few rows); eagerly from ``DEQUANT_ROWS``
+# (prefill chunks) the matrix dequantized to bf16 and bf16's GEMM. int4 always runs its kernel (its
 # unpacking costs more than the kernel's slowness), and so does a captured step (inductor lowers it).
-DEQUANT_ROWS = 16
+SPLIT_ROWS = 8
+DEQUANT_ROWS = 128
 INT4_GROUPS = (32, 64, 128)
 COMPUTE = torch.bfloat16
 
@@ -89,8 +92,11 @@ class QuantizedWeight:
             return y if bias is None else y + bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE)
-        if self.fmt == "int8" and x2.shape[0] >= DEQUANT_ROWS and not torch.compiler.is_compiling():
+        rows = x2.shape[0]
+        if self.fmt == "int8" and rows >= DEQUANT_ROWS and not torch.compiler.is_compiling():
             y = F.linear(x2, self.unpacked(COMPUTE))
+        elif self.fmt == "int8" and rows >= SPLIT_ROWS and self.device.type == "cpu":
+            y = _split_int8_mm(x2, self.data, self.scales)
         elif self.fmt == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)
         elif self.device.type == "cuda":
@@ -145,6 +151,24 @@ class QuantizedWeight:
         out = QuantizedWeight(self.fmt, data, scales, tuple(self.shape), self.dtype, self.group)
         out._int4_unpack = self._int4_unpack
         return out
+
+
+def _split_int8_mm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * s[:, None]).T`` in ``x``'s dtype through the integer GEMM (``torch._int_mm``):
+    each row of ``x`` as two int8 terms, ``x ≈ s1 q1 + s2 q2`` (``s1`` = the row's largest
+    magnitude / 127, ``q2`` the remainder at ``s2 = s1 / 254``), both multiplied by ``q`` in one
+    product of ``2m`` rows with exact int32 sums. The terms reproduce ``x`` within its row's largest
+    magnitude / 64516, about a hundredth of bf16's rounding there, so the result is the packed
+    kernel's within bf16 rounding (tests/test_quant.py); one term alone would not be (per-row
+    activation quantization: 2-4 % on a row with one large value)."""
+    xf = x.to(torch.float32)
+    s1 = xf.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
+    q1 = torch.round(xf / s1)
+    s2 = s1 / 254
+    q2 = torch.round((xf - q1 * s1) / s2).clamp_(-127, 127)
+    acc = torch._int_mm(torch.cat([q1, q2]).to(torch.int8), q.t()).to(torch.float32)
+    m = x.shape[0]
+    return ((acc[:m] * s1 + acc[m:] * s2) * s.to(torch.float32)).to(x.dtype)
 
 
 def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from composer.modes import CompositionParams
 from index_store.config import load_config
+import composer.quant as cq
 from composer.quant import QuantizedWeight, QuantizeError, quantize
 from composer.weights import WeightsError
 from index_store.store import IndexStoreError
@@ -64,6 +65,33 @@ def test_quantized_matrix_multiplies_as_its_dequantized_form(fmt):
     assert part.with_tensors(q.data.clone(), q.scales.clone()).shape == (48, 64)
     # held in ~1/4 (int8) or ~1/6 (int4 + bf16 scales and zeros) of fp32's bytes
     assert q.nbytes < w.numel() * 4 * (0.27 if fmt == "int8" else 0.17)
+
+
+def test_int8_products_at_every_row_count_match_the_dequantized_matrix():
+    """int8 runs three ways by rows (the packed kernel, activations split into two int8 terms on the
+    integer GEMM, dequantize + GEMM): each is the dequantized matrix's product within bf16 rounding,
+    also for a row with one large value (where one int8 term per row would be off by ~4 %) and an
+    all-zero row."""
+    torch.manual_seed(2)
+    q = quantize(torch.randn(80, 96) * 0.05, "int8", dtype=torch.bfloat16)
+    d = q.dequantize(torch.float64)
+    for rows in (1, cq.SPLIT_ROWS - 1, cq.SPLIT_ROWS, 40, cq.DEQUANT_ROWS):
+        x = (torch.randn(rows, 96) * 3).bfloat16()
+        x[0, 5] = 80.0
+        x[-1] = 0 if rows > 1 else x[-1]
+        y = q.linear(x)
+        want = x.double() @ d.t()
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 80)
+        err = (y.double() - want).abs().amax(1) / want.abs().amax(1).clamp_min(1e-12)
+        assert float(err.max()) < 8e-3, (rows, err)  # bf16 rounding of the result (2^-8 relative)
+        if rows > 1:
+            assert torch.equal(y[-1], torch.zeros(80, dtype=torch.bfloat16))
+    # the split itself, against the packed kernel on the same bf16 activations
+    x = (torch.randn(16, 96) * 3).bfloat16()
+    x[3, 7] = -120.0
+    split = cq._split_int8_mm(x, q.data, q.scales).double()
+    packed = torch.ops.aten._weight_int8pack_mm(x, q.data, q.scales).double()
+    assert float(((split - packed).abs().amax(1) / packed.abs().amax(1)).max()) < 8e-3
 
 
 def test_int8_embedding_rows_and_bad_groups():
