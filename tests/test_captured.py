@@ -84,12 +84,16 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
 
         captured = [_generate(engine, loaded.tokenizer, [j]) for j in jobs[:2]] + [_generate(engine, loaded.tokenizer, jobs[:3])]
         assert engine.runner.captured_steps > engine.graph_status()["folded"]["steps"] > 0
+        graphs = engine.runner.graphs
+        assert graphs.unguarded_steps > 0  # (built: steps skip dynamo's guards)
         for e_run, c_run in zip(eager, captured):
             for (e_toks, e_lps), (c_toks, c_lps) in zip(e_run, c_run):
                 assert c_toks == e_toks  # token for token
                 assert torch.allclose(torch.tensor(c_lps), torch.tensor(e_lps), atol=1e-4)
 
-        # 32 more compositions, prompt lengths and batch mixes: no graph is built again
+        # 32 more compositions, prompt lengths and batch mixes: no graph is built again, counted
+        # with dynamo's guards evaluated (none fails, which is what makes skipping them safe)
+        graphs.check_guards, unguarded = True, graphs.unguarded_steps
         steps = engine.runner.captured_steps
         comps = _compositions(32, seed=1)
         rnd = random.Random(2)
@@ -110,6 +114,10 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         again = _generate(engine, loaded.tokenizer, jobs[:3])
         assert [t for t, _ in again] == [t for t, _ in eager[-1]]
         assert _graphs() == rebuilt and engine.runner.captured_steps > steps
+        assert graphs.unguarded_steps == unguarded
+        graphs.check_guards = False  # the new catalog's graphs without guards: the same tokens
+        again = _generate(engine, loaded.tokenizer, jobs[:3])
+        assert [t for t, _ in again] == [t for t, _ in eager[-1]] and graphs.unguarded_steps > unguarded
     finally:
         engine.stop()
 
@@ -167,6 +175,7 @@ def test_plain_graph_runs_batches_of_generalist_rows(loaded):
             for (e_toks, e_lps), (c_toks, c_lps) in zip(e_run, c_run):
                 assert c_toks == e_toks
                 assert torch.allclose(torch.tensor(c_lps), torch.tensor(e_lps), atol=1e-4)
+        runner.graphs.check_guards = True  # (counted with dynamo's guards evaluated)
         _generate(engine, loaded.tokenizer, gen[:1])
         assert runner.plain_steps > steps and _graphs() == before + 2
     finally:

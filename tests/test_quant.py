@@ -326,7 +326,10 @@ def test_quantized_model_served_and_captured(quant):
         steps = srv.engine.runner.captured_steps
         for comp in COMPOSITIONS[:3]:
             assert _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp) == eager[json.dumps(comp)], comp
-        assert srv.engine.runner.captured_steps > steps
+        assert srv.engine.runner.captured_steps > steps and srv.engine.runner.graphs.unguarded_steps > 0
+        srv.engine.runner.graphs.check_guards = True  # (counted with dynamo's guards evaluated)
+        assert _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], COMPOSITIONS[3]) == \
+            _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], COMPOSITIONS[3])
         assert counters["stats"]["unique_graphs"] == before
     finally:
         srv.stop()
