@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 FORMATS = ("bf16", "int8", "int4")  # [runtime].weights: "bf16" = not quantized ([runtime].dtype)
-# int8 on a CPU, by rows (docs/benchmarks.md, "int8 at 16 rows"): below ``SPLIT_ROWS`` the packed
+# int8 on a CPU, by rows (docs/benchmarks.md, "int8 at 8 and 16 rows"): below ``SPLIT_ROWS`` the packed
 # kernel (``_weight_int8pack_mm``, near the memory bandwidth at one row); from ``SPLIT_ROWS`` the
 # activations split into two int8 terms and multiplied by the int8 matrix on the VNNI integer GEMM
 # (``_split_int8_mm``; the packed kernel is built for a few rows); eagerly from ``DEQUANT_ROWS``

@@ -24,6 +24,7 @@ takes it only while no build is under way, and a build's calls wait for such a s
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -35,6 +36,9 @@ from composer.quant import held_bytes
 from index_store.config import check_buckets
 
 log = logging.getLogger("constellation.engine")
+
+# (torch.compiler.set_stance's skip_guard_eval_unsafe: in every torch this project supports, checked anyway)
+CAN_SKIP_GUARDS = "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
 
 # (bench.lowrank_scale, 64 all-layer rank-16 adapters, fp32, where a row's folded factors are 11% of
 # G's bytes: folded 2 rows 0.89 of G against 0.55 with the operator, 4 rows 66.8 tok/s against 58.3,
@@ -90,7 +94,7 @@ class DecodeGraphs:
         self.plain_seconds: dict[int, float] = {}
         self.compiling: int | None = None
         self.error: str | None = None
-        self.check_guards = False  # evaluate dynamo's guards at every step (tests; see the module doc)
+        self.check_guards = not CAN_SKIP_GUARDS  # evaluate dynamo's guards at every step (tests; see the module doc)
         self.unguarded_steps = 0
         self._lock = threading.Lock()
         self._calls = threading.Lock()  # held by a step under skipped guards and by a build's calls
