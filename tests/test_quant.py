@@ -78,7 +78,8 @@ def test_int8_products_at_every_row_count_match_the_dequantized_matrix():
     for rows in (1, cq.SPLIT_ROWS - 1, cq.SPLIT_ROWS, 40, cq.DEQUANT_ROWS):
         x = (torch.randn(rows, 96) * 3).bfloat16()
         x[0, 5] = 80.0
-        x[-1] = 0 if rows > 1 else x[-1]
+        if rows > 1:
+            x[-1] = 0
         y = q.linear(x)
         want = x.double() @ d.t()
         assert y.dtype == torch.bfloat16 and y.shape == (rows, 80)
@@ -320,6 +321,7 @@ def test_quantized_model_served_and_captured(quant):
                                           extra_body={"ignore_eos": True, "composition": comp})
             assert r.usage.completion_tokens == 6
             eager[json.dumps(comp)] = _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp)
+        eager[json.dumps(COMPOSITIONS[3])] = _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], COMPOSITIONS[3])
         srv.engine.capture([1], background=False)
         assert srv.engine.graph_status()["error"] is None
         before = counters["stats"]["unique_graphs"]
@@ -328,8 +330,8 @@ def test_quantized_model_served_and_captured(quant):
             assert _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp) == eager[json.dumps(comp)], comp
         assert srv.engine.runner.captured_steps > steps and srv.engine.runner.graphs.unguarded_steps > 0
         srv.engine.runner.graphs.check_guards = True  # (counted with dynamo's guards evaluated)
-        assert _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], COMPOSITIONS[3]) == \
-            _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], COMPOSITIONS[3])
+        comp = COMPOSITIONS[3]  # (a composition the graph has not run yet)
+        assert _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp) == eager[json.dumps(comp)]
         assert counters["stats"]["unique_graphs"] == before
     finally:
         srv.stop()

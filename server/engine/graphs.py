@@ -28,6 +28,7 @@ import inspect
 import logging
 import threading
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -219,16 +220,18 @@ class DecodeGraphs:
         _new_step(ids.device)
         self.folded_steps += bool(folded)
         graph = (self.plain if plain else self.ready)[B]
-        with step_context(StepContext(attention, composition, R)):
-            if not self.check_guards and self._calls.acquire(blocking=False):
-                try:
-                    if self._built.is_set():  # (no build under way, and none can call a graph until we end)
-                        self.unguarded_steps += 1
-                        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                            return graph(ids, positions, factors, list(folded))
-                finally:
-                    self._calls.release()
-            return graph(ids, positions, factors, list(folded))
+        skip = not self.check_guards and self._calls.acquire(blocking=False)
+        if skip and not self._built.is_set():  # (a build under way: it may call graphs, guards needed)
+            self._calls.release()
+            skip = False
+        self.unguarded_steps += skip
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if skip else nullcontext()
+        try:
+            with step_context(StepContext(attention, composition, R)), stance:
+                return graph(ids, positions, factors, list(folded))
+        finally:
+            if skip:  # (no build can call a graph until this step ends)
+                self._calls.release()
 
     def status(self) -> dict:
         """For /ready and the logs: buckets ready (with their compile seconds), the one compiling;
