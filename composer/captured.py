@@ -68,24 +68,26 @@ def _current() -> StepContext:
 
 _UNSAFE = (torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_unsafe") else ()
 
+# The two operators are defined through ``torch.library.Library`` rather than ``custom_op``: a graph
+# calls each ~30-60 times a step, and ``custom_op``'s Python wrapper (autograd and aliasing checks)
+# cost ~9 us a call against ~2 us (docs/benchmarks.md, "The opaque operators' calls").
+_lib = torch.library.Library("constellation", "DEF")
+_lib.define("attend(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor", tags=_UNSAFE)
+_lib.define("lowrank(Tensor y, Tensor x, int block, str name) -> Tensor", tags=_UNSAFE)
 
-@torch.library.custom_op("constellation::attend", mutates_args=(), tags=_UNSAFE)
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    """The step context's attention for the real rows (writing their keys/values); padding rows get 0."""
+    """The step context's attention for the real rows (writing their keys/values); padding rows get 0.
+    The result never aliases an input (the compiler assumes so of an operator without aliasing)."""
     ctx = _current()
     R = ctx.rows
-    out = ctx.attention.attend(layer, q[:R], k[:R], v[:R], scale)
     if R == q.shape[0]:
+        out = ctx.attention.attend(layer, q, k, v, scale)
         return out.clone() if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()) else out
+    out = ctx.attention.attend(layer, q[:R], k[:R], v[:R], scale)
     return torch.cat([out, out.new_zeros((q.shape[0] - R,) + tuple(out.shape[1:]))])
 
 
-@attend.register_fake
-def _(q, k, v, layer, scale):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("constellation::lowrank", mutates_args=(), tags=_UNSAFE)
 def lowrank(y: torch.Tensor, x: torch.Tensor, block: int, name: str) -> torch.Tensor:
     """``y`` plus the rows' adapter products of tensor ``name`` in composed block ``block``."""
     comp = _current().composition
@@ -96,7 +98,16 @@ def lowrank(y: torch.Tensor, x: torch.Tensor, block: int, name: str) -> torch.Te
     return p._lowrank(y, x, p.terms[name], name)
 
 
-@lowrank.register_fake
+_lib.impl("attend", attend, "CompositeExplicitAutograd")
+_lib.impl("lowrank", lowrank, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("constellation::attend")
+def _(q, k, v, layer, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.register_fake("constellation::lowrank")
 def _(y, x, block, name):
     return torch.empty_like(y)
 

@@ -188,7 +188,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Ten
     B, H, _, D = q.shape
     kv = k.shape[1]
     fn = _kernels[(dtype, D, H // kv)]
-    qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
+    qc, kc, vc = (t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in (q, k, v))
     out = torch.empty((B, H, 1, D), dtype=dtype, device=q.device)
     fn(qc, kc, vc, cache_k, cache_v, meta, out, B, kv, float(scale))
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    return out if dtype == q.dtype else out.to(q.dtype)

@@ -306,35 +306,47 @@ class SlabDecodeView:
                 meta.append(((slab.index * per + r.slot * kv * slab.cap) * pool.head_dim,
                              slab.cap * pool.head_dim, r.length + 1))
             start = end
-        self.segments = []
-        for seg in segs:
+        self.shape = (kv, pool.head_dim)
+        # the CPU kernel's places per row: offset of head 0, stride between heads, positions after the write
+        self.meta = torch.tensor(meta, dtype=torch.int64) if device.type == "cpu" else None
+        self._kernel: bool | None = None  # whether the CPU kernel runs this step (known at the first layer)
+        self.segments = segs  # one strided view each
+        self._places = (base, step, device)  # the operators' path builds its tensors from these, once
+        self._spans: list | None = None
+        self._bias: dict[int, list[torch.Tensor]] = {}
+
+    def _operators_path(self) -> None:
+        """The tensors the PyTorch-operators path needs (not built when the CPU kernel runs)."""
+        base, step, device = self._places
+        self._spans = []
+        for seg in self.segments:
             lens = torch.tensor(seg.lengths, device=device)
             span = int(lens.max()) + 1
             bias = torch.zeros(len(seg.lengths), span, device=device)
             bias.masked_fill_(torch.arange(span, device=device)[None, :] > lens[:, None], float("-inf"))
-            self.segments.append((seg, span, bias))
-        self._bias: dict[int, list[torch.Tensor]] = {}
-        heads = torch.arange(kv, device=device)[None, :]
+            self._spans.append((seg, span, bias))
+        heads = torch.arange(self.shape[0], device=device)[None, :]
         self.flat = (torch.tensor(base, device=device)[:, None]
                      + heads * torch.tensor(step, device=device)[:, None]).flatten()  # [B * H_kv]
-        self.shape = (kv, pool.head_dim)
-        # the CPU kernel's places per row: offset of head 0, stride between heads, positions after the write
-        self.meta = torch.tensor(meta, dtype=torch.int64) if device.type == "cpu" else None
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write each row's key/value ``k``/``v`` [B, H_kv, 1, hd] and attend its query ``q`` [B, H, 1, hd]."""
         pk, pv = self.pool.k[i], self.pool.v[i]
         kv, hd = self.shape
-        if self.meta is not None and decode_kernel.available(pk.device, pk.dtype, hd, q.shape[1] // kv):
+        if self._kernel is None:  # the same for every layer of the step
+            self._kernel = self.meta is not None and decode_kernel.available(pk.device, pk.dtype, hd, q.shape[1] // kv)
+        if self._kernel:
             return decode_kernel.attend(q, k, v, pk, pv, self.meta, scale)
+        if self._spans is None:
+            self._operators_path()
         pk.view(-1, hd).index_copy_(0, self.flat, k.reshape(-1, hd).to(pk.dtype))
         pv.view(-1, hd).index_copy_(0, self.flat, v.reshape(-1, hd).to(pv.dtype))
         G = q.shape[1] // kv
         if G not in self._bias:  # [n * H_kv, G, span] per segment, once per step
             self._bias[G] = [b[:, None, None, :].expand(-1, kv, G, -1).reshape(-1, G, span)
-                             for _, span, b in self.segments]
+                             for _, span, b in self._spans]
         outs = []
-        for (seg, span, _), bias in zip(self.segments, self._bias[G]):
+        for (seg, span, _), bias in zip(self._spans, self._bias[G]):
             n = seg.rows.stop - seg.rows.start
             size = n * kv * seg.cap * hd  # (the segment's first n slots: its decoding rows)
             K = pk[seg.first:seg.last + 1].view(-1)[:size].view(n, kv, seg.cap, hd)[:, :, :span]
