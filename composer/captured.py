@@ -14,7 +14,9 @@ fixed shape, so nothing recompiles for a new composition, prompt length or mix o
   thread-local *step context* (vLLM's forward context, its attention op likewise outside the graph;
   on CUDA they are also where the captured graph is split: ``cudagraph_unsafe``). For buckets of few
   rows the adapters instead enter as each row's folded factors, inputs of fixed shape whose products
-  the compiler fuses into the step (``composer.folded``).
+  the compiler fuses into the step (``composer.folded``); where the whole catalog's adapters are
+  few, every row multiplies by all of them, the stacks constants and the rows' weights per adapter
+  an input (``composer.stacked``).
 
 Inductor treats the model's matrices as constants (``freezing``) and chooses, by timing them once,
 its own C++ GEMM templates over oneDNN's and ATen's kernels (``max_autotune``): on a 2-core AVX2
@@ -35,6 +37,7 @@ from .batch import BlockApply, CatalogKernel, _Term
 from .folded import FoldLayout, folded_product
 from .model import Transformer
 from .quant import QuantizedWeight
+from .stacked import StackLayout, stacked_product
 
 _local = threading.local()
 
@@ -123,14 +126,17 @@ class _GraphBlock(BlockApply):
     """One composed block inside the graph: its matrices the graph's constants, its adapters the
     rows' folded factors (graph inputs, ``composer.folded``) or else the opaque operator."""
 
-    def __init__(self, i: int, terms, fused, factors, folded=None):
+    def __init__(self, i: int, terms, fused, factors, folded=None, stacked=None):
         self.i, self.terms, self.fused, self.packed, self.factors = i, terms, fused, None, factors
-        self.folded = folded or {}
+        self.folded, self.stacked = folded or {}, stacked or {}
 
     def _lowrank(self, y, x, term, name):
         f = self.folded.get(name)
         if f is not None:
             return folded_product(y, x, *f)
+        s = self.stacked.get(name)
+        if s is not None:
+            return stacked_product(y, x, *s)
         return torch.ops.constellation.lowrank(y, x, self.i, name)
 
 
@@ -198,7 +204,8 @@ def _remap_terms(kernel: CatalogKernel, i: int, pmap: dict, own: dict) -> tuple[
 def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor],
              folded: list[torch.Tensor] = ()) -> torch.Tensor:
     g, kernel = self.model, self.kernel
-    per_block = self.layout.per_block(folded) if folded else {}
+    per_block = self.layout.per_block(folded) if folded and self.layout is not None else {}
+    stacked = self.stacks.per_block(folded, self.stack_consts) if self.stacks is not None else {}
     ctx = g.positional_context(positions, None, _Attend())
     x = g.embed(ids, ctx)
     k = 0
@@ -207,7 +214,7 @@ def _forward(self, ids: torch.Tensor, positions: torch.Tensor, factors: list[tor
         if i in self.blocks:
             terms, fused = self.blocks[i]
             n = len(kernel.groups[i])
-            p = _GraphBlock(i, terms, fused, factors[k:k + n], per_block.get(i))
+            p = _GraphBlock(i, terms, fused, factors[k:k + n], per_block.get(i), stacked.get(i))
             k += n
         x = g.block(i, x, ctx, p)
     return g.logits(g.final_norm(x))[:, 0]
@@ -218,24 +225,30 @@ class CapturedStep(torch.nn.Module):
     specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors, folded=[])`` -> logits
     ``[B, V]`` (fp32); ``folded``: the rows' adapters as ``layout`` (a ``FoldLayout`` of ``fold_k``
     adapters a row) builds them, else the adapters run as the opaque operator (a graph per bucket is
-    traced one way or the other); ``plain``: G's step alone, for batches whose rows are all G's (no
-    factors). The
+    traced one way or the other); with ``stacked``, ``folded`` is instead the rows' weights per
+    stack entry (``stacks``, a ``StackLayout``) and the whole catalog's adapter stacks are the
+    graph's constants (``composer.stacked``); ``plain``: G's step alone, for batches whose rows are
+    all G's (no factors). The
     module registers every matrix it multiplies by (``consts``), which is what lets inductor hold
     them as constants (``freezing``; reached only through a plain object they were lifted as
     inputs); its ``forward`` is a function with a code object of its own, so dynamo's
     cache for it — one graph per bucket — is this step's alone and goes with it."""
 
-    def __init__(self, kernel: CatalogKernel, plain: bool = False, fold_k: int = 0):
+    def __init__(self, kernel: CatalogKernel, plain: bool = False, fold_k: int = 0, stacked: bool = False):
         super().__init__()
         c = kernel.c
         self.kernel = kernel
-        self.layout = None if plain or fold_k < 1 else FoldLayout.of(kernel, fold_k)
+        self.layout = None if plain or stacked or fold_k < 1 else FoldLayout.of(kernel, fold_k)
+        self.stacks = StackLayout.of(kernel) if stacked and not plain else None
+        self.stack_consts = {key: tuple(torch.nn.Parameter(t, requires_grad=False) for t in pair)
+                             for key, pair in self.stacks.factors().items()} if self.stacks is not None else {}
         self.model, pmap = as_parameters(c.g)
         own: dict[int, torch.nn.Parameter] = {}
         # plain: G's own layers only (rows all G's), no factors and no adapter operator in the graph
         self.blocks = {} if plain else {i: _remap_terms(kernel, i, pmap, own) for i in kernel.blocks}
         held = [t for p in list(pmap.values()) + list(own.values())
                 for t in (p.tensors() if isinstance(p, QuantizedWeight) else [p])]
+        held += [t for pair in self.stack_consts.values() for t in pair]
         params = {id(p): p for p in held if isinstance(p, torch.nn.Parameter)}
         self.consts = torch.nn.ParameterList(list(params.values()))
         code = _forward.__code__.replace(co_name=f"captured_step_{id(self):x}")

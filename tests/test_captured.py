@@ -122,6 +122,37 @@ def test_captured_step_is_the_eager_step_and_never_recompiles(loaded):
         engine.stop()
 
 
+def test_stacked_bucket_is_the_eager_step_and_never_recompiles(loaded):
+    """A bucket that multiplies every row by the whole catalog's adapters (``composer.stacked``; here
+    forced, the fixture's stacks being most of its tiny G's bytes): the eager step's tokens for rows
+    of any number of sources, G's rows among them, and no graph built again over more compositions
+    (a catalog change rebuilds as the test above checks: the stacks are the graph's constants)."""
+    engine = Engine(loaded.constellation, loaded.tokenizer, Limits(max_running=8, max_seq_len=128))
+    engine.start()
+    try:
+        jobs = [(p, c) for p, c in zip(PROMPTS, _compositions(8)[:1] + _compositions(8)[3:6])]
+        jobs[1] = (jobs[1][0], {"mode": "generalist"})
+        eager = _generate(engine, loaded.tokenizer, jobs)
+        before = _graphs()
+        engine.capture([4], background=False, fold_rows=0, stack_share=float("inf"))
+        status = engine.graph_status()
+        assert status["stacked"] == {"buckets": [4], "steps": 0} and "folded" not in status
+        assert _graphs() == before + 1
+        captured = _generate(engine, loaded.tokenizer, jobs)
+        assert engine.graph_status()["stacked"]["steps"] > 0
+        for (e_toks, e_lps), (c_toks, c_lps) in zip(eager, captured):
+            assert c_toks == e_toks
+            assert torch.allclose(torch.tensor(c_lps), torch.tensor(e_lps), atol=1e-4)
+        engine.runner.graphs.check_guards = True
+        rnd = random.Random(3)
+        comps = _compositions(8, seed=4)
+        for i in range(0, 8, 4):
+            _generate(engine, loaded.tokenizer, [(rnd.choice(PROMPTS), c) for c in comps[i:i + 4]], n=3)
+        assert _graphs() == before + 1
+    finally:
+        engine.stop()
+
+
 def test_buckets_fold_by_the_bytes_their_rows_read(loaded):
     """By default a bucket folds its rows' adapters while every row's folded factors (read whether
     the row composes or not) stay within ``FOLD_SHARE`` of G's bytes, up to ``FOLD_MAX_ROWS`` rows;
@@ -148,6 +179,11 @@ def test_buckets_fold_by_the_bytes_their_rows_read(loaded):
     assert G.DecodeGraphs([1, 2, 4], fold_rows=2).fold_plan(c, layout, plain=False) == ({1, 2}, [1, 2])
     assert G.DecodeGraphs([1, 2, 4], fold_rows=0).fold_plan(c, layout, plain=False) == (set(), [])
     assert G.DecodeGraphs([1, 2, 4], fold_rows=1).fold_plan(c, layout, plain=True) == ({1}, [1, 2, 4])
+    # the buckets that do not fold stack the whole catalog's adapters while those are a small share
+    for share, want in [(0.04, {8, 16}), (G.STACK_SHARE, {8, 16}), (0.2, set())]:  # (0.04: the demo's, fp32)
+        assert auto.stack_plan(c, SimpleNamespace(nbytes=int(share * gbytes)), {1, 2, 4}) == want, share
+    assert G.DecodeGraphs(buckets, stack_share=0).stack_plan(c, SimpleNamespace(nbytes=1), set()) == set()
+    assert auto.stack_plan(c, None, set()) == set()
 
 
 def test_plain_graph_runs_batches_of_generalist_rows(loaded):

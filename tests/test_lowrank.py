@@ -331,6 +331,40 @@ def test_rows_adapters_fold_into_the_batched_products(pair):
         layout.build(BatchComposition(lr.kernel, [many]), 1)
 
 
+def test_rows_multiply_by_the_whole_stack_as_the_batched_products(pair):
+    """A captured step's stacked buckets (``composer.stacked``) multiply every row by every adapter
+    of a weight's stack at the row's weight for it (0 where it composes none): per adapted weight,
+    equal to the batched products (fp32) for rows of any number of sources, G's rows included, and
+    a padding row's weights are zero."""
+    from composer.batch import BatchComposition, RowWeights
+    from composer.stacked import StackLayout, stacked_product
+
+    lr, _, ids, am, _ = pair
+    gp = lr.generalist_pass(ids, am)
+    modes = [PARAM_MODES[0], PARAM_MODES[3], PARAM_MODES[1], PARAM_MODES[2]]
+    rows = [RowWeights.of(lr.plan(gp, b % len(PROMPTS), m).source_weights) for b, m in enumerate(modes)]
+    rows.append(RowWeights.of(lr.plan(gp, 0, CompositionParams(mode="generalist")).source_weights))
+    assert max(r.k for r in rows) == 4 and min(r.k for r in rows) == 0
+    batch = BatchComposition(lr.kernel, rows)
+    layout = StackLayout.of(lr.kernel)
+    inputs = layout.build(batch, len(rows) + 1)  # (one padding row)
+    assert all(not W[-1].any() and not W[len(rows) - 1].any() for W in inputs)  # (padding, G's row)
+    torch.manual_seed(0)
+    checked, sides = 0, set()
+    for i, terms in layout.per_block(inputs, layout.factors()).items():
+        for name, (A, Bm, W, side) in terms.items():
+            term = lr.kernel.blocks[i][name]
+            x = torch.randn(len(rows), 1, A.shape[-1])
+            y = torch.randn(len(rows), 1, Bm.shape[0])
+            want = batch.params[i]._lowrank(y.clone(), x, term, name)
+            got = stacked_product(y, x, A, Bm, W[:len(rows)], side)
+            assert torch.allclose(got, want, atol=1e-5), (i, name)
+            assert torch.equal(got[-1], y[-1]) and not torch.equal(got, y)  # (G's row: unchanged)
+            checked, sides = checked + 1, sides | {side}
+    assert checked == len(layout.stacks) > 0 and sides == {"in", "out"}
+    assert layout.nbytes == sum(t.numel() * t.element_size() for st in layout.stacks.values() for t in (st.A, st.Bt))
+
+
 def test_rows_of_one_adapter_each_gather_their_products_back(pair):
     """When every row of a batch uses exactly one adapter of a weight's stack (each its own), the
     batched products go back to the rows by a gather instead of ``index_add_``: each row equals the

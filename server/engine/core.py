@@ -82,15 +82,17 @@ class Engine(CatalogSwitch, OutputProcessor):
         self.thread.start()
 
     def capture(self, buckets, background: bool = True, plain: bool | None = None,
-                fold_rows: int | None = None) -> None:
+                fold_rows: int | None = None, stack_share: float | None = None) -> None:
         """Capture the decode step per row bucket for the current catalog (and again, once, after each
         catalog change); steps that fit a ready bucket run it (``graphs``). ``plain``: also G's step
         alone per bucket, for batches of G's own rows (default: on CUDA); buckets of at most
         ``fold_rows`` rows take each row's adapters folded (``composer.folded``; None: the buckets where
-        that reads few bytes, ``graphs.fold_plan``)."""
+        that reads few bytes, ``graphs.fold_plan``); the others multiply every row by the whole
+        catalog's adapters while those are at most ``stack_share`` of G's bytes (None: ``STACK_SHARE``;
+        0: never, ``graphs.stack_plan``)."""
         from .graphs import DecodeGraphs
 
-        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows)
+        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows, stack_share)
         self.runner.graphs.build(self.c)
 
     def graph_status(self) -> dict | None:

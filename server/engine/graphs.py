@@ -13,7 +13,10 @@ rows compose more sources than the catalog's ``top_k`` runs the next larger buck
 row of a folding bucket reads ``top_k`` adapters' worth of factors, its own or zeros, so by default
 a bucket folds while those reads stay within ``FOLD_SHARE`` of the generalist's bytes (and it has
 at most ``FOLD_MAX_ROWS`` rows); where G's own rows would read more than ``PLAIN_SHARE`` of zeros,
-the bucket also gets G's step alone for batches of G's rows.
+the bucket also gets G's step alone for batches of G's rows. The buckets that do not fold multiply
+every row by the whole catalog's adapters (``composer.stacked``) while those stacks are at most
+``STACK_SHARE`` of G's bytes (a catalog of few specialists: the demo's are 3.9 %), else they run
+the opaque operator.
 
 Once every bucket is built, a step runs its graph without evaluating dynamo's guards
 (``skip_guard_eval_unsafe``: ~0.5-0.9 ms a step, a tenth of an int8 one-row step): every input is
@@ -33,6 +36,7 @@ from contextlib import nullcontext
 import torch
 
 from composer.captured import CapturedStep, StepContext, block_factors, step_context
+from composer.stacked import StackLayout
 from composer.quant import held_bytes
 from index_store.config import check_buckets
 
@@ -49,6 +53,10 @@ FOLD_MAX_ROWS = 4  # ... and it has at most this many rows (more were not measur
 PLAIN_SHARE = 0.05  # G's step alone too for a folding bucket whose G rows would read more zeros than this
 # (the served demo at 4 streams, buckets 1, 2, 4 folded, G's 4 rows reading 5.8 % of G in zeros:
 # constellation mode 162.6 -> 181.0 tok/s, generalist mode 186.0 -> 167.5)
+STACK_SHARE = 0.1  # a bucket that does not fold multiplies every row by the whole catalog's adapters
+# (``composer.stacked``) while those stacks, read once a step, are at most this share of G's bytes
+# (the demo's 16-row step, its stacks 3.9 % of G: 27.9 / 28.3 ms with the operator, 25.5 / 25.1
+# stacked; G's own rows 26.0 / 25.5 against 25.3 / 26.1, reading the stacks at weight 0)
 
 
 def compile_options(device: torch.device) -> dict:
@@ -78,12 +86,16 @@ class DecodeGraphs:
     a graph with no factors and no adapter operator in it (on CUDA: cut only at attention)."""
 
     def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None,
-                 fold_rows: int | None = None):
+                 fold_rows: int | None = None, stack_share: float | None = None):
         self.buckets = check_buckets([int(b) for b in buckets])
         self.fold_rows = None if fold_rows is None else int(fold_rows)  # None: by the bytes (``fold_plan``)
         self.layout = None  # ``FoldLayout`` of the folding buckets' inputs
         self.folds: set[int] = set()  # buckets whose graph takes the rows' folded adapters
+        self.stack_layout = None  # ``StackLayout`` of the stacked buckets' inputs
+        self.stacked: set[int] = set()  # buckets whose graph multiplies by the whole catalog's adapters
+        self.stack_share = STACK_SHARE if stack_share is None else float(stack_share)  # 0: never (the operator)
         self.folded_steps = 0
+        self.stacked_steps = 0
         self.background = background
         self.plain_option = plain  # None: on CUDA only (on a CPU the composed graph costs ~nothing more)
         cfg = torch._dynamo.config  # one cache entry per bucket on each step's own code object
@@ -108,7 +120,7 @@ class DecodeGraphs:
         synchronously); the previous catalog's graphs are dropped."""
         with self._lock:
             self.catalog, self.ready, self.plain, self.seconds, self.plain_seconds, self.error = c, {}, {}, {}, {}, None
-            self.layout, self.folds = None, set()
+            self.layout, self.folds, self.stack_layout, self.stacked = None, set(), None, set()
             self._built.clear()
         if self.background:
             threading.Thread(target=self._build, args=(c,), name="constellation-compile", daemon=True).start()
@@ -126,24 +138,31 @@ class DecodeGraphs:
             plain = self.plain_option if self.plain_option is not None else dev.type == "cuda"
             composed = CapturedStep(c.kernel, fold_k=c.settings.top_k if self.fold_rows != 0 else 0)
             folds, plains = self.fold_plan(c, composed.layout, plain)
-            steps = [(composed, self.buckets, self.ready, self.seconds, "")]
+            stacked = self.stack_plan(c, StackLayout.of(c.kernel), folds)
+            steps = [(composed, [B for B in self.buckets if B not in stacked], self.ready, self.seconds, "")]
+            if stacked:
+                steps.append((CapturedStep(c.kernel, stacked=True), sorted(stacked), self.ready, self.seconds,
+                              ", the catalog's adapters stacked"))
             if plains:
                 steps.append((CapturedStep(c.kernel, plain=True), plains, self.plain, self.plain_seconds, ", G alone"))
-            compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step.group_shapes(), step.layout, *rest)
-                        for step, *rest in steps]
-            for fn, shapes, layout, buckets, ready, seconds, what in compiled:  # (composed first: any row)
+            compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step, *rest) for step, *rest in steps]
+            for fn, step, buckets, ready, seconds, what in compiled:  # (composed first: any row)
                 for B in buckets:
                     if self.catalog is not c:
                         return
-                    fold = layout is not None and B in folds
-                    t = self._compile(fn, shapes, layout.zeros(B) if fold else [], B, dev, what)
+                    fold = step.layout is not None and B in folds
+                    extra = step.layout.zeros(B) if fold else step.stacks.zeros(B) if step.stacks else []
+                    t = self._compile(fn, step.group_shapes(), extra, B, dev, what)
                     with self._lock:
                         if self.catalog is not c:
                             return
                         ready[B], seconds[B] = fn, t
                         if fold:
-                            self.layout = layout
+                            self.layout = step.layout
                             self.folds.add(B)
+                        elif step.stacks is not None:
+                            self.stack_layout = step.stacks
+                            self.stacked.add(B)
         except Exception as e:  # noqa: BLE001 - the engine keeps decoding eagerly
             self.error = f"{type(e).__name__}: {e}"
             log.exception("capturing the decode step failed; decoding stays eager")
@@ -169,6 +188,17 @@ class DecodeGraphs:
         log.info("decode graphs: adapters folded per row in buckets %s (a row's folded factors: %.1f%% of the "
                  "generalist's bytes); G's step alone for buckets %s", sorted(folds), 100 * share, plains)
         return folds, plains
+
+    def stack_plan(self, c, layout, folds: set[int]) -> set[int]:
+        """The buckets that do not fold and multiply every row by the whole catalog's adapters: all of
+        them while the stacks are at most ``stack_share`` of G's bytes, else none."""
+        if layout is None or not c.kernel.blocks:
+            return set()
+        share = layout.nbytes / max(held_bytes(c.g.params.values()), 1)
+        stacked = {B for B in self.buckets if B not in folds} if share <= self.stack_share else set()
+        log.info("decode graphs: the catalog's adapters stacked in buckets %s (its stacks: %.1f%% of the "
+                 "generalist's bytes, at most %.0f%%)", sorted(stacked), 100 * share, 100 * self.stack_share)
+        return stacked
 
     def _compile(self, fn, shapes: list[tuple[int, int]], folded: list, B: int, dev: torch.device, what: str) -> float:
         """Compile (and on CUDA record) ``fn`` for ``B`` rows; its seconds."""
@@ -208,7 +238,9 @@ class DecodeGraphs:
     def inputs(self, batch, B: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A ``BatchComposition``'s factors and (for a folding bucket) folded adapters for bucket ``B``."""
         factors = block_factors(batch.kernel, batch.params, B)
-        return factors, (self.layout.build(batch, B) if B in self.folds else [])
+        if B in self.folds:
+            return factors, self.layout.build(batch, B)
+        return factors, (self.stack_layout.build(batch, B) if B in self.stacked else [])
 
     def run(self, B: int, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor], attention,
             composition: dict, plain: bool = False, folded: list[torch.Tensor] = ()) -> torch.Tensor:
@@ -218,7 +250,8 @@ class DecodeGraphs:
             pad = ids.new_zeros(B - R, 1)
             ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
         _new_step(ids.device)
-        self.folded_steps += bool(folded)
+        self.folded_steps += bool(folded) and B in self.folds
+        self.stacked_steps += bool(folded) and B in self.stacked
         graph = (self.plain if plain else self.ready)[B]
         skip = not self.check_guards and self._calls.acquire(blocking=False)
         if skip and not self._built.is_set():  # (a build under way: it may call graphs, guards needed)
@@ -240,6 +273,8 @@ class DecodeGraphs:
                "compiling": self.compiling, "error": self.error}
         if self.folds:
             out["folded"] = {"buckets": sorted(self.folds), "steps": self.folded_steps}
+        if self.stacked:
+            out["stacked"] = {"buckets": sorted(self.stacked), "steps": self.stacked_steps}
         if self.plain_seconds:
             out["plain"] = {str(b): round(s, 1) for b, s in sorted(self.plain_seconds.items())}
         return out
