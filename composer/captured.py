@@ -124,7 +124,8 @@ class _Attend:
 
 class _GraphBlock(BlockApply):
     """One composed block inside the graph: its matrices the graph's constants, its adapters the
-    rows' folded factors (graph inputs, ``composer.folded``) or else the opaque operator."""
+    rows' folded factors (graph inputs, ``composer.folded``), the whole catalog's stacks at the rows'
+    weights (``composer.stacked``) or else the opaque operator."""
 
     def __init__(self, i: int, terms, fused, factors, folded=None, stacked=None):
         self.i, self.terms, self.fused, self.packed, self.factors = i, terms, fused, None, factors
