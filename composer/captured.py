@@ -226,8 +226,8 @@ class CapturedStep(torch.nn.Module):
     specialists') matrices: ``forward(ids [B, 1], positions [B, 1], factors, folded=[])`` -> logits
     ``[B, V]`` (fp32); ``folded``: the rows' adapters as ``layout`` (a ``FoldLayout`` of ``fold_k``
     adapters a row) builds them, else the adapters run as the opaque operator (a graph per bucket is
-    traced one way or the other); with ``stacked``, ``folded`` is instead the rows' weights per
-    stack entry (``stacks``, a ``StackLayout``) and the whole catalog's adapter stacks are the
+    traced one way or the other); given ``stacks`` (the catalog's ``StackLayout``), ``folded`` is
+    instead the rows' weights per stack entry and the whole catalog's adapter stacks are the
     graph's constants (``composer.stacked``); ``plain``: G's step alone, for batches whose rows are
     all G's (no factors). The
     module registers every matrix it multiplies by (``consts``), which is what lets inductor hold
@@ -235,12 +235,13 @@ class CapturedStep(torch.nn.Module):
     inputs); its ``forward`` is a function with a code object of its own, so dynamo's
     cache for it — one graph per bucket — is this step's alone and goes with it."""
 
-    def __init__(self, kernel: CatalogKernel, plain: bool = False, fold_k: int = 0, stacked: bool = False):
+    def __init__(self, kernel: CatalogKernel, plain: bool = False, fold_k: int = 0,
+                 stacks: StackLayout | None = None):
         super().__init__()
         c = kernel.c
         self.kernel = kernel
-        self.layout = None if plain or stacked or fold_k < 1 else FoldLayout.of(kernel, fold_k)
-        self.stacks = StackLayout.of(kernel) if stacked and not plain else None
+        self.stacks = None if plain else stacks
+        self.layout = None if plain or self.stacks is not None or fold_k < 1 else FoldLayout.of(kernel, fold_k)
         self.stack_consts = {key: tuple(torch.nn.Parameter(t, requires_grad=False) for t in pair)
                              for key, pair in self.stacks.factors().items()} if self.stacks is not None else {}
         self.model, pmap = as_parameters(c.g)

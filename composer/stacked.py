@@ -5,8 +5,8 @@ adapters) and the opaque operator (``composer.batch``: per adapter in use, its r
 batched products, the rows put back, ~10 eager operations per adapted linear whatever the sizes),
 a small catalog has a third way: every row multiplies by *every* adapter of the weight's stack, at
 weight zero where it does not compose it. The stacks are the graph's constants, the rows' weights
-per stack entry an input ``[B, U, d]``, and a linear's update three plain products the compiler
-fuses with the rest of the step. The step then reads each adapter of the catalog once, whatever
+per stack entry an input ``[B, U, d]``, and a linear's update two reductions over a contiguous
+dimension that the compiler fuses with the rest of the step. The step then reads each adapter of the catalog once, whatever
 the rows compose: worth it while the stacks are a small share of the generalist's bytes
 (``server/engine/graphs.py``'s ``STACK_SHARE``), which a catalog of few specialists is.
 """

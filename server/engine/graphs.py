@@ -138,10 +138,11 @@ class DecodeGraphs:
             plain = self.plain_option if self.plain_option is not None else dev.type == "cuda"
             composed = CapturedStep(c.kernel, fold_k=c.settings.top_k if self.fold_rows != 0 else 0)
             folds, plains = self.fold_plan(c, composed.layout, plain)
-            stacked = self.stack_plan(c, StackLayout.of(c.kernel), folds)
+            stacks = StackLayout.of(c.kernel)
+            stacked = self.stack_plan(c, stacks, folds)
             steps = [(composed, [B for B in self.buckets if B not in stacked], self.ready, self.seconds, "")]
             if stacked:
-                steps.append((CapturedStep(c.kernel, stacked=True), sorted(stacked), self.ready, self.seconds,
+                steps.append((CapturedStep(c.kernel, stacks=stacks), sorted(stacked), self.ready, self.seconds,
                               ", the catalog's adapters stacked"))
             if plains:
                 steps.append((CapturedStep(c.kernel, plain=True), plains, self.plain, self.plain_seconds, ", G alone"))
@@ -192,7 +193,7 @@ class DecodeGraphs:
     def stack_plan(self, c, layout, folds: set[int]) -> set[int]:
         """The buckets that do not fold and multiply every row by the whole catalog's adapters: all of
         them while the stacks are at most ``stack_share`` of G's bytes, else none."""
-        if layout is None or not c.kernel.blocks:
+        if layout is None:  # (no composed block has adapters)
             return set()
         share = layout.nbytes / max(held_bytes(c.g.params.values()), 1)
         stacked = {B for B in self.buckets if B not in folds} if share <= self.stack_share else set()
