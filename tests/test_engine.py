@@ -119,6 +119,37 @@ def test_signatures_are_summed_a_chunk_per_step_and_stay_exact(built):
         run.engine.stop()
 
 
+def test_a_short_prompt_goes_through_every_phase_in_one_step(built):
+    """While a stream decodes, a short prompt whose whole prefill (through G, its in-pass
+    signatures, its composed tail) fits the step's budget is done in one engine step, where each
+    phase used to take a step of its own (a request's first token waited three decode steps); its
+    tokens are the library's."""
+    from index_store.loader import load_constellation
+
+    loaded = load_constellation(built("llama", domains=("medical", "legal", "code", "science"),
+                                      signature="generalist"))
+    run = Run(loaded, prefill_chunk_max=256, prefill_chunk_min=128)
+    try:
+        running = run.submit(_ids(loaded, 2, 3), {"mode": "generalist"}, 40)
+        assert running.get(timeout=60).token_ids
+        ids = _ids(loaded, 4, 4)
+        want, want_lp = _library(loaded, ids, {"mode": "constellation"}, 3)
+        runner, phases = run.engine.runner, []
+        for name in ("generalist_chunk", "signature_chunks", "tail_chunk"):
+            inner = getattr(runner, name)
+            setattr(runner, name, lambda *a, name=name, inner=inner: (
+                phases.append((name, run.engine.prefill_steps)), inner(*a))[1])
+        steps = run.engine.steps
+        toks, lps = Run.collect(run.submit(ids, {"mode": "constellation"}, 3))
+        assert toks[0] == want and lps[0] == pytest.approx(want_lp, abs=1e-4)
+        assert {name for name, _ in phases} == {"generalist_chunk", "signature_chunks", "tail_chunk"}
+        assert len({step for _, step in phases}) == 1  # all in one step
+        assert run.engine.steps - steps >= 2  # (and the stream decoded meanwhile)
+        Run.collect(running)
+    finally:
+        run.engine.stop()
+
+
 def test_waiting_prompts_are_prefilled_together(loaded):
     run = Run(loaded)
     try:

@@ -258,6 +258,7 @@ def test_decode_kernel_matches_the_pytorch_path_in_half_precision(dtype, monkeyp
 # ---- scheduler -----------------------------------------------------------------------------------
 class _Catalog:
     n, first = 4, 2
+    settings = SimpleNamespace(signature="generalist")
 
 
 def _req(ids=2, n=1, max_tokens=2):
@@ -288,7 +289,8 @@ def test_scheduler_admits_by_memory_first_come_first_served():
 
 
 def _running(s, prompt, order):
-    seq = Sequence(_req(prompt), 0, [Row(length=prompt)], None, set(), None, tokens=[7], order=order)
+    seq = Sequence(_req(prompt), 0, [Row(length=prompt)], None, set(), None, tokens=[7], order=order,
+                   catalog=_Catalog)
     s.pool.stage(seq.rows[0], prompt + 1)
     s.pool.promote(seq.rows[0])
     s.running.append(seq)
@@ -343,6 +345,18 @@ def test_a_prefill_share_is_counted_in_tokens_through_g():
     assert calls[-1] == [(11, 11)]
 
 
+def test_a_jobs_remaining_cost_counts_the_phases_it_has_not_reached():
+    """So a job whose whole prefill fits the budget gets a share for all of it (one step)."""
+    s = _sched()
+    job = SimpleNamespace(phase="generalist", T=40, done=10, g_cost=1.0, c=_Catalog, mode=None, resume=None,
+                          rows=[Row(), Row()], request=SimpleNamespace(n=1))
+    assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.05 + 2 * 40 * 0.5)  # mode not known yet
+    job.mode = SimpleNamespace(uses_signatures=False, generalist_only=True)  # G's row: no tail, no signatures
+    assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.5)
+    job.rows, job.request.n = [Row() for _ in range(4)], 2  # two choices of two components
+    assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.5)
+
+
 def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():
     s = _sched(Limits(max_running=64, prefill_chunk_min=8, prefill_chunk_max=256))
     s.update_from_output(ModelOutput(prefill_cost=100, prefill_seconds=1.0, decode_seconds=0.1))  # budget 10
@@ -353,7 +367,8 @@ def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():
     plan.prefill[0][0].done = 10
     s.add(_req(40)), s.add(_req(40))
     plan = s.schedule()  # three rows wait for their first token, one decodes: all of them at once
-    assert [share for _, share in plan.prefill] == [30, 40, 40]
+    later = 40 * 0.05 + 40 * 0.5  # every phase counted: signatures (0.05 a token), a tail (half of G)
+    assert [share for _, share in plan.prefill] == pytest.approx([30 + later, 40 + later, 40 + later])
 
 
 # ---- sampler ------------------------------------------------------------------------------------

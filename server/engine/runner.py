@@ -131,17 +131,31 @@ class ModelRunner:
         return out
 
     def _prefill(self, work: list[tuple[PrefillJob, float]], out: ModelOutput) -> None:
+        """Each job's share of the step: generalist chunks first (batched across jobs), then each
+        job's signatures and tails with what its share has left, so a prompt whose whole prefill fits
+        the budget is done in one step rather than one step per phase."""
         batches: dict[int, list] = {}
+        rest: dict[int, float] = {}  # id(job): share left for the later phases
         for job, share in work:
             if job.phase == "generalist":  # (a resumed job's tokens cost less: a share < 1 is a token)
                 left = job.T - job.done  # (no layers before the composed ones: embeddings only, all at once)
                 if (n := left if job.g_cost <= 0 else min(left, math.ceil(share / job.g_cost - 1e-6))) >= 1:
                     batches.setdefault(id(job.c), []).append((job, n))
+                    rest[id(job)] = share - n * job.g_cost
             elif share > 0:
-                self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
+                rest[id(job)] = share
         for batch in (g for b in batches.values() for g in padded_groups(b)):
             if self._guard(out, [j for j, _ in batch], lambda batch=batch: self.generalist_chunk(batch)):
                 out.prefill_cost += sum(n for _, n in batch)
+        chunked = {id(j) for b in batches.values() for j, _ in b}
+        failed = {id(j) for j, _ in out.failed}
+        for job, _ in work:
+            share = rest.get(id(job), 0.0)
+            if id(job) in failed or job.phase not in ("signatures", "tail") or share <= 0:
+                continue
+            if id(job) in chunked and job.phase == "signatures" and share < self.signature_fraction() / 2:
+                continue  # a crumb of the share its generalist chunk left (a tail takes none: ``spend``)
+            self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
         failed = {id(j) for j, _ in out.failed}
         out.finished = [j for j, _ in work if j.phase == "done" and id(j) not in failed]
 
@@ -274,10 +288,11 @@ class ModelRunner:
 
     def spend(self, job: PrefillJob, share: float) -> float:
         """Run ``job``'s signature or tail chunks worth about ``share`` tokens-through-G; the cost spent."""
-        if job.phase == "signatures":
+        spent = 0.0
+        if job.phase == "signatures":  # then the tails, if the signatures finish within the share
             frac = self.signature_fraction()
-            return self.signature_chunks(job, max(1, round(share / frac))) * frac
-        frac, spent = tail_fraction(job.c), 0.0
+            spent = self.signature_chunks(job, max(1, round(share / frac))) * frac
+        frac = tail_fraction(job.c)
         while job.phase == "tail" and share - spent >= frac / 2:
             n = max(1, min(job.T - job.tail_done, round((share - spent) / frac)))
             self.tail_chunk(job, n)

@@ -166,15 +166,35 @@ class Scheduler:
         return self._order
 
     def remaining_cost(self, job: PrefillJob) -> float:
-        """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit)."""
+        """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit), every phase
+        counted: a job whose whole rest fits the step's budget goes through its phases in that one
+        step (the runner carries a phase's unspent share into the next). Phases not reached yet are
+        estimates: the in-pass signatures over the whole prompt (unless the job is known not to need
+        them), a tail per component its rows allow."""
         phase = job.phase
         if phase == "generalist":
-            return (job.T - job.done) * job.g_cost
+            return (job.T - job.done) * job.g_cost + self._signatures_cost(job, job.T) + self._tails_cost(job)
         if phase == "signatures":
-            return (job.T - job.sig.pos) * self.signature_fraction()
+            return (job.T - job.sig.pos) * self.signature_fraction() + self._tails_cost(job)
         if phase != "tail":
             return 0.0
         return ((len(job.comps) - job.comp) * job.T - job.tail_done) * tail_fraction(job.c)
+
+    def _signatures_cost(self, job: PrefillJob, tokens: int) -> float:
+        mode = job.mode  # None until the runner has initialised the job: assume the signatures
+        if job.resume is not None or job.c.settings.signature != "generalist" or (mode is not None and
+                                                                                  not mode.uses_signatures):
+            return 0.0
+        return tokens * self.signature_fraction()
+
+    @staticmethod
+    def _tails_cost(job: PrefillJob) -> float:
+        """The composed tails of a job not planned yet: a component per row of one choice, the first
+        none where the mode's first row is G's own (the generalist pass wrote it)."""
+        comps = len(job.rows) // (1 if job.resume is not None else max(1, job.request.n))
+        if job.mode is not None and job.mode.generalist_only:
+            comps -= 1
+        return max(0, comps) * job.T * tail_fraction(job.c)
 
     def _decode_first(self) -> bool:
         """Whether decoding rows' pace bounds the step's prefill: not when more rows wait for their
