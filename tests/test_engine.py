@@ -135,14 +135,14 @@ def test_a_short_prompt_goes_through_every_phase_in_one_step(built):
         ids = _ids(loaded, 4, 4)
         want, want_lp = _library(loaded, ids, {"mode": "constellation"}, 3)
         runner, phases = run.engine.runner, []
-        for name in ("generalist_chunk", "signature_chunks", "tail_chunk"):
+        for name in ("generalist_chunk", "signature_chunks", "tail_batch"):
             inner = getattr(runner, name)
             setattr(runner, name, lambda *a, name=name, inner=inner: (
                 phases.append((name, run.engine.prefill_steps)), inner(*a))[1])
         steps = run.engine.steps
         toks, lps = Run.collect(run.submit(ids, {"mode": "constellation"}, 3))
         assert toks[0] == want and lps[0] == pytest.approx(want_lp, abs=1e-4)
-        assert {name for name, _ in phases} == {"generalist_chunk", "signature_chunks", "tail_chunk"}
+        assert {name for name, _ in phases} == {"generalist_chunk", "signature_chunks", "tail_batch"}
         assert len({step for _, step in phases}) == 1  # all in one step
         assert run.engine.steps - steps >= 2  # (and the stream decoded meanwhile)
         Run.collect(running)
@@ -159,6 +159,9 @@ def test_waiting_prompts_are_prefilled_together(loaded):
         inner = run.engine.runner.generalist_chunk
         run.engine.runner.generalist_chunk = lambda batch: (
             calls.append((run.engine.prefill_steps, sorted(n for _, n in batch))), inner(batch))
+        tails, inner_tails = [], run.engine.runner.tail_batch
+        run.engine.runner.tail_batch = lambda batch: (
+            tails.append([(id(job.request), job.comp, n) for job, n in batch]), inner_tails(batch))
         run.engine.call(lambda: None)  # the loop is up
         with run.engine.lock:  # all four wait before the engine looks
             qs = [run.submit(p, c, 4) for p, c in zip(prompts, COMPS)]
@@ -169,6 +172,9 @@ def test_waiting_prompts_are_prefilled_together(loaded):
         want_groups = [[n for _, n in g] for g in padded_groups([(None, n) for n in lengths])]
         assert [b for _, b in calls] == want_groups and sum(map(len, want_groups)) == 4
         assert len(padded_groups([(None, n) for n in [3, 5, 7, 9]])) == 1  # short ones: one batch
+        # their composed tails too: the three composed prompts' rows (the logit-mode one's, a row per
+        # component, G's own row made by the pass), prompts of like lengths in one batch
+        assert len({r for b in tails for r, _, _ in b}) == 3 and max(len(b) for b in tails) >= 2
         assert [[n for _, n in g] for g in padded_groups([(None, n) for n in [12, 13, 14, 30, 31, 90]])] == [
             [12, 13, 14], [30, 31], [90]]
     finally:

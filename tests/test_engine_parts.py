@@ -355,6 +355,14 @@ def test_a_jobs_remaining_cost_counts_the_phases_it_has_not_reached():
     assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.5)
     job.rows, job.request.n = [Row() for _ in range(4)], 2  # two choices of two components
     assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.5)
+    # a composed tail token costs the composed layers' share of G's (2 of 4 here) until the runner
+    # has timed one, then what it measured (the rows' compositions cost more than G's own layers)
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.g_seconds_per_token, runner.tail_seconds_per_token = 0.001, None
+    s.tail_fraction = runner.tail_fraction
+    assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.5)
+    runner.tail_seconds_per_token = 0.0008
+    assert s.remaining_cost(job) == pytest.approx(30 + 40 * 0.8)
 
 
 def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():
@@ -369,6 +377,8 @@ def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():
     plan = s.schedule()  # three rows wait for their first token, one decodes: all of them at once
     later = 40 * 0.05 + 40 * 0.5  # every phase counted: signatures (0.05 a token), a tail (half of G)
     assert [share for _, share in plan.prefill] == pytest.approx([30 + later, 40 + later, 40 + later])
+    # a tighter budget goes to every prompt's pass through G first, then to the first one's later phases
+    assert s.shares(120) == pytest.approx([30 + 10, 40, 40])
 
 
 # ---- sampler ------------------------------------------------------------------------------------

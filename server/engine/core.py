@@ -32,7 +32,8 @@ from . import grammar
 from .catalogs import CatalogSwitch
 from .kv_pool import KVPool
 from .output import OutputProcessor
-from .runner import ModelOutput, ModelRunner, PrefillJob
+from .jobs import PrefillJob
+from .runner import ModelOutput, ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .scoring import prompt_logprobs
 from .types import (Abort, AddRequest, Call, Draining, EngineInput, Event, Limits, QueueFull, Request,
@@ -57,6 +58,7 @@ class Engine(CatalogSwitch, OutputProcessor):
         self.scheduler = Scheduler(limits, self.pool, self.rows_needed, lambda: self.c)
         self.runner = ModelRunner(self.pool, self.plan_for)
         self.scheduler.signature_fraction = self.runner.signature_fraction
+        self.scheduler.tail_fraction = self.runner.tail_fraction
         self.inputs: deque[EngineInput] = deque()
         # sinks whose deliveries a step holds (``hold()``, ``release()``): a step's events reach each
         # consumer (the web server's event loop) in one wake-up, not one per event (``serving_batch``)

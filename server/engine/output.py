@@ -11,7 +11,7 @@ import torch
 
 from . import grammar, sampler
 from .detokenizer import Detokenizer
-from .runner import PrefillJob
+from .jobs import PrefillJob
 from .types import Event, Sequence
 
 

@@ -13,7 +13,7 @@ A prompt goes in in phases (``PrefillJob.phase``), each as chunks the scheduler 
    that asks for in-pass signatures gets the requested specialists' summed together over the
    recorded chunks, a few chunks per step.
 3. *tail*: for each row of the plan's ``components`` the composed blocks run over the kept trunk
-   state, chunk by chunk, into that row's slot.
+   state, chunk by chunk, into that row's slot; every job's current component in one batch (``tails``).
 
 A preempted sequence comes back as a job that resumes it (``resume``): its prompt and generated
 tokens through G's trunk and its rows' composed blocks again, with the plan it had.
@@ -36,59 +36,9 @@ from composer.constellation import Constellation, GeneralistPass
 from composer.signatures import in_pass_signatures, signature_means, specialist_abs_sum
 from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
 from .kv_pool import KVPool, SlabDecodeView
-from .types import NeedSignature, PendingSignatures, PlanSummary, Request, Row, Sequence, SignatureWork
-
-
-@dataclass(eq=False)
-class PrefillJob:
-    request: Request
-    rows: list[Row]  # staged slots: components x choices (row 0 receives the generalist pass)
-    c: Constellation  # the catalog it runs on
-    ids_list: list[int]  # prompt tokens (a resumed sequence: prompt + generated but the last)
-    resume: Sequence | None = None
-    mode: object = None  # composer.modes.Mode, set by ``ModelRunner.init``
-    ids: torch.Tensor | None = None  # [T]
-    fmask: torch.Tensor | None = None  # [T]: tokens the fingerprint averages over
-    store: object = None  # where the generalist pass writes keys/values
-    done: int = 0  # prompt tokens through the generalist pass
-    trunk: list[torch.Tensor] = field(default_factory=list)  # [1, t, d] chunks entering the first composed block
-    records: list[list] = field(default_factory=list)  # per chunk: in-pass signature record blocks
-    fp_sum: torch.Tensor | None = None
-    fp_n: float = 0.0
-    last_hidden: torch.Tensor | None = None  # G's final-normed hidden state of the last prompt token
-    seconds: float = 0.0  # time spent in the generalist pass
-    gp: GeneralistPass | None = None  # once the whole prompt is through G
-    sig: SignatureWork | None = None  # an in-pass signature being computed
-    comps: list[tuple[float | None, torch.Tensor]] = field(default_factory=list)
-    comp: int = 0  # component whose tail is running
-    tail_done: int = 0
-    tail_blocks: object = None  # the current component's composed blocks
-    logits: list[torch.Tensor] = field(default_factory=list)  # last-token logits per component
-
-    @property
-    def T(self) -> int:
-        return len(self.ids_list)
-
-    @property
-    def phase(self) -> str:
-        if self.done < self.T:
-            return "generalist"
-        if self.sig is not None:
-            return "signatures"
-        return "tail" if self.comp < len(self.comps) else "done"
-
-    @property
-    def g_layers(self) -> int:
-        """Layers the generalist pass runs: all (fingerprint, and G's own row), or only the trunk for a
-        resumed sequence whose rows are all composed."""
-        if self.resume is not None and not self.mode.generalist_only:
-            return self.c.first
-        return self.c.n
-
-    @property
-    def g_cost(self) -> float:
-        """One prompt token through G in the budget's unit (a whole pass: 1)."""
-        return self.g_layers / self.c.n if self.mode is not None else 1.0
+from .tails import tail_batch
+from .jobs import TAIL_MEASURE, PrefillJob, tail_fraction
+from .types import NeedSignature, PendingSignatures, PlanSummary, Row, SignatureWork
 
 
 @dataclass
@@ -107,7 +57,8 @@ class ModelRunner:
         self.pool = pool
         self.plan_for = plan_for  # (catalog, GeneralistPass, CompositionParams) -> Plan (engine's: metrics)
         self.g_seconds_per_token: float | None = None  # measured: generalist chunks ...
-        self.sig_seconds_per_token: float | None = None  # ... and signature chunks
+        self.sig_seconds_per_token: float | None = None  # ... signature chunks ...
+        self.tail_seconds_per_token: float | None = None  # ... and tail batches (of TAIL_MEASURE tokens or more)
         self._batch: tuple | None = None  # (key, blocks, mixed, ...) of the last decode batch
         self.graphs = None  # ``graphs.DecodeGraphs``: captured decode steps, when the server builds them
         self.captured_steps = 0  # decode steps that ran a captured graph
@@ -151,16 +102,40 @@ class ModelRunner:
         failed = {id(j) for j, _ in out.failed}
         for job, _ in work:
             share = rest.get(id(job), 0.0)
-            if id(job) in failed or job.phase not in ("signatures", "tail") or share <= 0:
+            if id(job) in failed or job.phase != "signatures" or share <= 0:
                 continue
-            if id(job) in chunked and job.phase == "signatures" and share < self.signature_fraction() / 2:
-                continue  # a crumb of the share its generalist chunk left (a tail takes none: ``spend``)
-            self._guard(out, [job], lambda job=job, share=share: self._spend(job, share, out))
+            if id(job) in chunked and share < self.signature_fraction() / 2:
+                continue  # a crumb of the share its generalist chunk left
+            self._guard(out, [job], lambda job=job, share=share: self._signatures(job, share, rest, out))
+        failed = {id(j) for j, _ in out.failed}
+        self._tails([(j, rest.get(id(j), 0.0)) for j, _ in work if j.phase == "tail" and id(j) not in failed], out)
         failed = {id(j) for j, _ in out.failed}
         out.finished = [j for j, _ in work if j.phase == "done" and id(j) not in failed]
 
-    def _spend(self, job: PrefillJob, share: float, out: ModelOutput) -> None:
-        out.prefill_cost += self.spend(job, share)
+    def _signatures(self, job: PrefillJob, share: float, rest: dict, out: ModelOutput) -> None:
+        frac = self.signature_fraction()
+        spent = self.signature_chunks(job, max(1, round(share / frac))) * frac
+        rest[id(job)] = share - spent
+        out.prefill_cost += spent
+
+    def _tails(self, work: list[tuple[PrefillJob, float]], out: ModelOutput) -> None:
+        """Each job's tails with its share, every job's current component in one batch per catalog
+        (``tails``), round after round while shares last (a job's next component in the next round)."""
+        left = {id(j): share for j, share in work}
+        while True:
+            failed = {id(j) for j, _ in out.failed}
+            items: dict[int, list] = {}
+            for job, _ in work:
+                frac = self.tail_fraction(job.c)
+                if job.phase == "tail" and id(job) not in failed and left[id(job)] >= frac / 2:
+                    n = max(1, min(job.T - job.tail_done, round(left[id(job)] / frac)))
+                    items.setdefault(id(job.c), []).append((job, n))
+                    left[id(job)] -= n * frac
+            if not items:
+                return
+            for batch in (b for group in items.values() for b in padded_groups(group)):
+                if self._guard(out, [j for j, _ in batch], lambda batch=batch: self.tail_batch(batch)):
+                    out.prefill_cost += sum(n * self.tail_fraction(j.c) for j, n in batch)
 
     @staticmethod
     def _guard(out: ModelOutput, jobs: list[PrefillJob], fn) -> bool:
@@ -286,19 +261,6 @@ class ModelRunner:
             job.logits.append(job.c.g.logits(job.last_hidden)[0, -1].float().cpu())
             job.comp = 1
 
-    def spend(self, job: PrefillJob, share: float) -> float:
-        """Run ``job``'s signature or tail chunks worth about ``share`` tokens-through-G; the cost spent."""
-        spent = 0.0
-        if job.phase == "signatures":  # then the tails, if the signatures finish within the share
-            frac = self.signature_fraction()
-            spent = self.signature_chunks(job, max(1, round(share / frac))) * frac
-        frac = tail_fraction(job.c)
-        while job.phase == "tail" and share - spent >= frac / 2:
-            n = max(1, min(job.T - job.tail_done, round((share - spent) / frac)))
-            self.tail_chunk(job, n)
-            spent += n * frac
-        return spent
-
     @torch.inference_mode()
     def signature_chunks(self, job: PrefillJob, tokens: int) -> int:
         """The pending specialists' in-pass signatures over the next record chunks, at least one and
@@ -320,28 +282,20 @@ class ModelRunner:
             self._try_plan(job)
         return covered
 
+    def tail_fraction(self, c: Constellation) -> float:
+        """Cost of one prompt token of a composed tail vs one through G: measured once both have been
+        (the rows' compositions cost more than G's own layers), else the composed layers' share of G's."""
+        if self.g_seconds_per_token and self.tail_seconds_per_token:
+            return self.tail_seconds_per_token / self.g_seconds_per_token
+        return tail_fraction(c)
+
     @torch.inference_mode()
-    def tail_chunk(self, job: PrefillJob, n: int) -> None:
-        """The next ``n`` prompt tokens of the current component through its composed blocks."""
-        c, g = job.c, job.c.g
-        row = job.rows[job.comp]
-        if job.tail_done == 0:
-            if job.comp > 0:
-                self.pool.copy(job.rows[0], row, job.T, range(c.first))
-            row.length = job.T
-            job.tail_blocks = c.batched([row.comp])
-        s = job.tail_done
-        n = min(n, job.T - s)
-        view = ChunkView([SlotStore(self.pool, row)], [s], [n])
-        ctx = view.context(g, g.device)
-        x = g.run_blocks(job.trunk[0][:, s:s + n], ctx, c.first, c.n, job.tail_blocks)
-        job.tail_done = s + n
-        if job.tail_done == job.T:
-            if job.resume is None:
-                job.logits.append(g.logits(g.final_norm(x[:, -1:]))[0, -1].float().cpu())
-            job.comp += 1
-            job.tail_done = 0
-            job.tail_blocks = None
+    def tail_batch(self, batch: list[tuple[PrefillJob, int]]) -> None:
+        """The next ``n`` tokens of each job's current component through its composed blocks, one batch."""
+        t0 = time.perf_counter()
+        tail_batch(self.pool, batch)
+        if (tokens := sum(n for _, n in batch)) >= TAIL_MEASURE:  # (a few tokens' batch: its fixed cost)
+            self.tail_seconds_per_token = (time.perf_counter() - t0) / tokens
 
     def finish(self, job: PrefillJob) -> list[list[Row]]:
         """Fork the components for every choice, promote the rows to decoding; rows per choice."""
@@ -406,8 +360,3 @@ class ModelRunner:
                         for w in weights[1:])
             self._batch = (key, BatchComposition(c.kernel, weights), mixed, weights, c, {})  # (keeps the keyed objects alive)
         return self._batch[1].params, self._batch[2]
-
-
-def tail_fraction(c: Constellation) -> float:
-    """Cost of a composed-tail token against a token through all of G."""
-    return (c.n - c.first) / c.n

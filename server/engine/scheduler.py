@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .kv_pool import KVPool, NoRoom
-from .runner import PrefillJob, tail_fraction
+from .jobs import PrefillJob, tail_fraction
 from .types import Limits, Request, Row, Sequence
 
 EMA = 0.3  # weight of the newest measurement
@@ -76,7 +76,8 @@ class Scheduler:
         self.prefill_rate: float | None = None  # prefilled tokens-through-G per second
         self.preemptions = 0
         self._order = 0
-        self.signature_fraction: Callable[[], float] = lambda: 0.05  # the runner's measured ratio
+        self.signature_fraction: Callable[[], float] = lambda: 0.05  # the runner's measured ratios
+        self.tail_fraction: Callable[[object], float] = tail_fraction
 
     # ---- queue -------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -103,7 +104,7 @@ class Scheduler:
         self._make_room(plan)
         if admit:
             self._admit(plan)
-        shares = split_budget([self.remaining_cost(j) for j in self.prefilling], self.budget(self._decode_first()))
+        shares = self.shares(self.budget(self._decode_first()))
         plan.prefill = [(j, s) for j, s in zip(self.prefilling, shares)]
         by_row = {id(r): s for s in self.running for r in s.rows}
         plan.rows = self.pool.decode_order([r for s in self.running for r in s.rows])
@@ -165,20 +166,33 @@ class Scheduler:
         self._order += 1
         return self._order
 
+    def shares(self, budget: float) -> list[float]:
+        """Each prefilling job's share of ``budget`` (tokens-through-G), in two passes, first come
+        first served in each: the phase each job is in, then what is left for the phases after it.
+        So a burst of prompts all go through G in one batched step before any takes budget for its
+        tails, and a job whose whole rest fits goes through its phases in one step (the runner
+        carries a phase's unspent share into the next) rather than a step per phase."""
+        costs = [self.phase_costs(j) for j in self.prefilling]
+        first = split_budget([now for now, _ in costs], budget)
+        then = split_budget([later for _, later in costs], budget - sum(first))
+        return [a + b for a, b in zip(first, then)]
+
     def remaining_cost(self, job: PrefillJob) -> float:
-        """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit), every phase
-        counted: a job whose whole rest fits the step's budget goes through its phases in that one
-        step (the runner carries a phase's unspent share into the next). Phases not reached yet are
+        """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit), every phase counted."""
+        return sum(self.phase_costs(job))
+
+    def phase_costs(self, job: PrefillJob) -> tuple[float, float]:
+        """(the rest of the phase ``job`` is in, the phases after it). Phases not reached yet are
         estimates: the in-pass signatures over the whole prompt (unless the job is known not to need
         them), a tail per component its rows allow."""
         phase = job.phase
         if phase == "generalist":
-            return (job.T - job.done) * job.g_cost + self._signatures_cost(job, job.T) + self._tails_cost(job)
+            return (job.T - job.done) * job.g_cost, self._signatures_cost(job, job.T) + self._tails_cost(job)
         if phase == "signatures":
-            return (job.T - job.sig.pos) * self.signature_fraction() + self._tails_cost(job)
+            return (job.T - job.sig.pos) * self.signature_fraction(), self._tails_cost(job)
         if phase != "tail":
-            return 0.0
-        return ((len(job.comps) - job.comp) * job.T - job.tail_done) * tail_fraction(job.c)
+            return 0.0, 0.0
+        return ((len(job.comps) - job.comp) * job.T - job.tail_done) * self.tail_fraction(job.c), 0.0
 
     def _signatures_cost(self, job: PrefillJob, tokens: int) -> float:
         mode = job.mode  # None until the runner has initialised the job: assume the signatures
@@ -187,14 +201,13 @@ class Scheduler:
             return 0.0
         return tokens * self.signature_fraction()
 
-    @staticmethod
-    def _tails_cost(job: PrefillJob) -> float:
+    def _tails_cost(self, job: PrefillJob) -> float:
         """The composed tails of a job not planned yet: a component per row of one choice, the first
         none where the mode's first row is G's own (the generalist pass wrote it)."""
         comps = len(job.rows) // (1 if job.resume is not None else max(1, job.request.n))
         if job.mode is not None and job.mode.generalist_only:
             comps -= 1
-        return max(0, comps) * job.T * tail_fraction(job.c)
+        return max(0, comps) * job.T * self.tail_fraction(job.c)
 
     def _decode_first(self) -> bool:
         """Whether decoding rows' pace bounds the step's prefill: not when more rows wait for their
