@@ -62,9 +62,6 @@ class PrefillJob:
         return self.g_layers / self.c.n if self.mode is not None else 1.0
 
 
-TAIL_MEASURE = 32  # prompt tokens a tail batch needs for its time to measure the per-token cost
-
-
 def tail_fraction(c: Constellation) -> float:
     """The composed layers' share of G's layers: a composed-tail token's cost until measured."""
     return (c.n - c.first) / c.n

@@ -34,11 +34,14 @@ from composer import decompose
 from composer.batch import BatchComposition, RowWeights
 from composer.constellation import Constellation, GeneralistPass
 from composer.signatures import in_pass_signatures, signature_means, specialist_abs_sum
+from .jobs import PrefillJob, tail_fraction
 from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
 from .kv_pool import KVPool, SlabDecodeView
 from .tails import tail_batch
-from .jobs import TAIL_MEASURE, PrefillJob, tail_fraction
 from .types import NeedSignature, PendingSignatures, PlanSummary, Row, SignatureWork
+
+
+TAIL_MEASURE = 32  # prompt tokens a tail batch needs for its time to measure the per-token cost
 
 
 @dataclass
@@ -125,17 +128,19 @@ class ModelRunner:
         while True:
             failed = {id(j) for j, _ in out.failed}
             items: dict[int, list] = {}
+            cost: dict[int, float] = {}  # id(job): what this round's tokens took from its share
             for job, _ in work:
                 frac = self.tail_fraction(job.c)
                 if job.phase == "tail" and id(job) not in failed and left[id(job)] >= frac / 2:
                     n = max(1, min(job.T - job.tail_done, round(left[id(job)] / frac)))
                     items.setdefault(id(job.c), []).append((job, n))
-                    left[id(job)] -= n * frac
+                    cost[id(job)] = n * frac
+                    left[id(job)] -= cost[id(job)]
             if not items:
                 return
             for batch in (b for group in items.values() for b in padded_groups(group)):
                 if self._guard(out, [j for j, _ in batch], lambda batch=batch: self.tail_batch(batch)):
-                    out.prefill_cost += sum(n * self.tail_fraction(j.c) for j, n in batch)
+                    out.prefill_cost += sum(cost[id(j)] for j, _ in batch)
 
     @staticmethod
     def _guard(out: ModelOutput, jobs: list[PrefillJob], fn) -> bool:

@@ -37,16 +37,16 @@ def tail_batch(pool: KVPool, items: list[tuple[object, int]]) -> None:
         x[b, :n] = job.trunk[0][0, s:s + n]
     view = ChunkView([SlotStore(pool, row) for row in rows], starts, lens)
     y = g.run_blocks(x, view.context(g, g.device), c.first, c.n, c.batched([row.comp for row in rows]))
-    ends = [b for b, ((job, _), s, n) in enumerate(zip(items, starts, lens)) if s + n == job.T]
-    last = [b for b in ends if items[b][0].resume is None]
-    if last:
+    logits = {}  # batch index: last-token logits of a component whose tail completes (not a resumed job's)
+    if last := [b for b, ((job, _), s, n) in enumerate(zip(items, starts, lens))
+                if s + n == job.T and job.resume is None]:
         idx = torch.tensor(last, device=y.device)
         pos = torch.tensor([lens[b] - 1 for b in last], device=y.device)
-        logits = g.logits(g.final_norm(y[idx, pos][:, None]))[:, 0].float().cpu()
+        logits = dict(zip(last, g.logits(g.final_norm(y[idx, pos][:, None]))[:, 0].float().cpu()))
     for b, ((job, _), s, n) in enumerate(zip(items, starts, lens)):
         job.tail_done = s + n
-        if b in ends:
-            if b in last:
-                job.logits.append(logits[last.index(b)])
+        if job.tail_done == job.T:
+            if b in logits:
+                job.logits.append(logits[b])
             job.comp += 1
             job.tail_done = 0
