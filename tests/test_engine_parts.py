@@ -1,6 +1,8 @@
 """The engine's parts on their own: slot cache and views, the KV pool, scheduler, sampler, detokenizer."""
 
+import math
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -374,11 +376,26 @@ def test_a_burst_of_prompts_is_prefilled_at_once_while_few_rows_decode():
     assert [share for _, share in plan.prefill] == [10]
     plan.prefill[0][0].done = 10
     s.add(_req(40)), s.add(_req(40))
-    plan = s.schedule()  # three rows wait for their first token, one decodes: all of them at once
+    plan = s.schedule()  # three rows wait for their first token, one decodes: all of them at once,
+    assert [share for _, share in plan.prefill] == [math.inf] * 3  # each whole (inf: finish it this step)
     later = 40 * 0.05 + 40 * 0.5  # every phase counted: signatures (0.05 a token), a tail (half of G)
-    assert [share for _, share in plan.prefill] == pytest.approx([30 + later, 40 + later, 40 + later])
-    # a tighter budget goes to every prompt's pass through G first, then to the first one's later phases
-    assert s.shares(120) == pytest.approx([30 + 10, 40, 40])
+    # a tighter budget: first come, first served, each prompt through all its phases, so the first
+    # ones give their first token this step; the last one's share is a part (its pass through G)
+    assert s.shares(120) == pytest.approx([30 + later, 40 + later, 120 - 70 - 2 * later])
+
+
+def test_rows_of_the_same_burst_do_not_pace_its_last_prompts():
+    s = _sched(Limits(max_running=64, prefill_chunk_min=8, prefill_chunk_max=256))
+    s.update_from_output(ModelOutput(prefill_cost=100, prefill_seconds=1.0, decode_seconds=0.1))  # paced: 10
+    old = _running(s, 20, 1)  # decoding before the prompt below arrived: it paces it
+    s.add(_req(40))
+    assert [share for _, share in s.schedule().prefill] == [10]
+    s.running.remove(old)
+    s.prefilling[0].request.arrival = time.perf_counter()
+    time.sleep(0.001)
+    new = [_running(s, 20, k) for k in (2, 3)]  # a burst's first prompts, done and decoding since
+    assert all(seq.since > s.prefilling[0].request.arrival for seq in new)
+    assert [share for _, share in s.schedule().prefill] == [math.inf]  # the whole budget: not paced
 
 
 # ---- sampler ------------------------------------------------------------------------------------

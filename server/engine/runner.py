@@ -92,8 +92,9 @@ class ModelRunner:
         rest: dict[int, float] = {}  # id(job): share left for the later phases
         for job, share in work:
             if job.phase == "generalist":  # (a resumed job's tokens cost less: a share < 1 is a token)
-                left = job.T - job.done  # (no layers before the composed ones: embeddings only, all at once)
-                if (n := left if job.g_cost <= 0 else min(left, math.ceil(share / job.g_cost - 1e-6))) >= 1:
+                left = job.T - job.done  # (no layers before the composed ones: embeddings only, all at once;
+                whole = job.g_cost <= 0 or math.isinf(share)  # share inf: the job's whole rest, this step)
+                if (n := left if whole else min(left, math.ceil(share / job.g_cost - 1e-6))) >= 1:
                     batches.setdefault(id(job.c), []).append((job, n))
                     rest[id(job)] = share - n * job.g_cost
             elif share > 0:
@@ -117,7 +118,7 @@ class ModelRunner:
 
     def _signatures(self, job: PrefillJob, share: float, rest: dict, out: ModelOutput) -> None:
         frac = self.signature_fraction()
-        spent = self.signature_chunks(job, max(1, round(share / frac))) * frac
+        spent = self.signature_chunks(job, job.T if math.isinf(share) else max(1, round(share / frac))) * frac
         rest[id(job)] = share - spent
         out.prefill_cost += spent
 
@@ -132,7 +133,9 @@ class ModelRunner:
             for job, _ in work:
                 frac = self.tail_fraction(job.c)
                 if job.phase == "tail" and id(job) not in failed and left[id(job)] >= frac / 2:
-                    n = max(1, min(job.T - job.tail_done, round(left[id(job)] / frac)))
+                    n = job.T - job.tail_done
+                    if not math.isinf(left[id(job)]):
+                        n = max(1, min(n, round(left[id(job)] / frac)))
                     items.setdefault(id(job.c), []).append((job, n))
                     cost[id(job)] = n * frac
                     left[id(job)] -= cost[id(job)]

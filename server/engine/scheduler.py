@@ -23,6 +23,8 @@ cost relative to a G token.
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -105,7 +107,10 @@ class Scheduler:
         if admit:
             self._admit(plan)
         shares = self.shares(self.budget(self._decode_first()))
-        plan.prefill = [(j, s) for j, s in zip(self.prefilling, shares)]
+        # a job whose whole rest fits is finished this step (share inf), whatever the estimates'
+        # error: a crumb left for the next step would cost its first token a whole step
+        plan.prefill = [(j, math.inf if s > 0 and s >= self.remaining_cost(j) - 1e-9 else s)
+                        for j, s in zip(self.prefilling, shares)]
         by_row = {id(r): s for s in self.running for r in s.rows}
         plan.rows = self.pool.decode_order([r for s in self.running for r in s.rows])
         plan.tokens = [by_row[id(r)].tokens[-1] for r in plan.rows]
@@ -167,15 +172,12 @@ class Scheduler:
         return self._order
 
     def shares(self, budget: float) -> list[float]:
-        """Each prefilling job's share of ``budget`` (tokens-through-G), in two passes, first come
-        first served in each: the phase each job is in, then what is left for the phases after it.
-        So a burst of prompts all go through G in one batched step before any takes budget for its
-        tails, and a job whose whole rest fits goes through its phases in one step (the runner
-        carries a phase's unspent share into the next) rather than a step per phase."""
-        costs = [self.phase_costs(j) for j in self.prefilling]
-        first = split_budget([now for now, _ in costs], budget)
-        then = split_budget([later for _, later in costs], budget - sum(first))
-        return [a + b for a, b in zip(first, then)]
+        """Each prefilling job's share of ``budget`` (tokens-through-G), first come first served,
+        every phase of a job counted: the first prompts of a burst go through all their phases (G,
+        signatures, tails) and give their first tokens in the first step, rather than every prompt's
+        pass through G going first and all the first tokens coming together at the end. The runner
+        carries a phase's unspent share into the next and batches each phase across the jobs."""
+        return split_budget([now + later for now, later in map(self.phase_costs, self.prefilling)], budget)
 
     def remaining_cost(self, job: PrefillJob) -> float:
         """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit), every phase counted."""
@@ -211,8 +213,12 @@ class Scheduler:
 
     def _decode_first(self) -> bool:
         """Whether decoding rows' pace bounds the step's prefill: not when more rows wait for their
-        first token than decode (a burst of requests goes in at once, as with nothing decoding)."""
-        decoding = sum(len(s.rows) for s in self.running)
+        first token than decode (a burst of requests goes in at once, as with nothing decoding). Only
+        rows that were decoding when the oldest waiting prompt arrived count: the first prompts of a
+        burst, done early (``shares``), do not slow the rest of their own burst (a preempted sequence's
+        recomputation is paced by every decoding row)."""
+        oldest = min((j.request.arrival for j in self.prefilling if j.resume is None), default=math.inf)
+        decoding = sum(len(s.rows) for s in self.running if s.since < oldest)
         return decoding > 0 and decoding >= sum(len(j.rows) for j in self.prefilling)
 
     def budget(self, decoding: bool) -> int:

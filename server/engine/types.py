@@ -207,6 +207,7 @@ class Sequence:
     order: int = 0  # admission order (the newest is preempted first)
     preempted: int = 0  # times its KV was dropped and recomputed
     matcher: object = None  # its own copy of the request's grammar (llguidance.LLMatcher), or None
+    since: float = field(default_factory=time.perf_counter)  # when it began decoding (its first token)
 
     @property
     def length(self) -> int:
