@@ -11,7 +11,7 @@ import time
 
 import uvicorn
 
-from .engine import Engine, Limits
+from .engine import Engine, Limits, heap
 from .summary import engine_summary
 
 
@@ -116,12 +116,14 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
     app = create_app(loaded, limits, api_key, model_name, engine_thread=False, admin_key=admin_key,
                      catalog_poll_s=catalog_poll_s)
     engine: Engine = app.state.engine
+    engine.settle_heap = True  # the loaded models out of the garbage collector's walks (server/engine/heap.py)
+    heap.settle("loaded")
     g, rt = loaded.constellation.g, loaded.config.runtime
     if rt.compiles(g.device, g.dtype):
         print(f"decode step: capturing one graph per {rt.compile_buckets} rows in the background (requests decode "
               "eagerly meanwhile; the log says when each is ready; --no-compile turns this off)",
               file=sys.stderr, flush=True)
-        engine.capture(rt.compile_buckets)
+        engine.capture(rt.compile_buckets, settle=True)
     else:
         print(f"decode step: eager ([runtime].compile = {rt.compile} for {str(g.dtype).replace('torch.', '')} "
               f"{rt.weights} weights on "

@@ -507,3 +507,28 @@ def test_stop_strings_cut_and_hold_back(tok):
     parts = [d.add(t) for t in tok("alpha beta")["input_ids"]]
     assert "".join(parts) == "alpha bet"
     assert d.add(None, final=True) == "a"
+
+
+# ---- the heap -------------------------------------------------------------------------------------
+def test_settle_freezes_what_is_alive_and_frees_what_an_earlier_settle_froze():
+    import gc
+    import weakref
+
+    from server.engine import heap
+
+    class Node:
+        pass
+
+    a = Node()
+    a.me = a  # a reference cycle: only the cyclic collector frees it
+    ref = weakref.ref(a)
+    try:
+        heap.settle("test")
+        assert gc.get_freeze_count() > 0 and not any(o is a for o in gc.get_objects())
+        del a  # garbage now, but frozen: full collections no longer walk it
+        gc.collect()
+        assert ref() is not None
+        heap.settle("test again")  # unfreezes first: collected
+        assert ref() is None
+    finally:
+        gc.unfreeze()

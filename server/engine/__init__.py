@@ -2,7 +2,8 @@
 preemption, the step plan and its prefill budget), ``runner`` (prefill chunks and decode steps on the
 model), ``sampler`` (every sequence of a step in one pass), ``detokenizer`` (incremental text and stop
 strings), ``kv_pool``/``kv_cache`` (slots of a few capacities in one budget, and the views the model
-writes through), ``catalogs`` (catalog swaps), ``core`` (the input queue and the loop)."""
+writes through), ``catalogs`` (catalog swaps), ``heap`` (what the garbage collector need not walk
+again), ``core`` (the input queue and the loop)."""
 
 from .core import Engine
 from .kv_cache import DecodeView, PrefillView, SlotCache

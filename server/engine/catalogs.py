@@ -12,6 +12,7 @@ from __future__ import annotations
 from composer.batch import RowWeights
 from composer.constellation import Constellation
 from composer.union import Union
+from . import heap
 from .types import Row, Sequence, SwapCatalog
 
 
@@ -44,7 +45,9 @@ class CatalogSwitch:
         self.c, self.pending = item.constellation, None
         item.done.set()
         if self.runner.graphs is not None:  # the new catalog's graphs, once (its steps run eagerly till then)
-            self.runner.graphs.build(self.c)
+            self.runner.graphs.build(self.c)  # (which settles the heap once built, if asked)
+        elif self.settle_heap:  # the catalog before last, frozen by the last settle, is collectable again
+            heap.settle("catalog changed")
         return False
 
     def _decoder(self, seqs: list[Sequence], rows: list[Row]) -> tuple[Constellation, list[RowWeights]]:

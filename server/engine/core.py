@@ -70,6 +70,7 @@ class Engine(CatalogSwitch, OutputProcessor):
         self.thread = threading.Thread(target=self._loop, name="constellation-engine", daemon=True)
         self.looping = False  # the loop is running, on whichever thread
         self.pending: SwapCatalog | None = None  # a catalog waiting to swap in
+        self.settle_heap = False  # after a swap without captured steps, collect and freeze the heap (``heap``)
         self.swap_waits: list[int] = []  # per swap: loop iterations it waited for prompts being prefilled
         self._waited = 0
         self._union: tuple | None = None  # (catalogs' ids, Union, row weights mapped into it)
@@ -84,17 +85,18 @@ class Engine(CatalogSwitch, OutputProcessor):
         self.thread.start()
 
     def capture(self, buckets, background: bool = True, plain: bool | None = None,
-                fold_rows: int | None = None, stack_share: float | None = None) -> None:
+                fold_rows: int | None = None, stack_share: float | None = None, settle: bool = False) -> None:
         """Capture the decode step per row bucket for the current catalog (and again, once, after each
         catalog change); steps that fit a ready bucket run it (``graphs``). ``plain``: also G's step
         alone per bucket, for batches of G's own rows (default: on CUDA); buckets of at most
         ``fold_rows`` rows take each row's adapters folded (``composer.folded``; None: the buckets where
         that reads few bytes, ``graphs.fold_plan``); the others multiply every row by the whole
         catalog's adapters while those are at most ``stack_share`` of G's bytes (None: ``STACK_SHARE``;
-        0: never, ``graphs.stack_plan``)."""
+        0: never, ``graphs.stack_plan``). ``settle``: once built, collect and freeze the heap
+        (``heap.settle``; a long-running server's, as ``serve`` asks)."""
         from .graphs import DecodeGraphs
 
-        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows, stack_share)
+        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows, stack_share, settle)
         self.runner.graphs.build(self.c)
 
     def graph_status(self) -> dict | None:

@@ -39,6 +39,7 @@ from composer.captured import CapturedStep, StepContext, block_factors, step_con
 from composer.stacked import StackLayout
 from composer.quant import held_bytes
 from index_store.config import check_buckets
+from . import heap
 
 log = logging.getLogger("constellation.engine")
 
@@ -86,8 +87,9 @@ class DecodeGraphs:
     a graph with no factors and no adapter operator in it (on CUDA: cut only at attention)."""
 
     def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None,
-                 fold_rows: int | None = None, stack_share: float | None = None):
+                 fold_rows: int | None = None, stack_share: float | None = None, settle: bool = False):
         self.buckets = check_buckets([int(b) for b in buckets])
+        self.settle = settle  # once a catalog's graphs are built, collect and freeze the heap (``heap``)
         self.fold_rows = None if fold_rows is None else int(fold_rows)  # None: by the bytes (``fold_plan``)
         self.layout = None  # ``FoldLayout`` of the folding buckets' inputs
         self.folds: set[int] = set()  # buckets whose graph takes the rows' folded adapters
@@ -170,6 +172,8 @@ class DecodeGraphs:
         finally:
             self.compiling = None
             if self.catalog is c:
+                if self.settle:
+                    heap.settle("decode steps captured")
                 self._built.set()
 
     def fold_plan(self, c, layout, plain: bool) -> tuple[set[int], list[int]]:
