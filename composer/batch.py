@@ -299,11 +299,11 @@ class _BlockParams(BlockApply):
         rows, ks, wp, inv = pairs
         U, m = rows.shape
         R, T, n_in = x.shape
+        if R > 1 and T >= FOLD_TOKENS:  # (before gathering the adapters in use: it takes the whole stack)
+            return self._per_row(y, x, term)
         A, Bt = term.stack.products(ks)  # (fp32 copies of a half-precision stack on a CPU)
         if R == 1:
             return self._one_row(y, x, term, A, Bt, wp[:, 0])
-        if T >= FOLD_TOKENS:
-            return self._per_row(y, x, term)
         wp = (wp.mean(-1, keepdim=True) if term.side == "mean" else wp)[:, :, None, :]  # [U, m, 1, d|1]
         xg = x.index_select(0, rows.flatten()).view(U, m, T, n_in).to(A.dtype)
         if term.side == "in":
@@ -326,7 +326,7 @@ class _BlockParams(BlockApply):
         (measured on the demo, 14 prompts of ~50 tokens: the gathers, casts and scatters took twice G's
         own products in the composed blocks); folding copies factors, a few rows × ``K·r`` × width."""
         e = self.entries[term.pairs]  # [R, K]
-        A, Bt = term.stack.wide if term.stack.wide is not None else (term.stack.A, term.stack.Bt)
+        A, Bt = term.stack.factors
         w = self.wk * (e >= 0)[..., None].to(self.wk.dtype)  # [R, K, d]: 0 where a source has no adapter
         R, K = e.shape  # (index_select on the flattened entries: advanced indexing ran at ~4 GB/s)
         e = e.clamp(min=0).flatten()

@@ -78,10 +78,15 @@ class Stack:
         if self.wide is None and self.widenable:
             object.__setattr__(self, "wide", (self.A.float(), self.Bt.float()))
 
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole stack's ``A`` and ``Bt`` as the products take them: the fp32 copies where there are."""
+        return self.wide if self.wide is not None else (self.A, self.Bt)
+
     def products(self, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` and ``Bt`` of stack entries ``ks`` (ascending) as the batched products take them: the
-        fp32 copies where there are; the whole stack, not gathered, when ``ks`` is every entry."""
-        A, Bt = self.wide if self.wide is not None else (self.A, self.Bt)
+        """``A`` and ``Bt`` of stack entries ``ks`` (ascending) as the batched products take them
+        (``factors``); the whole stack, not gathered, when ``ks`` is every entry."""
+        A, Bt = self.factors
         if ks.numel() == A.shape[0]:
             return A, Bt
         return A.index_select(0, ks), Bt.index_select(0, ks)

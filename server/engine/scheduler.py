@@ -106,11 +106,7 @@ class Scheduler:
         self._make_room(plan)
         if admit:
             self._admit(plan)
-        shares = self.shares(self.budget(self._decode_first()))
-        # a job whose whole rest fits is finished this step (share inf), whatever the estimates'
-        # error: a crumb left for the next step would cost its first token a whole step
-        plan.prefill = [(j, math.inf if s > 0 and s >= self.remaining_cost(j) - 1e-9 else s)
-                        for j, s in zip(self.prefilling, shares)]
+        plan.prefill = list(zip(self.prefilling, self.shares(self.budget(self._decode_first()))))
         by_row = {id(r): s for s in self.running for r in s.rows}
         plan.rows = self.pool.decode_order([r for s in self.running for r in s.rows])
         plan.tokens = [by_row[id(r)].tokens[-1] for r in plan.rows]
@@ -176,8 +172,11 @@ class Scheduler:
         every phase of a job counted: the first prompts of a burst go through all their phases (G,
         signatures, tails) and give their first tokens in the first step, rather than every prompt's
         pass through G going first and all the first tokens coming together at the end. The runner
-        carries a phase's unspent share into the next and batches each phase across the jobs."""
-        return split_budget([now + later for now, later in map(self.phase_costs, self.prefilling)], budget)
+        carries a phase's unspent share into the next and batches each phase across the jobs. A job
+        whose whole rest fits gets ``inf``: finished this step whatever the estimates' error (a crumb
+        left for the next step would cost its first token a whole step)."""
+        costs = [self.remaining_cost(j) for j in self.prefilling]
+        return [math.inf if 0 < s >= c - 1e-9 else s for s, c in zip(split_budget(costs, budget), costs)]
 
     def remaining_cost(self, job: PrefillJob) -> float:
         """What is left of ``job``'s prefill, in tokens-through-G (the budget's unit), every phase counted."""
