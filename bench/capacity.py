@@ -13,7 +13,9 @@ cache — room for 16 sequences of 2048: what 16 fixed slots took before admissi
   aggregate decode rate. Target: ``--sequences`` (64) all decode together.
 - **short under load**: a short request (``--short-tokens`` new tokens) alone on the idle server,
   then the same request sent once ``--long`` long generations (``--long-tokens`` each) are all
-  decoding. Reported: both latencies (request to last token) and their ratio. Target: <= 3x.
+  decoding. Reported: both latencies (request to last token) and their ratio, and where the time
+  went: the first token, the time a token after it, and the long streams' own time a token in the
+  second before the short request (its steps then hold one row more). Target: <= 3x.
 """
 
 from __future__ import annotations
@@ -98,30 +100,39 @@ async def short_under_load(url: str, long: int, long_tokens: int, short_tokens: 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=3600)
     short = "The capital of France is"
     await _stream(client, short, short_tokens)  # warm-up
-    t0, _, t1, _ = await _stream(client, short, short_tokens)
-    idle = t1 - t0
+    i0, i_first, i1, i_n = await _stream(client, short, short_tokens)
+    idle = i1 - i0
     starts: list[float] = []
+    seen: dict[int, list[float]] = {}  # long generation -> its chunks' arrival times
 
     async def one_long(i):
         s = await client.completions.create(model="constellation", prompt=PROMPTS[i % len(PROMPTS)],
                                             max_tokens=long_tokens, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True})
         async for ch in s:
-            if ch.choices and ch.choices[0].text and len(starts) <= i:
-                starts.append(time.perf_counter())
+            if ch.choices and ch.choices[0].text:
+                seen.setdefault(i, []).append(time.perf_counter())
+                if len(starts) <= i:
+                    starts.append(seen[i][-1])
 
     tasks = [asyncio.create_task(one_long(i)) for i in range(long)]
     while len(starts) < long:
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)
-    t0, _, t1, _ = await _stream(client, short, short_tokens)
+    t0, f, t1, n = await _stream(client, short, short_tokens)
     loaded = t1 - t0
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await client.close()
+    # the long streams' own pace in the second before the short request (a token a stream per step)
+    gaps = [b - a for ts in seen.values() for a, b in zip(ts, ts[1:]) if t0 - 1.0 <= a and b <= t0]
     return {"long": long, "long_tokens": long_tokens, "short_tokens": short_tokens, "idle_s": idle,
-            "loaded_s": loaded, "ratio": loaded / idle}
+            "loaded_s": loaded, "ratio": loaded / idle,
+            "first_token_s": {"idle": i_first - i0, "loaded": f - t0},
+            "per_token_ms": {"idle": 1000 * (i1 - i_first) / max(i_n - 1, 1),
+                             "loaded": 1000 * (t1 - f) / max(n - 1, 1)},
+            "long_step_ms": 1000 * sum(gaps) / len(gaps) if gaps else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{tog['preemptions']:.0f} preemptions, {tog['aggregate_tok_s']:.1f} tok/s aggregate")
     print(f"a short request ({a.short_tokens} tokens): {short['idle_s']:.2f} s idle, {short['loaded_s']:.2f} s "
           f"while {a.long} long generations run: {short['ratio']:.2f}x (target <= 3)")
+    first, per = short["first_token_s"], short["per_token_ms"]
+    print(f"  first token {first['idle']:.3f} s idle / {first['loaded']:.3f} s loaded; then {per['idle']:.1f} / "
+          f"{per['loaded']:.1f} ms a token; the {a.long} long streams alone, the second before: "
+          f"{short['long_step_ms'] or float('nan'):.1f} ms a token")
     if a.json:
         a.json.write_text(json.dumps({"together": tog, "short_under_load": short}, indent=2) + "\n")
     return 0

@@ -314,6 +314,10 @@ def test_capacity_bench_smoke(loaded):
     assert tog["decoding_together"] == 24 and tog["largest_batch"] >= 24 and tog["preemptions"] == 0
     assert tog["tokens"] == sum(96 - len(loaded.tokenizer(p)["input_ids"]) for p in short_prompts)
     assert short["idle_s"] > 0 and short["loaded_s"] > 0
+    for when in ("idle", "loaded"):  # where the time went: its first token, then a token at a time
+        first, per = short["first_token_s"][when], short["per_token_ms"][when]
+        assert 0 < first and 0 < per and first + 3 * per / 1000 == pytest.approx(
+            short[f"{when}_s"], rel=0.01, abs=0.005)
 
 
 def test_attention_bench_smoke():
