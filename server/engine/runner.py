@@ -33,11 +33,10 @@ import torch
 from composer import decompose
 from composer.batch import BatchComposition, RowWeights
 from composer.constellation import Constellation, GeneralistPass
-from composer.signatures import in_pass_signatures, signature_means
+from composer.signatures import in_pass_signatures, joined, signature_means, specialist_abs_sum
 from .jobs import PrefillJob, tail_fraction
 from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
 from .kv_pool import KVPool, SlabDecodeView
-from .signing import signature_batch
 from .tails import tail_batch
 from .types import NeedSignature, PendingSignatures, PlanSummary, Row, SignatureWork
 
@@ -291,15 +290,47 @@ class ModelRunner:
     @torch.inference_mode()
     def signature_chunks(self, batch: list[tuple[PrefillJob, int]]) -> list[int]:
         """Each job's pending specialists' in-pass signatures over its next record chunks (at least one,
-        about ``tokens`` prompt tokens), every job of a catalog in one pass (``signing``); returns the
-        tokens covered per job."""
+        about ``tokens`` prompt tokens), the chunks of every job of one catalog laid end to end and
+        summed in one pass for the union of their specialists (a burst's prompts: one pass, not one
+        each); returns the tokens covered per job."""
         t0 = time.perf_counter()
-        covered = signature_batch(batch)
-        seconds, tokens = time.perf_counter() - t0, sum(covered)
-        for (job, _), n in zip(batch, covered):
+        picks: list[tuple[int, int]] = []  # per job: (chunks, tokens) taken
+        for job, tokens in batch:
+            w, n, covered = job.sig, 0, 0
+            while w.chunk + n < len(job.records) and (covered == 0 or covered < tokens):
+                covered += int(job.records[w.chunk + n][0][0].shape[1])
+                n += 1
+            picks.append((n, covered))
+        catalogs: dict[int, list[int]] = {}
+        for b, (job, _) in enumerate(batch):
+            catalogs.setdefault(id(job.c), []).append(b)
+        for members in catalogs.values():
+            ks = sorted({k for b in members for k in batch[b][0].sig.ks})
+            records, masks, owner = [], [], []
+            for b in members:
+                job, pos = batch[b][0], batch[b][0].sig.pos
+                for blocks in job.records[job.sig.chunk:job.sig.chunk + picks[b][0]]:
+                    n = int(blocks[0][0].shape[1])
+                    records.append(blocks)
+                    masks.append(job.fmask[None, pos:pos + n])
+                    owner.append(b)
+                    pos += n
+            total, count = specialist_abs_sum(batch[members[0]][0].c, joined(records), torch.cat(masks, 1), ks,
+                                              [int(m.shape[1]) for m in masks])
+            owner_t = torch.tensor(owner)
+            for b in members:
+                w, mine = batch[b][0].sig, torch.nonzero(owner_t == b).flatten()
+                t = total[[ks.index(k) for k in w.ks]].index_select(1, mine).sum(1, keepdim=True)
+                n = count.index_select(0, mine).sum(0, keepdim=True)
+                w.total = t if w.total is None else w.total + t
+                w.count = n if w.count is None else w.count + n
+                w.chunk, w.pos = w.chunk + picks[b][0], w.pos + picks[b][1]
+        seconds = time.perf_counter() - t0
+        tokens = sum(n for _, n in picks)
+        for (job, _), (_, n) in zip(batch, picks):
             job.gp.timings["signature"] = job.gp.timings.get("signature", 0.0) + seconds * n / max(tokens, 1)
         self.sig_seconds_per_token = seconds / max(tokens, 1)
-        return covered
+        return [n for _, n in picks]
 
     def tail_fraction(self, c: Constellation) -> float:
         """Cost of one prompt token of a composed tail vs one through G: measured once both have been
