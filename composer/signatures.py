@@ -98,21 +98,14 @@ def signature_means(ks: list[int], total: torch.Tensor, count: torch.Tensor) -> 
     return {k: total[j] / count.clamp_min(1.0)[:, :, None] for j, k in enumerate(ks)}
 
 
-def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, ks: list[int],
-                       segments: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, ks: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ_t mask_t |h_G,l + Δ_kl|`` per specialist k of ``ks`` and composed block, ``[K, B, Lc, d]``,
     and ``Σ_t mask_t`` ``[B, 1]``, fp32 on the CPU, over the tokens of ``blocks`` (a ``PassRecord``'s,
     or one prompt chunk's): sums of consecutive chunks add up to the whole prompt's, so a long
     prompt's signatures can be computed a chunk at a time. The K specialists' low-rank deltas of
-    a writer are one product with their stacked ``A`` and one batched product with their ``B``.
-
-    ``segments``: one row (B = 1) holding pieces of these token counts end to end (several prompts'
-    chunks, ``joined``); the sums are then per piece, ``[K, J, Lc, d]`` and ``[J, 1]``."""
+    a writer are one product with their stacked ``A`` and one batched product with their ``B``."""
     m = fmask.to(torch.float32)[..., None]
-    seg = None
-    if segments is not None:
-        seg = torch.repeat_interleave(torch.arange(len(segments), device=m.device),
-                                      torch.tensor(segments, device=m.device))
     out = []
     for li, (h, seen) in enumerate(blocks):
         delta = None
@@ -121,26 +114,9 @@ def specialist_abs_sum(c: "Constellation", blocks: list, fmask: torch.Tensor, ks
             if t is not None:
                 delta = t if delta is None else delta + t
         x = h.float()[None] if delta is None else h[None] + delta
-        xm = x.abs() * m
-        s = xm.sum(-2) if seg is None else xm.new_zeros(xm.shape[0], len(segments), xm.shape[-1]).index_add_(
-            1, seg, xm[:, 0])
+        s = (x.abs() * m).sum(-2)
         out.append(s.expand(len(ks), *s.shape[1:]).cpu())
-    count = m.sum(-2) if seg is None else m.new_zeros(len(segments), 1).index_add_(0, seg, m[0])
-    return torch.stack(out, dim=2), count.cpu()
-
-
-def joined(records: list[list]) -> list:
-    """Chunk records of one row each (per composed block ``(h, seen)``, as ``PassRecord.blocks``)
-    laid end to end along the tokens, so ``specialist_abs_sum`` covers them in one pass."""
-    if len(records) == 1:
-        return records[0]
-    out = []
-    for li, (_, seen0) in enumerate(records[0]):
-        h = torch.cat([r[li][0] for r in records], 1)
-        seen = [(name, bias, torch.cat([r[li][1][w][2] for r in records], 1))
-                for w, (name, bias, _) in enumerate(seen0)]
-        out.append((h, seen))
-    return out
+    return torch.stack(out, dim=2), m.sum(-2).cpu()
 
 
 def _writer_deltas(c: "Constellation", i: int, ks: list[int], name: str, bias: str | None,

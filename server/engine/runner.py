@@ -33,7 +33,7 @@ import torch
 from composer import decompose
 from composer.batch import BatchComposition, RowWeights
 from composer.constellation import Constellation, GeneralistPass
-from composer.signatures import in_pass_signatures, joined, signature_means, specialist_abs_sum
+from composer.signatures import in_pass_signatures, signature_means, specialist_abs_sum
 from .jobs import PrefillJob, tail_fraction
 from .kv_cache import ChunkView, ScratchStore, SlotStore, padded_groups
 from .kv_pool import KVPool, SlabDecodeView
@@ -104,40 +104,23 @@ class ModelRunner:
                 out.prefill_cost += sum(n for _, n in batch)
         chunked = {id(j) for b in batches.values() for j, _ in b}
         failed = {id(j) for j, _ in out.failed}
-        signing = []
         for job, _ in work:
             share = rest.get(id(job), 0.0)
             if id(job) in failed or job.phase != "signatures" or share <= 0:
                 continue
             if id(job) in chunked and share < self.signature_fraction() / 2:
                 continue  # a crumb of the share its generalist chunk left
-            signing.append((job, share))
-        if signing:
-            self._signatures(signing, rest, out)
+            self._guard(out, [job], lambda job=job, share=share: self._signatures(job, share, rest, out))
         failed = {id(j) for j, _ in out.failed}
         self._tails([(j, rest.get(id(j), 0.0)) for j, _ in work if j.phase == "tail" and id(j) not in failed], out)
         failed = {id(j) for j, _ in out.failed}
         out.finished = [j for j, _ in work if j.phase == "done" and id(j) not in failed]
 
-    def _signatures(self, work: list[tuple[PrefillJob, float]], rest: dict, out: ModelOutput) -> None:
-        """The jobs' signature chunks that their shares pay for, in one pass; then each job whose
-        signatures are complete is planned."""
+    def _signatures(self, job: PrefillJob, share: float, rest: dict, out: ModelOutput) -> None:
         frac = self.signature_fraction()
-        batch = [(job, job.T if math.isinf(share) else max(1, round(share / frac))) for job, share in work]
-        covered: list[int] = []
-        if not self._guard(out, [j for j, _ in work], lambda: covered.extend(self.signature_chunks(batch))):
-            return
-        for (job, share), n in zip(work, covered):
-            rest[id(job)] = share - n * frac
-            out.prefill_cost += n * frac
-            if job.sig.chunk == len(job.records):
-                self._guard(out, [job], lambda job=job: self._signed(job))
-
-    def _signed(self, job: PrefillJob) -> None:
-        w = job.sig
-        job.gp._signatures.update(signature_means(w.ks, w.total, w.count))
-        job.sig = None
-        self._try_plan(job)
+        spent = self.signature_chunks(job, job.T if math.isinf(share) else max(1, round(share / frac))) * frac
+        rest[id(job)] = share - spent
+        out.prefill_cost += spent
 
     def _tails(self, work: list[tuple[PrefillJob, float]], out: ModelOutput) -> None:
         """Each job's tails with its share, every job's current component in one batch per catalog
@@ -271,8 +254,7 @@ class ModelRunner:
 
     def _try_plan(self, job: PrefillJob) -> None:
         """Plan, unless the mode asks for in-pass signatures not computed yet: then those are
-        computed first, together, a few record chunks per step (``signature_chunks``, with the other
-        prompts' in the same step), and planning resumes."""
+        computed first, together, a few record chunks per step (``signature_chunks``), and planning resumes."""
         try:
             plan = self.plan_for(job.c, job.gp, job.request.composition)
         except NeedSignature as need:
@@ -288,49 +270,25 @@ class ModelRunner:
             job.comp = 1
 
     @torch.inference_mode()
-    def signature_chunks(self, batch: list[tuple[PrefillJob, int]]) -> list[int]:
-        """Each job's pending specialists' in-pass signatures over its next record chunks (at least one,
-        about ``tokens`` prompt tokens), the chunks of every job of one catalog laid end to end and
-        summed in one pass for the union of their specialists (a burst's prompts: one pass, not one
-        each); returns the tokens covered per job."""
-        t0 = time.perf_counter()
-        picks: list[tuple[int, int]] = []  # per job: (chunks, tokens) taken
-        for job, tokens in batch:
-            w, n, covered = job.sig, 0, 0
-            while w.chunk + n < len(job.records) and (covered == 0 or covered < tokens):
-                covered += int(job.records[w.chunk + n][0][0].shape[1])
-                n += 1
-            picks.append((n, covered))
-        catalogs: dict[int, list[int]] = {}
-        for b, (job, _) in enumerate(batch):
-            catalogs.setdefault(id(job.c), []).append(b)
-        for members in catalogs.values():
-            ks = sorted({k for b in members for k in batch[b][0].sig.ks})
-            records, masks, owner = [], [], []
-            for b in members:
-                job, pos = batch[b][0], batch[b][0].sig.pos
-                for blocks in job.records[job.sig.chunk:job.sig.chunk + picks[b][0]]:
-                    n = int(blocks[0][0].shape[1])
-                    records.append(blocks)
-                    masks.append(job.fmask[None, pos:pos + n])
-                    owner.append(b)
-                    pos += n
-            total, count = specialist_abs_sum(batch[members[0]][0].c, joined(records), torch.cat(masks, 1), ks,
-                                              [int(m.shape[1]) for m in masks])
-            owner_t = torch.tensor(owner)
-            for b in members:
-                w, mine = batch[b][0].sig, torch.nonzero(owner_t == b).flatten()
-                t = total[[ks.index(k) for k in w.ks]].index_select(1, mine).sum(1, keepdim=True)
-                n = count.index_select(0, mine).sum(0, keepdim=True)
-                w.total = t if w.total is None else w.total + t
-                w.count = n if w.count is None else w.count + n
-                w.chunk, w.pos = w.chunk + picks[b][0], w.pos + picks[b][1]
+    def signature_chunks(self, job: PrefillJob, tokens: int) -> int:
+        """The pending specialists' in-pass signatures over the next record chunks, at least one and
+        about ``tokens`` prompt tokens; returns the tokens covered."""
+        w, t0, covered = job.sig, time.perf_counter(), 0
+        while w.chunk < len(job.records) and (covered == 0 or covered < tokens):
+            blocks = job.records[w.chunk]
+            n = int(blocks[0][0].shape[1])
+            total, count = specialist_abs_sum(job.c, blocks, job.fmask[None, w.pos:w.pos + n], w.ks)
+            w.total = total if w.total is None else w.total + total
+            w.count = count if w.count is None else w.count + count
+            w.chunk, w.pos, covered = w.chunk + 1, w.pos + n, covered + n
         seconds = time.perf_counter() - t0
-        tokens = sum(n for _, n in picks)
-        for (job, _), (_, n) in zip(batch, picks):
-            job.gp.timings["signature"] = job.gp.timings.get("signature", 0.0) + seconds * n / max(tokens, 1)
-        self.sig_seconds_per_token = seconds / max(tokens, 1)
-        return [n for _, n in picks]
+        job.gp.timings["signature"] = job.gp.timings.get("signature", 0.0) + seconds
+        self.sig_seconds_per_token = seconds / max(covered, 1)
+        if w.chunk == len(job.records):
+            job.gp._signatures.update(signature_means(w.ks, w.total, w.count))
+            job.sig = None
+            self._try_plan(job)
+        return covered
 
     def tail_fraction(self, c: Constellation) -> float:
         """Cost of one prompt token of a composed tail vs one through G: measured once both have been
