@@ -102,7 +102,6 @@ async def short_under_load(url: str, long: int, long_tokens: int, short_tokens: 
     await _stream(client, short, short_tokens)  # warm-up
     i0, i_first, i1, i_n = await _stream(client, short, short_tokens)
     idle = i1 - i0
-    starts: list[float] = []
     seen: dict[int, list[float]] = {}  # long generation -> its chunks' arrival times
 
     async def one_long(i):
@@ -112,11 +111,9 @@ async def short_under_load(url: str, long: int, long_tokens: int, short_tokens: 
         async for ch in s:
             if ch.choices and ch.choices[0].text:
                 seen.setdefault(i, []).append(time.perf_counter())
-                if len(starts) <= i:
-                    starts.append(seen[i][-1])
 
     tasks = [asyncio.create_task(one_long(i)) for i in range(long)]
-    while len(starts) < long:
+    while len(seen) < long:  # (every long generation has streamed its first token)
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)
     t0, f, t1, n = await _stream(client, short, short_tokens)
