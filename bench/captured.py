@@ -1,10 +1,11 @@
 """The captured decode step beside the eager one, in one process, on the same engine and catalog.
 
-    python -m bench.captured [--config CONF] [--streams 1,16] [--tokens 64] [--buckets 1,16] [--profile 200]
+    python -m bench.captured [--config CONF] [--streams 1,16] [--tokens 64] [--buckets 1,16] [--above N] [--profile 200]
 
 For each mode (generalist, constellation) and stream count: greedy generations of ``--tokens``
 tokens (EOS ignored) through the engine, first eagerly, then with the decode step captured for
-``--buckets`` (compiled once, before measuring), interleaved per repeat. Prints decode tok/s (the
+``--buckets`` (and with ``--above N`` one graph for any row count above the largest, up to N, as
+``serve`` captures; compiled once, before measuring), interleaved per repeat. Prints decode tok/s (the
 streams' tokens after their first, over the time from the first token to the last), the engine's
 mean decode step, the ratio captured / eager, whether both gave the same tokens, and the compile
 time per bucket. The one-stream figure is set beside the bound the weights' bytes give at the
@@ -35,6 +36,9 @@ def parse_args(argv=None):
                    help="the generalist's weights format (default: the config's; its index must exist)")
     p.add_argument("--streams", default="1,16", help="comma-separated stream counts (default 1,16)")
     p.add_argument("--buckets", default=None, help="row buckets to capture (default: the stream counts)")
+    p.add_argument("--above", type=int, default=None, metavar="N",
+                   help="also one graph for every row count above the largest bucket, up to N (serve's "
+                   "[runtime].compile_above; default: none)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per stream (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (default 2)")
     p.add_argument("--modes", default="generalist,constellation")
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
         c.g.pack()  # (the eager side as served)
     engine = Engine(c, loaded.tokenizer, Limits(max_running=max(streams), max_seq_len=512))
     t0 = time.perf_counter()
-    engine.capture(buckets, background=False)
+    engine.capture(buckets, background=False, above=args.above)
     graphs, engine.runner.graphs = engine.runner.graphs, None
     print(f"captured the decode step for {buckets} rows in {time.perf_counter() - t0:.1f} s "
           f"({graphs.status()['ready']} s per bucket)", flush=True)

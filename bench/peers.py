@@ -331,12 +331,13 @@ def prepare_vllm(args, log=print) -> Path:
 
 def _served(args, config: Path, log_name: str, torch_dtype: str, threads: int, weights: str = "bf16"):
     """``constellation serve`` as both workloads run it: the peers' dtype and threads, its decode step
-    captured for the stream counts measured (1 and ``--streams``; ``ServedConstellation`` waits for them)."""
+    captured for the stream counts measured (1 and ``--streams``; ``ServedConstellation`` waits for them; no
+    graph above them: no step runs more rows)."""
     from bench.served import ServedConstellation
 
     return ServedConstellation(config, CACHE_LOG / log_name, dtype=torch_dtype, threads=threads, max_waiting=64,
                                max_seq_len=args.slot_ctx, max_prompt_tokens=min(256, args.slot_ctx // 2),
-                               max_new_tokens=256, compile_buckets=f"1,{args.streams}",
+                               max_new_tokens=256, compile_buckets=f"1,{args.streams}", compile_above=False,
                                **({"weights": weights} if weights != "bf16" else {}))
 
 

@@ -24,12 +24,16 @@ def free_port() -> int:
 
 
 def serve_cmd(config: Path, port: int, flags: dict[str, object]) -> list[str]:
-    """``python -m server.cli serve --config CONFIG --port PORT --flag value ...`` (None values dropped)."""
+    """``python -m server.cli serve --config CONFIG --port PORT --flag value ...`` (None values dropped;
+    True / False: ``--flag`` / ``--no-flag``)."""
     cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port),
            "--log-level", "warning"]
     for name, value in flags.items():
-        if value is not None:
-            cmd += [f"--{name.replace('_', '-')}", str(value)]
+        flag = name.replace('_', '-')
+        if isinstance(value, bool):
+            cmd.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            cmd += [f"--{flag}", str(value)]
     return cmd
 
 
@@ -95,8 +99,7 @@ class ServedConstellation(ServerProcess):
         deadline = time.monotonic() + self.compile_timeout
         while True:
             graphs = httpx.get(url + "/ready", timeout=5).json().get("decode_graphs")
-            if graphs is None or graphs["error"] or (graphs["compiling"] is None
-                                                     and len(graphs["ready"]) == len(graphs["buckets"])):
+            if graphs is None or graphs["error"] or graphs["built"]:
                 return url
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.__exit__()

@@ -89,10 +89,21 @@ class RuntimeConfig(_Strict):
                                        "counts a captured decode step is compiled for (a step pads its rows up "
                                        "to the next one; more rows than the largest decode eagerly)")
 
+    compile_above: Literal["auto", "on", "off"] = Field(
+        "auto", description="serve: also capture one graph for every row count above the largest bucket (the "
+        "rows' count a dynamic size, nothing padded), built after the buckets; auto = on a CPU (on CUDA a "
+        "graph would record for each row count)")
+
     @field_validator("compile_buckets")
     @classmethod
     def _buckets(cls, v: list[int]) -> list[int]:
         return check_buckets(v)
+
+    def compiles_above(self, device) -> bool:
+        """Whether a captured step also covers the rows above the largest bucket on ``device``."""
+        if self.compile_above != "auto":
+            return self.compile_above == "on"
+        return device.type == "cpu"
 
     def compiles(self, device, dtype) -> bool:
         """Whether ``serve`` captures the decode step for weights of ``dtype`` on ``device``."""

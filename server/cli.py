@@ -265,6 +265,9 @@ def cmd_serve(args) -> int:
     if args.compile_buckets is not None:
         config = config.model_copy(update={"runtime": config.runtime.model_copy(
             update={"compile_buckets": args.compile_buckets})})
+    if args.compile_above is not None:
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(
+            update={"compile_above": "on" if args.compile_above else "off"})})
     sockets = listen(args.host, args.port)
     try:
         if args.config is None:

@@ -221,7 +221,11 @@ def _add_serve(sub) -> None:
                     "(--weights int8/int4) weights, and for bf16 where the CPU has native bf16: AVX512-BF16 or AMX)")
     sv.add_argument("--compile-buckets", type=_buckets, metavar="N,N,...",
                     help="row counts the decode step is captured for, e.g. 1,16 (a step pads its rows up to the "
-                    "next; more rows than the largest run eagerly; default: [runtime].compile_buckets, 1,2,4,8,16)")
+                    "next; default: [runtime].compile_buckets, 1,2,4,8,16)")
+    sv.add_argument("--compile-above", action=argparse.BooleanOptionalAction, default=None,
+                    help="also capture one graph for any row count above the largest bucket (the rows' count a "
+                    "dynamic size, nothing padded; built last); --no-compile-above: such steps run eagerly "
+                    "(default: the config's [runtime].compile_above, auto = on a CPU)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

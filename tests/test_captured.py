@@ -126,21 +126,26 @@ def test_stacked_bucket_is_the_eager_step_and_never_recompiles(loaded):
     """A bucket that multiplies every row by the whole catalog's adapters (``composer.stacked``; here
     forced, the fixture's stacks being most of its tiny G's bytes): the eager step's tokens for rows
     of any number of sources, G's rows among them, and no graph built again over more compositions
-    (a catalog change rebuilds as the test above checks: the stacks are the graph's constants)."""
+    (a catalog change rebuilds as the test above checks: the stacks are the graph's constants); the
+    same for six rows in the graph of any row count above the bucket (``above``)."""
     engine = Engine(loaded.constellation, loaded.tokenizer, Limits(max_running=8, max_seq_len=128))
     engine.start()
     try:
         jobs = [(p, c) for p, c in zip(PROMPTS, _compositions(8)[:1] + _compositions(8)[3:6])]
         jobs[1] = (jobs[1][0], {"mode": "generalist"})
+        six = jobs + [(PROMPTS[i], c) for i, c in enumerate(_compositions(8, seed=7)[6:])]
         eager = _generate(engine, loaded.tokenizer, jobs)
+        eager_six = _generate(engine, loaded.tokenizer, six)
         before = _graphs()
-        engine.capture([4], background=False, fold_rows=0, stack_share=float("inf"))
+        engine.capture([4], background=False, fold_rows=0, stack_share=float("inf"), above=8)
         status = engine.graph_status()
-        assert status["stacked"] == {"buckets": [4], "steps": 0} and "folded" not in status
-        assert _graphs() == before + 1
+        assert status["stacked"] == {"buckets": [4, "5-8"], "steps": 0} and "folded" not in status
+        assert _graphs() == before + 2
         captured = _generate(engine, loaded.tokenizer, jobs)
         assert engine.graph_status()["stacked"]["steps"] > 0
-        for (e_toks, e_lps), (c_toks, c_lps) in zip(eager, captured):
+        captured_six = _generate(engine, loaded.tokenizer, six)
+        assert engine.runner.graphs.dynamic_steps > 0
+        for (e_toks, e_lps), (c_toks, c_lps) in zip(eager + eager_six, captured + captured_six):
             assert c_toks == e_toks
             assert torch.allclose(torch.tensor(c_lps), torch.tensor(e_lps), atol=1e-4)
         engine.runner.graphs.check_guards = True
@@ -148,7 +153,42 @@ def test_stacked_bucket_is_the_eager_step_and_never_recompiles(loaded):
         comps = _compositions(8, seed=4)
         for i in range(0, 8, 4):
             _generate(engine, loaded.tokenizer, [(rnd.choice(PROMPTS), c) for c in comps[i:i + 4]], n=3)
-        assert _graphs() == before + 1
+        assert _graphs() == before + 2
+    finally:
+        engine.stop()
+
+
+def test_rows_above_the_buckets_run_one_dynamic_graph(loaded):
+    """``above``: batches of more rows than the largest bucket run one graph traced with the rows'
+    count dynamic (nothing padded; here the adapters as the opaque operator, stacked in the test
+    above): the eager step's tokens and log-probs at 3 to 7 rows, and no graph built again for
+    another row count."""
+    engine = Engine(loaded.constellation, loaded.tokenizer, Limits(max_running=8, max_seq_len=128))
+    engine.start()
+    try:
+        comps = _compositions(7, seed=5)
+        comps[2] = {"mode": "generalist"}
+        batches = [[(PROMPTS[i % 4], c) for i, c in enumerate(comps[:n])] for n in (3, 7)]
+        eager = [_generate(engine, loaded.tokenizer, b) for b in batches]
+        before = _graphs()
+        engine.capture([2], background=False, fold_rows=0, stack_share=0, above=8)
+        status = engine.graph_status()
+        assert status["ready"].keys() == {"2", "3-8"} and status["above"] == {"rows": "3-8", "steps": 0}
+        assert "stacked" not in status
+        assert _graphs() == before + 2
+        graphs = engine.runner.graphs
+        graphs.check_guards = True  # (every step evaluates dynamo's guards: none fails, nothing recompiles)
+        captured = [_generate(engine, loaded.tokenizer, b) for b in batches]
+        assert graphs.dynamic_steps > 0 and engine.runner.captured_steps > graphs.dynamic_steps
+        for e_run, c_run in zip(eager, captured):
+            for (e_toks, e_lps), (c_toks, c_lps) in zip(e_run, c_run):
+                assert c_toks == e_toks
+                assert torch.allclose(torch.tensor(c_lps), torch.tensor(e_lps), atol=1e-4)
+        steps = graphs.dynamic_steps
+        rnd = random.Random(6)
+        for n in (4, 5, 6):
+            _generate(engine, loaded.tokenizer, [(rnd.choice(PROMPTS), c) for c in _compositions(n, seed=n)], n=3)
+        assert _graphs() == before + 2 and graphs.dynamic_steps > steps
     finally:
         engine.stop()
 
@@ -270,7 +310,7 @@ def test_device_check_smoke(tmp_path):
 
 def test_compile_settings_are_checked(monkeypatch):
     """``serve --compile-buckets`` and ``[runtime].compile_buckets`` refuse what is not a row count;
-    ``auto`` compiles float32 on a CPU, CUDA, quantized weights, and bf16 only on a CPU with native
+    ``[runtime].compile_above`` is on for a CPU by default; ``auto`` compiles float32 on a CPU, CUDA, quantized weights, and bf16 only on a CPU with native
     bf16 (measured 1.9x the eager step there; emulated bf16 is unmeasured)."""
     from pydantic import ValidationError
 
@@ -296,6 +336,12 @@ def test_compile_settings_are_checked(monkeypatch):
     assert rt.compiles(torch.device("cuda"), torch.bfloat16)
     assert RuntimeConfig(weights="int8").compiles(torch.device("cpu"), torch.bfloat16)  # the packed kernels: captured
     assert not RuntimeConfig(compile="off").compiles(torch.device("cpu"), torch.float32)
+    # the graph for the rows above the buckets: auto on a CPU only (CUDA graphs would record per count)
+    assert rt.compiles_above(torch.device("cpu")) and not rt.compiles_above(torch.device("cuda"))
+    assert RuntimeConfig(compile_above="on").compiles_above(torch.device("cuda"))
+    assert not RuntimeConfig(compile_above="off").compiles_above(torch.device("cpu"))
+    assert p.parse_args(["serve", "--no-compile-above"]).compile_above is False
+    assert p.parse_args(["serve"]).compile_above is None
 
 
 def test_bench_captured_smoke(peft_conf, tmp_path):  # noqa: F811

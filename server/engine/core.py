@@ -85,7 +85,8 @@ class Engine(CatalogSwitch, OutputProcessor):
         self.thread.start()
 
     def capture(self, buckets, background: bool = True, plain: bool | None = None,
-                fold_rows: int | None = None, stack_share: float | None = None, settle: bool = False) -> None:
+                fold_rows: int | None = None, stack_share: float | None = None, settle: bool = False,
+                above: int | None = None) -> None:
         """Capture the decode step per row bucket for the current catalog (and again, once, after each
         catalog change); steps that fit a ready bucket run it (``graphs``). ``plain``: also G's step
         alone per bucket, for batches of G's own rows (default: on CUDA); buckets of at most
@@ -93,10 +94,11 @@ class Engine(CatalogSwitch, OutputProcessor):
         that reads few bytes, ``graphs.fold_plan``); the others multiply every row by the whole
         catalog's adapters while those are at most ``stack_share`` of G's bytes (None: ``STACK_SHARE``;
         0: never, ``graphs.stack_plan``). ``settle``: once built, collect and freeze the heap
-        (``heap.settle``; a long-running server's, as ``serve`` asks)."""
+        (``heap.settle``; a long-running server's, as ``serve`` asks). ``above``: also one graph for
+        any row count from the largest bucket + 1 to ``above`` (a dynamic size, built last)."""
         from .graphs import DecodeGraphs
 
-        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows, stack_share, settle)
+        self.runner.graphs = DecodeGraphs(buckets, background, plain, fold_rows, stack_share, settle, above)
         self.runner.graphs.build(self.c)
 
     def graph_status(self) -> dict | None:

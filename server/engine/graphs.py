@@ -87,8 +87,13 @@ class DecodeGraphs:
     a graph with no factors and no adapter operator in it (on CUDA: cut only at attention)."""
 
     def __init__(self, buckets: list[int], background: bool = True, plain: bool | None = None,
-                 fold_rows: int | None = None, stack_share: float | None = None, settle: bool = False):
+                 fold_rows: int | None = None, stack_share: float | None = None, settle: bool = False,
+                 above: int | None = None):
         self.buckets = check_buckets([int(b) for b in buckets])
+        # one graph for any row count from the largest bucket + 1 to ``above`` (dynamic, not padded)
+        self.above = int(above) if above is not None and int(above) > self.buckets[-1] else None
+        if self.above == self.buckets[-1] + 1:  # (one row count: a bucket like the others)
+            self.buckets, self.above = self.buckets + [self.above], None
         self.settle = settle  # once a catalog's graphs are built, collect and freeze the heap (``heap``)
         self.fold_rows = None if fold_rows is None else int(fold_rows)  # None: by the bytes (``fold_plan``)
         self.layout = None  # ``FoldLayout`` of the folding buckets' inputs
@@ -101,7 +106,7 @@ class DecodeGraphs:
         self.background = background
         self.plain_option = plain  # None: on CUDA only (on a CPU the composed graph costs ~nothing more)
         cfg = torch._dynamo.config  # one cache entry per bucket on each step's own code object
-        cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 1)
+        cfg.recompile_limit = max(cfg.recompile_limit, len(self.buckets) + 2)
         self.catalog = None  # the catalog the graphs are (being) built for
         self.ready: dict[int, object] = {}  # bucket -> compiled step
         self.plain: dict[int, object] = {}  # bucket -> compiled step of G alone
@@ -111,6 +116,7 @@ class DecodeGraphs:
         self.error: str | None = None
         self.check_guards = not CAN_SKIP_GUARDS  # evaluate dynamo's guards at every step (tests; see the module doc)
         self.unguarded_steps = 0
+        self.dynamic_steps = 0  # steps of the dynamic graph (``above``)
         self._lock = threading.Lock()
         self._calls = threading.Lock()  # held by a step under skipped guards and by a build's calls
         self._built = threading.Event()  # set when no build is under way
@@ -142,30 +148,32 @@ class DecodeGraphs:
             folds, plains = self.fold_plan(c, composed.layout, plain)
             stacks = StackLayout.of(c.kernel)
             stacked = self.stack_plan(c, stacks, folds)
-            steps = [(composed, [B for B in self.buckets if B not in stacked], self.ready, self.seconds, "")]
+            every = self.buckets + ([self.above] if self.above else [])
+            steps = [(composed, [B for B in every if B not in stacked], self.ready, self.seconds, "")]
             if stacked:
                 steps.append((CapturedStep(c.kernel, stacks=stacks), sorted(stacked), self.ready, self.seconds,
                               ", the catalog's adapters stacked"))
             if plains:
                 steps.append((CapturedStep(c.kernel, plain=True), plains, self.plain, self.plain_seconds, ", G alone"))
             compiled = [(torch.compile(step, dynamic=False, fullgraph=True), step, *rest) for step, *rest in steps]
-            for fn, step, buckets, ready, seconds, what in compiled:  # (composed first: any row)
-                for B in buckets:
+            jobs = [(fn, step, B, *rest) for fn, step, buckets, *rest in compiled for B in buckets]
+            jobs.sort(key=lambda j: j[2] == self.above)  # (composed first: any row; the dynamic graph last)
+            for fn, step, B, ready, seconds, what in jobs:
+                if self.catalog is not c:
+                    return
+                fold = step.layout is not None and B in folds
+                extra = step.layout.zeros(B) if fold else step.stacks.zeros(B) if step.stacks else []
+                t = self._compile(fn, step.group_shapes(), extra, B, dev, what)
+                with self._lock:
                     if self.catalog is not c:
                         return
-                    fold = step.layout is not None and B in folds
-                    extra = step.layout.zeros(B) if fold else step.stacks.zeros(B) if step.stacks else []
-                    t = self._compile(fn, step.group_shapes(), extra, B, dev, what)
-                    with self._lock:
-                        if self.catalog is not c:
-                            return
-                        ready[B], seconds[B] = fn, t
-                        if fold:
-                            self.layout = step.layout
-                            self.folds.add(B)
-                        elif step.stacks is not None:
-                            self.stack_layout = step.stacks
-                            self.stacked.add(B)
+                    ready[B], seconds[B] = fn, t
+                    if fold:
+                        self.layout = step.layout
+                        self.folds.add(B)
+                    elif step.stacks is not None:
+                        self.stack_layout = step.stacks
+                        self.stacked.add(B)
         except Exception as e:  # noqa: BLE001 - the engine keeps decoding eagerly
             self.error = f"{type(e).__name__}: {e}"
             log.exception("capturing the decode step failed; decoding stays eager")
@@ -200,21 +208,30 @@ class DecodeGraphs:
         if layout is None:  # (no composed block has adapters)
             return set()
         share = layout.nbytes / max(held_bytes(c.g.params.values()), 1)
-        stacked = {B for B in self.buckets if B not in folds} if share <= self.stack_share else set()
+        every = self.buckets + ([self.above] if self.above else [])
+        stacked = {B for B in every if B not in folds} if share <= self.stack_share else set()
         log.info("decode graphs: the catalog's adapters stacked in buckets %s (its stacks: %.1f%% of the "
                  "generalist's bytes, at most %.0f%%)", sorted(stacked), 100 * share, 100 * self.stack_share)
         return stacked
 
     def _compile(self, fn, shapes: list[tuple[int, int]], folded: list, B: int, dev: torch.device, what: str) -> float:
-        """Compile (and on CUDA record) ``fn`` for ``B`` rows; its seconds."""
+        """Compile (and on CUDA record) ``fn`` for ``B`` rows (the dynamic graph ``above``: for any row
+        count above the largest bucket, traced at twice that count, clipped to ``above``); its seconds."""
         self.compiling = B
-        rows = f"{B} row{'' if B == 1 else 's'}"
+        rows = self.rows_label(B) + f" row{'' if B == 1 else 's'}"
         what += ", adapters folded per row" if folded else ""
         log.info("compiling the decode step for %s (%s%s)...", rows, dev.type, what)
         t0 = time.perf_counter()
+        dynamic = B == self.above
+        if dynamic:  # (the GEMMs are tuned at the traced count: a typical one above the buckets)
+            B = min(self.above, 2 * self.buckets[-1])
+            folded = [t.new_zeros((B,) + tuple(t.shape[1:])) for t in folded]
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (not ``ids``: guards see aliases)
         factors = [torch.ones(B, T, d, dtype=torch.float32, device=dev) for T, d in shapes]
+        if dynamic:  # (one graph, guarded on largest + 1 <= rows <= above)
+            for t in [ids, positions, *factors, *folded]:
+                torch._dynamo.mark_dynamic(t, 0, min=self.buckets[-1] + 1, max=self.above)
         # (inductor reads some options outside ``torch.compile(options=...)``: patched around the compile)
         with step_context(StepContext(_NoAttention(), None, B)), torch._inductor.config.patch(compile_options(dev)), \
                 self._calls:
@@ -232,7 +249,7 @@ class DecodeGraphs:
         folding bucket only when no row composes more than its ``k`` sources)."""
         if c is not self.catalog or (c.g.device.type == "cuda" and not self._built.is_set()):
             return None, plain  # (on CUDA no replay while a build records: one graph-tree manager, two threads)
-        fits = [b for b in self.buckets if b >= rows]
+        fits = [b for b in self.buckets if b >= rows] + ([self.above] if self.above and rows <= self.above else [])
         if plain:  # (the smallest bucket ready, G's step alone if it has one)
             b = next((b for b in fits if b in self.plain or b in self.ready), None)
             if b in self.plain:
@@ -242,16 +259,20 @@ class DecodeGraphs:
 
     def inputs(self, batch, B: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A ``BatchComposition``'s factors and (for a folding bucket) folded adapters for bucket ``B``."""
+        key = B
+        if B == self.above:  # (the dynamic graph: the rows as they are)
+            B = batch.src.shape[0]
         factors = block_factors(batch.kernel, batch.params, B)
-        if B in self.folds:
+        if key in self.folds:
             return factors, self.layout.build(batch, B)
-        return factors, (self.stack_layout.build(batch, B) if B in self.stacked else [])
+        return factors, (self.stack_layout.build(batch, B) if key in self.stacked else [])
 
     def run(self, B: int, ids: torch.Tensor, positions: torch.Tensor, factors: list[torch.Tensor], attention,
             composition: dict, plain: bool = False, folded: list[torch.Tensor] = ()) -> torch.Tensor:
         """Logits ``[B, V]`` of the captured step for ``ids``/``positions`` ``[R, 1]`` padded to ``B`` rows."""
         R = ids.shape[0]
-        if R < B:
+        self.dynamic_steps += B == self.above
+        if R < B and B != self.above:
             pad = ids.new_zeros(B - R, 1)
             ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
         _new_step(ids.device)
@@ -271,15 +292,22 @@ class DecodeGraphs:
             if skip:  # (no build can call a graph until this step ends)
                 self._calls.release()
 
+    def rows_label(self, B: int) -> str:
+        """A bucket's rows as the logs and ``status`` name them (the dynamic graph: its range)."""
+        return f"{self.buckets[-1] + 1}-{B}" if B == self.above else str(B)
+
     def status(self) -> dict:
         """For /ready and the logs: buckets ready (with their compile seconds), the one compiling;
         ``plain``: the buckets with G's step alone too."""
-        out = {"buckets": self.buckets, "ready": {str(b): round(s, 1) for b, s in sorted(self.seconds.items())},
+        out = {"buckets": self.buckets, "built": self._built.is_set(), "ready": {self.rows_label(b): round(s, 1) for b, s in sorted(self.seconds.items())},
                "compiling": self.compiling, "error": self.error}
         if self.folds:
             out["folded"] = {"buckets": sorted(self.folds), "steps": self.folded_steps}
         if self.stacked:
-            out["stacked"] = {"buckets": sorted(self.stacked), "steps": self.stacked_steps}
+            out["stacked"] = {"buckets": [self.rows_label(b) if b == self.above else b for b in sorted(self.stacked)],
+                              "steps": self.stacked_steps}
+        if self.above:
+            out["above"] = {"rows": self.rows_label(self.above), "steps": self.dynamic_steps}
         if self.plain_seconds:
             out["plain"] = {str(b): round(s, 1) for b, s in sorted(self.plain_seconds.items())}
         return out
