@@ -1,6 +1,10 @@
 """The engine's captured decode steps (``composer.captured``): one compiled graph per row bucket for
 the current catalog, built on a background thread while the engine decodes eagerly, used by a step
-whose rows all belong to that catalog and fit a ready bucket (padded up to it).
+whose rows all belong to that catalog and fit a ready bucket (padded up to it). With ``above``, one
+more graph, built last, runs every step of more rows than the largest bucket: the same step traced
+with the rows' count a dynamic size (``mark_dynamic``, guarded to largest + 1 ... ``above``), nothing
+padded (a 17-row step ran eagerly before, ~1.25x the 16-row graph; docs/benchmarks.md, "Rows above
+the largest bucket").
 
 On a CPU the graphs are inductor's, with the model's matrices frozen as constants and GEMM kernels
 chosen by timing (``max_autotune``); on CUDA they are replayed CUDA graphs (``triton.cudagraphs``),
