@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 FORMATS = ("bf16", "int8", "int4")  # [runtime].weights: "bf16" = not quantized ([runtime].dtype)
 # int8 on a CPU, by rows (docs/benchmarks.md, "int8 at 8 and 16 rows"): below ``SPLIT_ROWS`` the packed
@@ -93,9 +94,11 @@ class QuantizedWeight:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE)
         rows = x2.shape[0]
-        if self.fmt == "int8" and rows >= DEQUANT_ROWS and not torch.compiler.is_compiling():
+        # (a graph traced for a range of row counts must not branch on them: ``is_compiling`` first, and
+        # the split only where the whole range is ``SPLIT_ROWS`` or more, no guard splitting the range)
+        if self.fmt == "int8" and not torch.compiler.is_compiling() and rows >= DEQUANT_ROWS:
             y = F.linear(x2, self.unpacked(COMPUTE))
-        elif self.fmt == "int8" and rows >= SPLIT_ROWS and self.device.type == "cpu":
+        elif self.fmt == "int8" and statically_known_true(rows >= SPLIT_ROWS) and self.device.type == "cpu":
             y = _split_int8_mm(x2, self.data, self.scales)
         elif self.fmt == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)

@@ -95,6 +95,37 @@ def test_int8_products_at_every_row_count_match_the_dequantized_matrix():
     assert float(((split - packed).abs().amax(1) / packed.abs().amax(1)).max()) < 8e-3
 
 
+def test_int8_products_traced_for_any_row_count():
+    """In a graph traced for a range of row counts (the captured step above the buckets), int8 takes
+    the two-term integer GEMM where the whole range is ``SPLIT_ROWS`` or more and the packed kernel
+    where the range straddles it (no guard splits the range): one graph per range, the eager
+    product's values within bf16 rounding at every count."""
+    from torch._inductor.compile_fx import compile_fx
+
+    torch.manual_seed(3)
+    q = quantize(torch.randn(80, 96) * 0.05, "int8", dtype=torch.bfloat16)
+    d = q.dequantize(torch.float64)
+    for lo, hi, splits in ((cq.SPLIT_ROWS + 1, 40, True), (2, 40, False)):
+        graphs = []  # per graph compiled: the operators in it
+
+        def backend(gm, inputs):
+            graphs.append({str(n.target) for n in gm.graph.nodes})
+            return compile_fx(gm, inputs)
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: q.linear(x), backend=backend, dynamic=False, fullgraph=True)
+        for rows in (hi, lo, (lo + hi) // 2):
+            x = (torch.randn(rows, 96) * 3).bfloat16()
+            torch._dynamo.mark_dynamic(x, 0, min=lo, max=hi)
+            want = x.double() @ d.t()
+            y = fn(x)
+            err = (y.double() - want).abs().amax(1) / want.abs().amax(1).clamp_min(1e-12)
+            assert float(err.max()) < 8e-3, (lo, rows, err)
+        assert len(graphs) == 1, (lo, hi)
+        assert any("_int_mm" in t for t in graphs[0]) == splits, (lo, hi, graphs[0])
+        assert any("_weight_int8pack_mm" in t for t in graphs[0]) != splits, (lo, hi, graphs[0])
+
+
 def test_int8_embedding_rows_and_bad_groups():
     torch.manual_seed(1)
     w = torch.randn(50, 32)
@@ -292,23 +323,38 @@ def test_saved_matrices_and_catalog_full_models_are_refused(quant, quant_root, t
 
 # ---- served -----------------------------------------------------------------------------------------
 def _greedy(engine, tok, prompt: str, comp: dict, n: int = 6) -> list[int]:
+    return _greedy_together(engine, tok, [(prompt, comp)], n)[0]
+
+
+def _greedy_together(engine, tok, jobs: list[tuple[str, dict]], n: int = 6) -> list[list[int]]:
+    """Greedy tokens of ``jobs`` (prompt, composition) submitted at once (decoding together)."""
     from server.engine import Request, SamplingParams
 
-    q: queue.Queue = queue.Queue()
-    engine.submit(Request(tok(prompt)["input_ids"], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
-                          CompositionParams.model_validate(comp), emit=q.put))
-    toks = []
-    while True:
-        e = q.get(timeout=300)
-        assert e.error is None, e.error
-        toks += e.token_ids
-        if e.finish_reason:
-            return toks
+    qs = []
+    for prompt, comp in jobs:
+        q: queue.Queue = queue.Queue()
+        engine.submit(Request(tok(prompt)["input_ids"], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                              CompositionParams.model_validate(comp), emit=q.put))
+        qs.append(q)
+    out = []
+    for q in qs:
+        toks = []
+        while True:
+            e = q.get(timeout=300)
+            assert e.error is None, e.error
+            toks += e.token_ids
+            if e.finish_reason:
+                break
+        out.append(toks)
+    return out
 
 
 def test_quantized_model_served_and_captured(quant):
     """Over HTTP with the openai client; then the decode step captured (inductor lowers the packed
-    int8/int4 products) gives the eager step's tokens, across compositions without recompiling."""
+    int8/int4 products) gives the eager step's tokens, across compositions without recompiling; so
+    does the graph for any row count above the bucket (``above``), at 2 to 4 rows together (int8: from 8
+    rows the two-term integer GEMM, which that graph takes only where its whole range is 8 or more:
+    here the packed kernel; ``test_int8_products_traced_for_any_row_count`` traces the split)."""
     from torch._dynamo.utils import counters
 
     conf, loaded = quant
@@ -322,8 +368,12 @@ def test_quantized_model_served_and_captured(quant):
             assert r.usage.completion_tokens == 6
             eager[json.dumps(comp)] = _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], comp)
         eager[json.dumps(COMPOSITIONS[3])] = _greedy(srv.engine, loaded.tokenizer, PROMPTS[1], COMPOSITIONS[3])
-        srv.engine.capture([1], background=False)
-        assert srv.engine.graph_status()["error"] is None
+        together = [(PROMPTS[i % 4], COMPOSITIONS[i % 5]) for i in range(6)]
+        eager_together = _greedy_together(srv.engine, loaded.tokenizer, together)
+        srv.engine.capture([1], background=False, above=4)
+        assert srv.engine.graph_status()["error"] is None and srv.engine.graph_status()["ready"].keys() == {"1", "2-4"}
+        assert _greedy_together(srv.engine, loaded.tokenizer, together) == eager_together
+        assert srv.engine.runner.graphs.dynamic_steps > 0
         before = counters["stats"]["unique_graphs"]
         steps = srv.engine.runner.captured_steps
         for comp in COMPOSITIONS[:3]:
