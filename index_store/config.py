@@ -87,7 +87,7 @@ class RuntimeConfig(_Strict):
         "faster (docs/benchmarks.md)")
     compile_buckets: list[int] = Field([1, 2, 4, 8, 16], min_length=1, max_length=16, description="serve: row "
                                        "counts a captured decode step is compiled for (a step pads its rows up "
-                                       "to the next one; more rows than the largest decode eagerly)")
+                                       "to the next one; more rows than the largest: compile_above)")
 
     compile_above: Literal["auto", "on", "off"] = Field(
         "auto", description="serve: also capture one graph for every row count above the largest bucket (the "
