@@ -120,13 +120,12 @@ def serve(config_path, host: str, port: int, api_key: str | None, limits: Limits
     heap.settle("loaded")
     g, rt = loaded.constellation.g, loaded.config.runtime
     if rt.compiles(g.device, g.dtype):
-        above = limits.max_running if rt.compiles_above(g.device) and limits.max_running > max(rt.compile_buckets) \
-            else None
-        rows = f", and one for {max(rt.compile_buckets) + 1}-{above} rows" if above else ""
-        print(f"decode step: capturing one graph per {rt.compile_buckets} rows{rows} in the background (requests "
+        engine.capture(rt.compile_buckets, settle=True, above=limits.max_running if rt.compiles_above(g.device) else None)
+        graphs = engine.runner.graphs
+        rows = f", and one for {graphs.rows_label(graphs.above)} rows" if graphs.above else ""
+        print(f"decode step: capturing one graph per {graphs.buckets} rows{rows} in the background (requests "
               "decode eagerly meanwhile; the log says when each is ready; --no-compile turns this off)",
               file=sys.stderr, flush=True)
-        engine.capture(rt.compile_buckets, settle=True, above=above)
     else:
         print(f"decode step: eager ([runtime].compile = {rt.compile} for {str(g.dtype).replace('torch.', '')} "
               f"{rt.weights} weights on "

@@ -152,8 +152,7 @@ class DecodeGraphs:
             folds, plains = self.fold_plan(c, composed.layout, plain)
             stacks = StackLayout.of(c.kernel)
             stacked = self.stack_plan(c, stacks, folds)
-            every = self.buckets + ([self.above] if self.above else [])
-            steps = [(composed, [B for B in every if B not in stacked], self.ready, self.seconds, "")]
+            steps = [(composed, [B for B in self.sizes if B not in stacked], self.ready, self.seconds, "")]
             if stacked:
                 steps.append((CapturedStep(c.kernel, stacks=stacks), sorted(stacked), self.ready, self.seconds,
                               ", the catalog's adapters stacked"))
@@ -165,8 +164,8 @@ class DecodeGraphs:
             for fn, step, B, ready, seconds, what in jobs:
                 if self.catalog is not c:
                     return
-                fold = step.layout is not None and B in folds
-                extra = step.layout.zeros(B) if fold else step.stacks.zeros(B) if step.stacks else []
+                fold, n = step.layout is not None and B in folds, self.traced_rows(B)
+                extra = step.layout.zeros(n) if fold else step.stacks.zeros(n) if step.stacks else []
                 t = self._compile(fn, step.group_shapes(), extra, B, dev, what)
                 with self._lock:
                     if self.catalog is not c:
@@ -212,24 +211,21 @@ class DecodeGraphs:
         if layout is None:  # (no composed block has adapters)
             return set()
         share = layout.nbytes / max(held_bytes(c.g.params.values()), 1)
-        every = self.buckets + ([self.above] if self.above else [])
-        stacked = {B for B in every if B not in folds} if share <= self.stack_share else set()
+        stacked = {B for B in self.sizes if B not in folds} if share <= self.stack_share else set()
         log.info("decode graphs: the catalog's adapters stacked in buckets %s (its stacks: %.1f%% of the "
                  "generalist's bytes, at most %.0f%%)", sorted(stacked), 100 * share, 100 * self.stack_share)
         return stacked
 
     def _compile(self, fn, shapes: list[tuple[int, int]], folded: list, B: int, dev: torch.device, what: str) -> float:
         """Compile (and on CUDA record) ``fn`` for ``B`` rows (the dynamic graph ``above``: for any row
-        count above the largest bucket, traced at twice that count, clipped to ``above``); its seconds."""
+        count above the largest bucket, traced at ``traced_rows``; ``folded`` at that count); its seconds."""
         self.compiling = B
         rows = self.rows_label(B) + f" row{'' if B == 1 else 's'}"
         what += ", adapters folded per row" if folded else ""
         log.info("compiling the decode step for %s (%s%s)...", rows, dev.type, what)
         t0 = time.perf_counter()
         dynamic = B == self.above
-        if dynamic:  # (the GEMMs are tuned at the traced count: a typical one above the buckets)
-            B = min(self.above, 2 * self.buckets[-1])
-            folded = [t.new_zeros((B,) + tuple(t.shape[1:])) for t in folded]
+        B = self.traced_rows(B)
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (not ``ids``: guards see aliases)
         factors = [torch.ones(B, T, d, dtype=torch.float32, device=dev) for T, d in shapes]
@@ -253,7 +249,7 @@ class DecodeGraphs:
         folding bucket only when no row composes more than its ``k`` sources)."""
         if c is not self.catalog or (c.g.device.type == "cuda" and not self._built.is_set()):
             return None, plain  # (on CUDA no replay while a build records: one graph-tree manager, two threads)
-        fits = [b for b in self.buckets if b >= rows] + ([self.above] if self.above and rows <= self.above else [])
+        fits = [b for b in self.sizes if b >= rows]
         if plain:  # (the smallest bucket ready, G's step alone if it has one)
             b = next((b for b in fits if b in self.plain or b in self.ready), None)
             if b in self.plain:
@@ -295,6 +291,16 @@ class DecodeGraphs:
         finally:
             if skip:  # (no build can call a graph until this step ends)
                 self._calls.release()
+
+    @property
+    def sizes(self) -> list[int]:
+        """The graphs' row counts: the buckets, then ``above`` if any (the dynamic graph's largest)."""
+        return self.buckets + ([self.above] if self.above else [])
+
+    def traced_rows(self, B: int) -> int:
+        """The rows a graph is traced at: its bucket's, or for the dynamic graph twice the largest
+        bucket, at most ``above`` (its GEMMs are tuned at that count: a typical one above the buckets)."""
+        return min(self.above, 2 * self.buckets[-1]) if B == self.above else B
 
     def rows_label(self, B: int) -> str:
         """A bucket's rows as the logs and ``status`` name them (the dynamic graph: its range)."""
