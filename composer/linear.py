@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from . import gemv_kernel
 from .quant import QuantizedWeight
 
 
@@ -52,10 +53,14 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def linear_with(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool,
                 packed: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """``x`` through weight ``w`` (and ``bias``): a quantized matrix through its kernel, else its prepacked
-    copy in ``packed`` (by ``id(w)``) if there is one, else ``F.linear`` (``x @ w`` for a ``conv`` layout)."""
+    """``x`` through weight ``w`` (and ``bias``): a quantized matrix through its kernel, one or two rows
+    against a CPU bf16 matrix through ``composer.gemv_kernel``, else its prepacked copy in ``packed``
+    (by ``id(w)``) if there is one, else ``F.linear`` (``x @ w`` for a ``conv`` layout)."""
     if isinstance(w, QuantizedWeight):
         return w.linear(x, bias)
+    if not conv and gemv_kernel.usable(x, w):
+        y = gemv_kernel.gemv(x, w)
+        return y if bias is None else y + bias
     p = packed.get(id(w)) if packed else None
     if p is not None:
         return packed_linear(x, p, bias)
