@@ -19,6 +19,7 @@ otherwise callers keep the PyTorch path, which also runs on CUDA.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -119,7 +120,10 @@ _failed: dict[Key, str] = {}
 enabled = os.environ.get("CONSTELLATION_DECODE_KERNEL", "1") != "0"
 
 
-def _vector_width() -> int:
+@functools.cache
+def vector_width() -> int:
+    """fp32 lanes of ``at::vec::Vectorized<float>`` in the kernels inductor compiles for this CPU (8,
+    its generic width, where inductor picks no vector ISA)."""
     from torch._inductor import cpu_vec_isa
     isa = cpu_vec_isa.pick_vec_isa()
     return isa.nelements(torch.float32) if isa else 8
@@ -171,7 +175,7 @@ def _available(device: str, dtype: torch.dtype, head_dim: int, group: int) -> bo
             or not 1 <= group <= _MAX_GROUP or head_dim > _MAX_HEAD):
         return False
     try:
-        if head_dim % _vector_width():
+        if head_dim % vector_width():
             return False
     except Exception:  # inductor cannot tell the vector ISA here
         return False

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from .decode_kernel import vector_width
+
 log = logging.getLogger(__name__)
 
 # rows up to which the kernel beats oneDNN's eager calls on the demo's shapes (a step's 121 products:
@@ -72,18 +74,8 @@ _CTYPES = {torch.bfloat16: "at::BFloat16"}
 _lock = threading.Lock()
 _kernels: dict[torch.dtype, object] = {}
 _failed: dict[torch.dtype, str] = {}
-_width: int | None = None
 # off: CONSTELLATION_GEMV_KERNEL=0 (to compare with, or debug against, oneDNN's products; tests switch it)
 enabled = os.environ.get("CONSTELLATION_GEMV_KERNEL", "1") != "0"
-
-
-def _vector_width() -> int:
-    global _width
-    if _width is None:
-        from torch._inductor import cpu_vec_isa
-        isa = cpu_vec_isa.pick_vec_isa()
-        _width = isa.nelements(torch.float32) if isa else 0
-    return _width
 
 
 def _build(dtype: torch.dtype):
@@ -105,8 +97,7 @@ def _kernel(dtype: torch.dtype):
     with _lock:
         if dtype not in _kernels and dtype not in _failed:
             try:
-                if not _vector_width():
-                    raise RuntimeError("inductor found no vector ISA on this CPU")
+                vector_width()  # (raises where inductor cannot tell the CPU's vector ISA)
                 _kernels[dtype] = _build(dtype)
             except Exception as e:  # no compiler, an unsupported platform: oneDNN's products run
                 _failed[dtype] = f"{type(e).__name__}: {e}"
@@ -128,7 +119,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if not (w.dim() == 2 and x.dtype == w.dtype and w.is_contiguous() and x.device == w.device):
         return False
-    if not available(w.device.type, w.dtype) or w.shape[1] % (2 * _vector_width()):
+    if not available(w.device.type, w.dtype) or w.shape[1] % (2 * vector_width()):
         return False
     return x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
 

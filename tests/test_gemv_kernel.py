@@ -14,7 +14,7 @@ needs_kernel = pytest.mark.skipif(not gemv_kernel.available("cpu", BF16),
 
 
 def _width() -> int:
-    return 2 * gemv_kernel._vector_width()
+    return 2 * gemv_kernel.vector_width()
 
 
 @needs_kernel
