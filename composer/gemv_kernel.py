@@ -114,10 +114,12 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x @ w.T`` runs on the kernel: outside a graph being compiled (inductor's own products
     of a captured step already read the matrices at the memory bandwidth, and the operator's call
     costs more than the kernel saves there), a CPU bf16 matrix in its row-major layout, ``x`` in its
-    dtype, at most ``MAX_ROWS`` rows, rows a whole number of the kernel's vector pairs long."""
+    dtype and width (the kernel reads ``K`` of each), at most ``MAX_ROWS`` rows, rows a whole number of
+    the kernel's vector pairs long."""
     if torch.compiler.is_compiling() or not enabled or type(w) not in (torch.Tensor, torch.nn.Parameter):
         return False
-    if not (w.dim() == 2 and x.dtype == w.dtype and w.is_contiguous() and x.device == w.device):
+    if not (w.dim() == 2 and x.shape[-1:] == w.shape[1:] and x.dtype == w.dtype and w.is_contiguous()
+            and x.device == w.device):
         return False
     if not available(w.device.type, w.dtype) or w.shape[1] % (2 * vector_width()):
         return False

@@ -45,6 +45,7 @@ def test_which_products_take_the_kernel(monkeypatch):
     assert not gemv_kernel.usable(three, w)  # more rows than MAX_ROWS: oneDNN's GEMM
     assert not gemv_kernel.usable(one.float(), w.float())  # fp32: not served
     assert not gemv_kernel.usable(one, torch.randn(64, 128).to(BF16).t())  # not row-major
+    assert not gemv_kernel.usable(torch.randn(1, 32).to(BF16), w)  # widths differ: F.linear's error, not a read past x
     assert not gemv_kernel.usable(torch.randn(1, 40).to(BF16), torch.randn(8, 40).to(BF16))  # 40: no vector pairs
     monkeypatch.setattr(gemv_kernel, "enabled", False)
     assert not gemv_kernel.usable(one, w)
