@@ -19,15 +19,11 @@ otherwise callers keep the PyTorch path, which also runs on CUDA.
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
-import threading
-import time
 
 import torch
 
-log = logging.getLogger(__name__)
+from .cpp_kernels import KernelCache, compile_binding, vector_width
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -113,48 +109,22 @@ _MAX_GROUP = 16  # query heads per key/value head (the kernel keeps a group's qu
 _MAX_HEAD = 256
 
 Key = tuple[torch.dtype, int, int]  # dtype, head width, query heads per key/value head
-_lock = threading.Lock()
-_kernels: dict[Key, object] = {}
-_failed: dict[Key, str] = {}
 # off: CONSTELLATION_DECODE_KERNEL=0 (to compare with, or debug against, the PyTorch path; tests switch it)
 enabled = os.environ.get("CONSTELLATION_DECODE_KERNEL", "1") != "0"
 
 
-@functools.cache
-def vector_width() -> int:
-    """fp32 lanes of ``at::vec::Vectorized<float>`` in the kernels inductor compiles for this CPU (8,
-    its generic width, where inductor picks no vector ISA)."""
-    from torch._inductor import cpu_vec_isa
-    isa = cpu_vec_isa.pick_vec_isa()
-    return isa.nelements(torch.float32) if isa else 8
-
-
 def _build(key: Key):
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
     dtype, head_dim, group = key
     ct = _CTYPES[dtype]
     source = f"using T = {ct};\nconstexpr int64_t D = {head_dim}, G = {group};\n" + _SOURCE
     args = [f"const {ct}*", f"const {ct}*", f"const {ct}*", f"{ct}*", f"{ct}*", "const int64_t*", f"{ct}*",
             "int64_t", "int64_t", "float"]
-    t0 = time.perf_counter()
-    fn = CppPythonBindingsCodeCache.load_pybinding(args, source)
-    log.info("decode attention kernel %s ready in %.1f s", key, time.perf_counter() - t0)
-    return fn
+    return compile_binding(args, source, f"decode attention kernel {key}")
 
 
-def _kernel(key: Key):
-    """The compiled kernel for ``key``, or None where it cannot be built (the reason is logged once)."""
-    fn = _kernels.get(key)
-    if fn is not None or key in _failed:
-        return fn
-    with _lock:
-        if key not in _kernels and key not in _failed:
-            try:
-                _kernels[key] = _build(key)
-            except Exception as e:  # no compiler, an unsupported platform: the PyTorch path runs
-                _failed[key] = f"{type(e).__name__}: {e}"
-                log.warning("decode attention kernel unavailable (%s); using PyTorch operators", _failed[key])
-    return _kernels.get(key)
+_cache = KernelCache("decode attention kernel", "PyTorch operators", _build)
+_kernels = _cache.kernels
+_kernel = _cache.get
 
 
 _usable: dict[tuple, bool] = {}

@@ -20,16 +20,11 @@ products of at most ``MAX_ROWS`` rows to it where ``usable`` says so. Off: ``CON
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
 
 import torch
 
-from .decode_kernel import vector_width
-
-log = logging.getLogger(__name__)
+from .cpp_kernels import KernelCache, compile_binding, vector_width
 
 # rows up to which the kernel beats oneDNN's eager calls on the demo's shapes (a step's 121 products:
 # 1 row 8.7 against 13.4 ms, 2 rows 8.9 against 14.2; 4 rows 16.4 against 11.7, docs/benchmarks.md)
@@ -71,38 +66,21 @@ extern "C" void kernel(const T* x, const T* w, T* y, int64_t M, int64_t N, int64
 """
 
 _CTYPES = {torch.bfloat16: "at::BFloat16"}
-_lock = threading.Lock()
-_kernels: dict[torch.dtype, object] = {}
-_failed: dict[torch.dtype, str] = {}
 # off: CONSTELLATION_GEMV_KERNEL=0 (to compare with, or debug against, oneDNN's products; tests switch it)
 enabled = os.environ.get("CONSTELLATION_GEMV_KERNEL", "1") != "0"
 
 
 def _build(dtype: torch.dtype):
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
+    vector_width()  # (raises where inductor cannot tell the CPU's vector ISA)
     ct = _CTYPES[dtype]
     source = f"using T = {ct};\nconstexpr int64_t MR = {MAX_ROWS};\n" + _SOURCE
     args = [f"const {ct}*", f"const {ct}*", f"{ct}*", "int64_t", "int64_t", "int64_t"]
-    t0 = time.perf_counter()
-    fn = CppPythonBindingsCodeCache.load_pybinding(args, source)
-    log.info("few-row product kernel (%s) ready in %.1f s", dtype, time.perf_counter() - t0)
-    return fn
+    return compile_binding(args, source, f"few-row product kernel ({dtype})")
 
 
-def _kernel(dtype: torch.dtype):
-    """The compiled kernel for ``dtype``, or None where it cannot be built (the reason logged once)."""
-    fn = _kernels.get(dtype)
-    if fn is not None or dtype in _failed:
-        return fn
-    with _lock:
-        if dtype not in _kernels and dtype not in _failed:
-            try:
-                vector_width()  # (raises where inductor cannot tell the CPU's vector ISA)
-                _kernels[dtype] = _build(dtype)
-            except Exception as e:  # no compiler, an unsupported platform: oneDNN's products run
-                _failed[dtype] = f"{type(e).__name__}: {e}"
-                log.warning("few-row product kernel unavailable (%s); using oneDNN's", _failed[dtype])
-    return _kernels.get(dtype)
+_cache = KernelCache("few-row product kernel", "oneDNN's", _build)
+_kernels = _cache.kernels
+_kernel = _cache.get
 
 
 def available(device_type: str, dtype: torch.dtype) -> bool:
